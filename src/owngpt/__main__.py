@@ -1,0 +1,5 @@
+"""`python -m owngpt ...` (also what `torchrun -m owngpt train ...` runs)."""
+
+from owngpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""The one place the chat format lives: messages -> text, token ids and the loss mask; MMI reversal.
+
+owngpt's template is ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`). It is stored in every chat checkpoint
+(`chat_template.jinja`, `tokenizer_config.json`) so that transformers' `apply_chat_template` renders exactly the text
+owngpt trained on. Checkpoints that bring their own template (a local Qwen, say) keep theirs: `render` works with
+any template that renders a conversation's prefix as a prefix of the whole, which is how chat templates are built.
+
+The loss mask is derived from character spans and the tokenizer's offsets, so the ids are *exactly* what the
+tokenizer gives for the rendered text (no segment-by-segment tokenization that could split differently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+# Reserved in every tokenizer owngpt builds, so any data dir can later be used for chat fine-tuning.
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+ROLES = ("system", "user", "assistant")
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+Message = dict[str, str]
+
+
+def render_text(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    """owngpt's template in plain Python (tests check it equals the Jinja template in transformers)."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def validate_messages(messages: Any, where: str = "conversation") -> list[Message]:
+    """Check the {"role", "content"} shape; raise ValueError naming the problem (callers add file:line)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}: message {i} content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _template_text(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    return render_text(messages, add_generation_prompt)
+
+
+def _assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of each assistant reply (content plus end-of-turn marker)."""
+    full = _template_text(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_template_text(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(_template_text(tokenizer, messages[: i + 1]))
+        spans.append((start, end))
+    return full, spans
+
+
+def render(
+    tokenizer,
+    messages: Sequence[Message],
+    max_tokens: int | None = None,
+    train_on_prompt: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 = trained on) of a conversation.
+
+    The mask covers the assistant replies, including their end-of-turn token, so the model learns to stop;
+    `train_on_prompt` trains on every token. When `max_tokens` is given and the conversation is longer, the oldest
+    turns are dropped first (a system message is kept); if the latest exchange alone is too long its start is cut.
+    """
+    messages = list(messages)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        ids, mask = _render_exact(tokenizer, system + turns, train_on_prompt)
+        if max_tokens is None or len(ids) <= max_tokens:
+            return ids, mask
+        if len(turns) > 2:
+            turns = turns[1:]
+            while turns and turns[0]["role"] == "assistant":  # a conversation should open with the user
+                turns = turns[1:]
+            if turns:
+                continue
+        return ids[-max_tokens:], mask[-max_tokens:]
+
+
+def _render_exact(tokenizer, messages: Sequence[Message], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    text, spans = _assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if train_on_prompt:
+        return ids, [1] * len(ids)
+    mask = []
+    for start, _end in enc["offset_mapping"]:
+        mask.append(int(any(s <= start < e for s, e in spans)))
+    return ids, mask
+
+
+def prompt_ids(tokenizer, messages: Sequence[Message], max_tokens: int | None = None) -> list[int]:
+    """Ids that ask the model for the next assistant reply, dropping the oldest turns to fit `max_tokens`."""
+    messages = list(messages)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        text = _template_text(tokenizer, system + turns, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_tokens is None or len(ids) <= max_tokens or len(turns) <= 1:
+            return ids[-max_tokens:] if max_tokens else ids
+        turns = turns[1:]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant reply: end-of-turn and end-of-text, where the tokenizer has them."""
+    out = []
+    for tok in (IM_END, EOS, getattr(tokenizer, "eos_token", None)):
+        if tok is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) and tid not in out:
+            out.append(tid)
+    return out
+
+
+# --- MMI (maximum mutual information) reranking --------------------------------------------------------------
+# The backward model reads a reply and then the history that led to it, latest turn first, utterances separated
+# by EOS (GPT2-chitchat's layout). Its loss on the history is -log P(history | reply): the reranking score.
+
+
+def mmi_pairs(messages: Sequence[Message]) -> list[tuple[str, list[str]]]:
+    """(reply, history latest-first) for every assistant reply that has history before it."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        history = [h["content"] for h in messages[:i] if h["role"] != "system"]
+        if history:
+            out.append((m["content"], history[::-1]))
+    return out
+
+
+def render_mmi(
+    tokenizer, reply: str, history_latest_first: Sequence[str], max_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Ids `reply EOS h_latest EOS h_prev EOS ...` and a mask over the history part (what MMI scores)."""
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    if not isinstance(eos, int) or eos == getattr(tokenizer, "unk_token_id", None):
+        eos = tokenizer.eos_token_id
+
+    def enc(s: str) -> list[int]:
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    ids = enc(reply) + [eos]
+    mask = [0] * len(ids)
+    for h in history_latest_first:
+        piece = enc(h) + [eos]
+        if max_tokens is not None and len(ids) + len(piece) > max_tokens:
+            break  # older turns matter least: drop them, never the reply or the latest turn
+        ids += piece
+        mask += [1] * len(piece)
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    return ids, mask

@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 LM checkpoint (char tokenizer, chat template). Do not modify it in tests."""
+    return fixtures.save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_data(tmp_path_factory) -> Path:
+    """A small language-modelling data dir in the documented format. Do not modify it in tests."""
+    return fixtures.write_lm_data_dir(tmp_path_factory.mktemp("data") / "lm")

@@ -1,0 +1,88 @@
+"""Builders for tiny, offline test artefacts: a char tokenizer, random GPT-2 checkpoints, data dirs.
+
+They follow the documented formats (docs/formats.md) directly, so each stage's tests run without the others' code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from owngpt.chat_format import CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+    "ROMEO:\nBut, soft! what light through yonder window breaks?\n\nJULIET:\nAy me! 床前明月光\n"
+)
+
+
+def char_tokenizer(chars: str = TEXT):
+    """A char-level PreTrainedTokenizerFast with byte fallback (any text round-trips) and owngpt's specials."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in sorted(set(chars)):
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, fuse_unk=False))
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_gpt2(tokenizer, n_layer: int = 2, n_embd: int = 32, n_head: int = 2, n_positions: int = 128, seed: int = 0,
+              task: str = "lm", num_labels: int = 2):
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if task == "classify":
+        cfg.num_labels = num_labels
+        return GPT2ForSequenceClassification(cfg).eval()
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def save_tiny_checkpoint(path: Path, task: str = "lm", **kw) -> Path:
+    """A random tiny GPT-2 checkpoint dir in owngpt's format (chat template included)."""
+    from owngpt.checkpoint import save_checkpoint
+
+    tok = char_tokenizer()
+    model = tiny_gpt2(tok, task=task, **kw)
+    if task != "classify":
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+    meta = {"task": task, "source": {"kind": "preset", "name": "test-tiny"}, "step": 0}
+    return save_checkpoint(path, model, tok, meta)
+
+
+def write_lm_data_dir(path: Path, text: str = TEXT * 20, val_fraction: float = 0.1, tokenizer=None) -> Path:
+    """A language-modelling data dir (format v1) with documents split on blank lines."""
+    tok = tokenizer or char_tokenizer()
+    path.mkdir(parents=True)
+    tok.save_pretrained(path / "tokenizer")
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    n_val = max(1, int(len(docs) * val_fraction))
+    dtype = np.uint16
+    splits = {}
+    for split, part in (("train", docs[n_val:]), ("val", docs[:n_val])):
+        ids: list[int] = []
+        for d in part:
+            ids += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
+        np.asarray(ids, dtype=dtype).tofile(path / f"{split}.bin")
+        splits[split] = {"documents": len(part), "tokens": len(ids), "bytes": sum(len(d.encode()) for d in part)}
+    meta = {"format": "owngpt-data", "version": 1, "task": "lm", "dtype": "uint16", "splits": splits,
+            "tokenizer": {"kind": "char", "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                          "pad_token_id": tok.pad_token_id}, "inputs": []}
+    (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (path / "report.json").write_text("{}", encoding="utf-8")
+    return path
