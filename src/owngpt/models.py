@@ -1,0 +1,115 @@
+"""Model selection: from-scratch presets, local Hugging Face checkpoints, Hub ids; and what `--model` means.
+
+`--model` (train) and the CKPT argument (generate, chat, serve, export, eval, predict) take:
+  - a local directory (a Hugging Face checkpoint: config.json + *.safetensors);
+  - a from-scratch preset: `tiny`, `mini`, `small`, or a GPT-2 size written `scratch:gpt2`, `scratch:gpt2-medium`...
+    The bare names `gpt2`, `gpt2-medium`, ... mean OpenAI's *pretrained* weights (a Hub id), never random ones:
+    a user who types `--model gpt2` must not silently get an untrained model;
+  - a Hub id (`openai-community/gpt2`, `gpt2`): fetched once and cached (see owngpt.hub); offline and not cached,
+    it fails at once, saying how to bring the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from owngpt.errors import CheckpointError, ConfigError
+
+# GPT-2 architecture sizes. `tiny` is nanoGPT's CPU recipe (4 layers, 4 heads, 128 dims): about 1M parameters with
+# a char vocabulary, trains in minutes on a laptop CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256},
+    "mini": {"n_layer": 6, "n_head": 6, "n_embd": 192, "n_positions": 512},
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "n_positions": 512},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024},
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "n_positions": 1024},
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280, "n_positions": 1024},
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600, "n_positions": 1024},
+}
+# Names that are also Hub ids of pretrained models: as presets they need the `scratch:` prefix.
+AMBIGUOUS = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
+SCRATCH_PREFIX = "scratch:"
+
+
+@dataclass
+class ModelSource:
+    """What a `--model` value resolved to; saved in the run's config and the checkpoint's owngpt.json."""
+
+    kind: str  # "preset" | "local" | "hub"
+    name: str  # preset name, directory, or Hub id as the user wrote it
+    path: Path | None = None  # the local directory holding the weights (local and hub)
+    preset: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "preset"
+
+    def describe(self) -> str:
+        if self.kind == "preset":
+            return f"from scratch: preset '{self.name}' (random initial weights)"
+        if self.kind == "hub":
+            return f"pretrained: Hub model '{self.name}' (cached at {self.path})"
+        return f"pretrained: local checkpoint {self.path}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "path": str(self.path) if self.path else None,
+                **({"preset": self.preset} if self.preset else {})}
+
+
+def preset_name(spec: str) -> str | None:
+    """The preset a spec names, or None. `scratch:X` always means a preset; bare ambiguous names never do."""
+    if spec.startswith(SCRATCH_PREFIX):
+        name = spec[len(SCRATCH_PREFIX):]
+        if name not in PRESETS:
+            raise ConfigError(f"--model {spec}: unknown preset '{name}'; presets: {', '.join(PRESETS)}")
+        return name
+    if spec in PRESETS and spec not in AMBIGUOUS:
+        return spec
+    return None
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not spec.startswith("~")
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Resolve a `--model` value for training (a preset is allowed)."""
+    p = Path(os.path.expanduser(spec))
+    if p.exists():
+        from owngpt.checkpoint import check_dir
+
+        return ModelSource("local", spec, check_dir(p))
+    name = preset_name(spec)
+    if name is not None:
+        return ModelSource("preset", name, None, dict(PRESETS[name]))
+    if looks_like_hub_id(spec):
+        return ModelSource("hub", spec, _fetch_hub(spec))
+    raise CheckpointError(f"--model {spec}: no such directory, preset or Hub id. Presets: "
+                          f"{', '.join(n if n not in AMBIGUOUS else SCRATCH_PREFIX + n for n in PRESETS)}")
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """Resolve a checkpoint argument (generate, chat, serve, export, eval, predict): a local dir or a Hub id."""
+    p = Path(os.path.expanduser(spec))
+    if p.exists():
+        from owngpt.checkpoint import check_dir
+
+        return check_dir(p)
+    if preset_name(spec) is not None:
+        raise CheckpointError(f"{spec} is a from-scratch preset, not a trained checkpoint: train one first "
+                              f"(`owngpt train --model {spec} ...`) and pass its checkpoint dir")
+    if looks_like_hub_id(spec):
+        return _fetch_hub(spec)
+    raise CheckpointError(f"{spec}: no such checkpoint directory")
+
+
+def _fetch_hub(model_id: str) -> Path:
+    try:
+        from owngpt.hub import fetch_model
+    except ImportError as e:  # pragma: no cover
+        raise CheckpointError(f"{model_id}: not a local directory, and Hub support is unavailable ({e})") from e
+    return fetch_model(model_id)
