@@ -94,16 +94,25 @@ class Task:
         """Tensors for the model and the loss from some rows of `split` (CPU tensors; the loop moves them)."""
         raise NotImplementedError
 
-    def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-unit losses, number of units) of a batch: tokens for lm/chat/mmi, examples for classify.
+    def batch_units(self, batch: Batch) -> float:
+        """How many loss units a batch holds (trained tokens for lm/chat/mmi, examples for classify).
 
-        The loop divides by the units of the whole global batch, so masked tokens and ranks weigh correctly.
+        Called before the forward pass: the loop sums it over every micro-batch of every rank and divides each
+        micro-batch's loss sum by that total, so masked tokens, accumulation and ranks all weigh correctly.
         """
+        return float((batch["labels"] != -100).sum())
+
+    def loss(self, model: Any, batch: Batch) -> torch.Tensor:
+        """The *sum* of per-unit losses of a batch (the loop normalises by `batch_units` of the global batch)."""
         raise NotImplementedError
 
     # --- evaluation -------------------------------------------------------------------------------------------
-    def evaluate(self, model: Any, max_batches: int = 0, batch_size: int = 8) -> dict[str, float]:
-        """Metrics on the validation split (keys include `self.metric`); `max_batches=0` means the whole split."""
+    def evaluate(self, model: Any, max_batches: int = 0, batch_size: int = 8, split: str = "val") -> dict[str, float]:
+        """Metrics on a split (keys include `self.metric`); `max_batches=0` means the whole split.
+
+        Called on every rank with the same arguments (an FSDP model needs all ranks in its forward), in eval mode
+        under `torch.no_grad()`; the loop switches modes. The train split is used when there is no val split.
+        """
         raise NotImplementedError
 
     def has_val(self) -> bool:
@@ -122,6 +131,67 @@ class Task:
         """eos_token_id(s) for generation_config.json; None for models that do not generate."""
         eos = self.tokenizer.eos_token_id
         return None if eos is None else [int(eos)]
+
+
+class CausalLMTask(Task):
+    """Shared by lm, chat and mmi: next-token cross-entropy on `labels` (-100 = not trained on)."""
+
+    model_kind: ClassVar[str] = "causal_lm"
+
+    def loss(self, model: Any, batch: Batch) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        # No attention_mask: batches are right-padded, and in a causal model no real token attends to the padding
+        # after it, so the mask would change nothing but the speed (transformers builds a 4-D mask from it).
+        logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+        labels = batch["labels"]  # (B, T), already shifted: labels[:, t] is the token after input_ids[:, t]
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+    def eval_rows(self, split: str, max_rows: int) -> list[Any]:
+        """The rows an evaluation of `split` reads: deterministic (no RNG), at most `max_rows` (0 = all)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: Any, max_batches: int = 0, batch_size: int = 8, split: str = "val") -> dict[str, float]:
+        import torch
+
+        rows = self.eval_rows(split, max_batches * batch_size if max_batches else 0)
+        device = next(model.parameters()).device
+        total, units = 0.0, 0.0
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                batch = {k: v.to(device) for k, v in self.collate(rows[i : i + batch_size], split).items()}
+                units += self.batch_units(batch)
+                total += float(self.loss(model, batch))
+        loss = total / units if units else float("nan")
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": units}
+
+    def eval_loss(self, model: Any, split: str = "val", max_batches: int = 0, batch_size: int = 8) -> float:
+        """Mean per-token loss of `model` on `split` (a convenience for eval and benchmarks)."""
+        return self.evaluate(model, max_batches, batch_size, split)["val_loss"]
+
+
+def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
+    """Right-padded (input_ids, attention_mask, labels) from (ids, mask) pairs; labels are shifted by one.
+
+    input_ids[t] = ids[t] and labels[t] = ids[t+1] where mask[t+1] is 1, else -100 (padding included).
+    """
+    import torch
+
+    width = max(1, max(len(ids) - 1 for ids, _ in examples))
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for b, (ids, mask) in enumerate(examples):
+        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        mask_t = torch.as_tensor(np.asarray(mask, dtype=np.bool_))
+        t = len(ids_t) - 1
+        if t < 1:
+            continue
+        input_ids[b, :t] = ids_t[:-1]
+        attention[b, :t] = 1
+        labels[b, :t] = torch.where(mask_t[1:], ids_t[1:], torch.tensor(-100))
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 def better(task: type[Task] | Task, new: float, best: float | None) -> bool:
