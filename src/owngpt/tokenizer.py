@@ -1,15 +1,201 @@
 """Tokenizers: train a byte-level BPE or a char-level tokenizer, load GPT-2's BPE or a checkpoint's tokenizer.
 
 Every tokenizer owngpt builds is a `transformers.PreTrainedTokenizerFast` saved as a Hugging Face tokenizer dir, with
-the special tokens of `owngpt.chat_format.SPECIAL_TOKENS` reserved and owngpt's chat template attached.
+the special tokens of `owngpt.chat_format.SPECIAL_TOKENS` reserved and owngpt's chat template attached. The actual
+tokenization algorithms are the `tokenizers` library's (Rust); this module only configures them so that
+encode -> decode gives back any text exactly (byte-level pre-tokenization, or byte fallback for the char vocab).
+
+Not here: reading or cleaning text (owngpt.data), rendering conversations (owngpt.chat_format).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from owngpt.errors import CheckpointError
+from owngpt.chat_format import CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from owngpt.errors import CheckpointError, ConfigError
+
+# GPT-2's vocab.json + merges.txt, bundled so that `--tokenizer gpt2` works offline (source in its README.md).
+BUNDLED_GPT2 = Path(__file__).parent / "sample_data" / "gpt2_tokenizer"
+# Files that make a directory a model (whose embedding rows are tied to its vocab), not just a tokenizer.
+_MODEL_FILES = ("config.json",)
+
+
+def default_vocab_size(train_chars: int) -> int:
+    """A BPE vocab size for a corpus of `train_chars` characters: about one entry per 50 characters, in [512, 8000].
+
+    Small corpora get small vocabs: each merge needs enough occurrences to be learned, and a tiny model spends a
+    large share of its parameters on embeddings. Rounded to a multiple of 64 (friendlier matrix shapes).
+    """
+    v = max(512, min(8000, train_chars // 50))
+    return int((v + 63) // 64 * 64)
+
+
+def _wrap(tk, model_max_length: int | None = None):
+    """Wrap a `tokenizers.Tokenizer` carrying SPECIAL_TOKENS as owngpt's PreTrainedTokenizerFast."""
+    from transformers import PreTrainedTokenizerFast
+
+    kw: dict[str, Any] = {}
+    if model_max_length:
+        kw["model_max_length"] = model_max_length
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        clean_up_tokenization_spaces=False,  # the default "cleanup" would eat spaces before punctuation
+        **kw,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None):
+    """Train a byte-level BPE (GPT-2 style) on `texts`; SPECIAL_TOKENS get ids 0..3.
+
+    Byte-level: every text is first mapped to bytes, so there is no unknown token and any string round-trips.
+    `length` (number of texts, optional) only feeds the progress display.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ConfigError(
+            f"--vocab-size {vocab_size} is too small for a byte-level BPE: use at least "
+            f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    # trim_offsets=False: offsets must cover the exact characters, chat_format derives loss masks from them.
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer=trainer, length=length)
+    return _wrap(tk)
+
+
+def char_tokenizer(texts: Iterable[str]):
+    """A character-level tokenizer: every character in `texts` gets an id, plus the 256 byte tokens `<0x00>`..`<0xFF>`.
+
+    Built as a BPE model without merges and with byte fallback: a character seen in training is one token, any other
+    character falls back to its UTF-8 bytes, so every string round-trips. Ids: SPECIAL_TOKENS, bytes, then the
+    characters in code-point order (deterministic).
+    """
+    from tokenizers import Tokenizer, decoders, models
+
+    chars: set[str] = set()
+    for t in texts:
+        chars.update(t)
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in sorted(chars):
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, fuse_unk=False))
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_special_tokens(list(SPECIAL_TOKENS))
+    return _wrap(tk)
+
+
+def gpt2_tokenizer(vocab: str | os.PathLike | None = None, merges: str | os.PathLike | None = None):
+    """GPT-2's byte-level BPE from its `vocab.json` and `merges.txt` (default: the copy bundled with owngpt).
+
+    Ids 0..50256 are GPT-2's (so "Hello world" is [15496, 995] and pretrained GPT-2 weights match); the chat
+    tokens missing from GPT-2 (`<|pad|>`, `<|im_start|>`, `<|im_end|>`) are appended after them.
+    Built with `tokenizers.ByteLevelBPETokenizer.from_file`: transformers 5's `GPT2Tokenizer(vocab_file=...)`
+    returned no ids at all for plain text here (see NOTES.md).
+    """
+    from tokenizers import ByteLevelBPETokenizer, processors
+
+    vocab = Path(vocab) if vocab else BUNDLED_GPT2 / "vocab.json"
+    merges = Path(merges) if merges else BUNDLED_GPT2 / "merges.txt"
+    for p, flag in ((vocab, "--gpt2-vocab"), (merges, "--gpt2-merges")):
+        if not p.is_file():
+            raise ConfigError(
+                f"{p}: no such file; pass GPT-2's vocab.json and merges.txt with {flag}, "
+                f"or `--tokenizer gpt2:DIR` for a dir holding both"
+            )
+    try:
+        bpe = ByteLevelBPETokenizer.from_file(str(vocab), str(merges))
+    except Exception as e:  # tokenizers raises plain Exceptions for malformed files
+        raise ConfigError(f"{vocab} / {merges}: not a GPT-2 vocab.json + merges.txt pair ({e})") from e
+    tk = bpe._tokenizer  # the underlying tokenizers.Tokenizer (the wrapper class adds nothing we need)
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.add_special_tokens(list(SPECIAL_TOKENS))  # EOS already exists in GPT-2's vocab and keeps id 50256
+    return _wrap(tk, model_max_length=1024)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """True when `path` holds a model (config.json), whose vocab is tied to its weights and must not change."""
+    return any((Path(path) / f).is_file() for f in _MODEL_FILES)
+
+
+def hf_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a local Hugging Face dir, and whether it is a pretrained model's (kept unchanged).
+
+    A tokenizer-only dir gets owngpt's special tokens and chat template when they are missing. A model dir keeps its
+    tokenizer exactly as it is: new tokens would need new embedding rows that the pretrained weights do not have.
+    """
+    tok = load_tokenizer(path)
+    pretrained = is_model_dir(path)
+    if not pretrained:
+        missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": missing})
+        if tok.eos_token is None:
+            tok.eos_token = EOS
+        if tok.pad_token is None:
+            tok.pad_token = PAD
+        if not getattr(tok, "chat_template", None):
+            tok.chat_template = CHAT_TEMPLATE
+    return tok, pretrained
+
+
+def separator_token_id(tok) -> int:
+    """The id written after each document: EOS, or SEP for BERT-style tokenizers that have no EOS."""
+    for attr in ("eos_token_id", "sep_token_id"):
+        tid = getattr(tok, attr, None)
+        if isinstance(tid, int):
+            return tid
+    raise CheckpointError(
+        "this tokenizer has neither an eos nor a sep token to separate documents: "
+        "use another --tokenizer (bpe, char, gpt2)"
+    )
+
+
+def encode_batch(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts at once without special tokens, through the Rust backend when there is one."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def plain_backend(tok):
+    """A copy of the tokenizer's Rust backend with truncation and padding off (some tokenizer.json files set them)."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return tok
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+
+    class _Plain:  # only what encode_batch needs
+        backend_tokenizer = copy
+
+    return _Plain()
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -21,6 +207,6 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{p}: no tokenizer directory there")
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: transformers could not load a tokenizer from it: {e}") from e
     return tok
