@@ -113,3 +113,51 @@ def _fetch_hub(model_id: str) -> Path:
     except ImportError as e:  # pragma: no cover
         raise CheckpointError(f"{model_id}: not a local directory, and Hub support is unavailable ({e})") from e
     return fetch_model(model_id)
+
+
+# ---------------------------------------------------------------------------------------------- listing (`owngpt models`)
+def preset_table(vocab_size: int = 50257) -> list[dict[str, Any]]:
+    """Each preset as `--model` spells it, its shape and its parameter count for `vocab_size` (GPT-2's by default)."""
+    from owngpt.estimate import gpt2_parameters
+
+    rows = []
+    for name, p in PRESETS.items():
+        rows.append({"model": SCRATCH_PREFIX + name if name in AMBIGUOUS else name, **p,
+                     "parameters": gpt2_parameters(p["n_layer"], p["n_embd"], vocab_size, p["n_positions"])})
+    return rows
+
+
+def list_checkpoints(roots: list[Path], max_depth: int = 5) -> list[dict[str, Any]]:
+    """Checkpoint dirs (config.json + safetensors) under `roots`, newest first, with size, task and step."""
+    import json
+
+    from owngpt.checkpoint import is_checkpoint, read_meta
+
+    found: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        base = len(root.resolve().parts)
+        for dirpath, dirnames, _ in os.walk(root):
+            d = Path(dirpath)
+            if len(d.resolve().parts) - base >= max_depth:
+                dirnames[:] = []
+            dirnames[:] = [n for n in dirnames if not n.startswith(".") and n not in ("tb", "__pycache__")]
+            if d.resolve() in seen or not is_checkpoint(d):
+                continue
+            seen.add(d.resolve())
+            try:
+                meta = read_meta(d)
+            except CheckpointError:
+                meta = {}
+            try:
+                model_type = json.loads((d / "config.json").read_text(encoding="utf-8")).get("model_type")
+            except (OSError, ValueError):
+                model_type = None
+            size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            step = meta.get("step")
+            found.append({"path": str(d), "bytes": size, "task": meta.get("task"), "model_type": model_type,
+                          "step": step, "step_text": f"step {step}" if step is not None else None,
+                          "source": meta.get("source"), "mtime": d.stat().st_mtime})
+    return sorted(found, key=lambda c: -c["mtime"])
