@@ -86,3 +86,31 @@ def write_lm_data_dir(path: Path, text: str = TEXT * 20, val_fraction: float = 0
     (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     (path / "report.json").write_text("{}", encoding="utf-8")
     return path
+
+
+def write_classify_data_dir(path: Path, train: list[tuple[str, str]], val: list[tuple[str, str]],
+                            labels: list[str] | None = None, tokenizer=None) -> Path:
+    """A classification data dir (format v1) from (text, label name) pairs; labels in sorted order by default."""
+    tok = tokenizer or char_tokenizer()
+    labels = labels or sorted({lab for _, lab in train + val})
+    index = {lab: i for i, lab in enumerate(labels)}
+    path.mkdir(parents=True)
+    tok.save_pretrained(path / "tokenizer")
+    splits = {}
+    for split, rows in (("train", train), ("val", val)):
+        offsets, ids = [0], []
+        with open(path / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for text, lab in rows:
+                f.write(json.dumps({"text": text, "label": lab}, ensure_ascii=False) + "\n")
+                ids += tok.encode(text, add_special_tokens=False)
+                offsets.append(len(ids))
+        np.asarray(ids, dtype=np.uint16).tofile(path / f"{split}.ids.bin")
+        np.save(path / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(path / f"{split}.labels.npy", np.asarray([index[lab] for _, lab in rows], dtype=np.int64))
+        splits[split] = {"examples": len(rows), "tokens": len(ids)}
+    meta = {"format": "owngpt-data", "version": 1, "task": "classify", "dtype": "uint16", "splits": splits,
+            "labels": labels, "tokenizer": {"kind": "char", "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                                            "pad_token_id": tok.pad_token_id}, "inputs": []}
+    (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (path / "report.json").write_text("{}", encoding="utf-8")
+    return path

@@ -1,0 +1,200 @@
+"""Classify texts with a trained classifier checkpoint, or average the probabilities of several (an ensemble).
+
+    clf = load_classifier("run/checkpoints/best")
+    probs = predict_proba(clf, ["a gripping film", "a dull mess"])      # (N, K), rows sum to 1
+    labels, probs = ensemble_predict([clf, clf2], texts)               # label names and averaged probabilities
+
+Inputs (`read_texts`): CSV with a text column, TSV, JSONL objects with a "text" field, or plain lines (one text per
+line); outputs (`write_predictions`): JSONL (`{"text", "label", "probs": {label: p}}`) or CSV (`text,label,p_<label>`).
+Labels are the *names* of `config.id2label`, the same strings the training data used.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from owngpt.errors import CheckpointError, ConfigError, DataError
+
+FORMATS = ("auto", "csv", "tsv", "jsonl", "lines")
+DEFAULT_MAX_LENGTH = 256
+
+
+@dataclass
+class Classifier:
+    """A loaded sequence classifier: the model (eval mode), its tokenizer, label names in id order."""
+
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    path: Path
+    max_length: int
+
+
+def load_classifier(ckpt: str | os.PathLike, device: str = "cpu") -> Classifier:
+    """Load a classifier checkpoint (safetensors only) with its tokenizer and label names."""
+    from owngpt.checkpoint import load_config, load_model, read_meta
+    from owngpt.models import resolve_checkpoint
+    from owngpt.tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(str(ckpt))
+    config = load_config(path)
+    archs = getattr(config, "architectures", None) or []
+    meta = read_meta(path)
+    if meta.get("task", "classify") != "classify" or (archs and not any("SequenceClassification" in a for a in archs)):
+        raise CheckpointError(
+            f"{path} is a {meta.get('task') or ', '.join(archs)} checkpoint, not a classifier: "
+            "train one with `owngpt train --task classify` and pass its checkpoint"
+        )
+    model = load_model(path, task="classify").to(device).eval()
+    tok = load_tokenizer(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # as in training (owngpt.tasks.classify)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    # The length the model was trained on: a from-scratch model has untrained position embeddings past it.
+    max_length = int(meta.get("block_size") or min(context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
+    if config.model_type in ("roberta", "xlm-roberta", "camembert") and context:
+        max_length = min(max_length, context - 2)  # RoBERTa's positions start after padding_idx
+    return Classifier(model, tok, labels, path, max_length)
+
+
+def predict_proba(clf: Classifier, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """(N, K) class probabilities, computed in batches of similar lengths (less padding), in input order."""
+    import torch
+
+    from owngpt.tasks.classify import classifier_logits, collate_ids, encode_texts
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be at least 1")
+    ids = encode_texts(clf.tokenizer, texts, clf.max_length) if len(texts) else []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    probs = np.zeros((len(ids), len(clf.labels)), dtype=np.float64)
+    device = next(clf.model.parameters()).device
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids), desc=f"classify {clf.path.name}", unit="text", file=sys.stderr)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            b = collate_ids([ids[i] for i in chunk], clf.tokenizer.pad_token_id)
+            logits = classifier_logits(clf.model, b["input_ids"].to(device), b["attention_mask"].to(device))
+            probs[chunk] = torch.softmax(logits.float(), -1).cpu().numpy()
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return probs
+
+
+def ensemble_predict(
+    classifiers: Sequence[Classifier], texts: Sequence[str], batch_size: int = 32, progress: bool = False
+) -> tuple[list[str], np.ndarray]:
+    """(label names, averaged probabilities (N, K)) of one or more classifiers sharing one label set.
+
+    The first model's label order is used; the others' columns are reordered by name, so models whose label maps
+    list the same names in another order still combine correctly.
+    """
+    if not classifiers:
+        raise ConfigError("no model to predict with: pass a checkpoint or --models A B ...")
+    labels = classifiers[0].labels
+    for c in classifiers[1:]:
+        if sorted(c.labels) != sorted(labels):
+            raise ConfigError(
+                f"--models: {c.path} predicts labels {c.labels} but {classifiers[0].path} predicts "
+                f"{labels}; an ensemble needs models trained on the same label set"
+            )
+    total = np.zeros((len(texts), len(labels)), dtype=np.float64)
+    for c in classifiers:
+        p = predict_proba(c, texts, batch_size=batch_size, progress=progress)
+        total += p[:, [c.labels.index(name) for name in labels]]
+    return labels, total / len(classifiers)
+
+
+# --- input and output ---------------------------------------------------------------------------------------------
+def _guess_format(name: str, head: str) -> str:
+    suffix = Path(name).suffix.lower()
+    if suffix in (".csv", ".tsv", ".jsonl"):
+        return suffix[1:]
+    if suffix == ".json" or head.lstrip().startswith("{"):
+        return "jsonl"
+    return "lines"
+
+
+def read_texts(source: str, text_column: str = "text", fmt: str = "auto", stdin: IO[str] | None = None) -> list[str]:
+    """The texts of a file (or `-` for standard input) in CSV, TSV, JSONL or plain-lines format.
+
+    `auto` decides by the extension (.csv, .tsv, .jsonl/.json), else by content: JSON objects or plain lines.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--input-format {fmt}: expected one of {', '.join(FORMATS)}")
+    name = "<stdin>" if source == "-" else source
+    try:
+        raw = (stdin or sys.stdin).read() if source == "-" else Path(source).read_text(encoding="utf-8-sig")
+    except FileNotFoundError as e:
+        raise DataError(f"--input {source}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text (byte {e.start}); convert it to UTF-8 first") from e
+    if fmt == "auto":
+        fmt = _guess_format(name, raw[:1000])
+    if fmt in ("csv", "tsv"):
+        reader = csv.DictReader(io.StringIO(raw, newline=""), delimiter="," if fmt == "csv" else "\t")
+        columns = reader.fieldnames or []
+        if text_column not in columns:
+            raise DataError(f"{name}:1: no column '{text_column}' in the header {columns}; pass --text-column NAME")
+        texts = []
+        for row in reader:
+            value = row.get(text_column)
+            if value is None:
+                raise DataError(f"{name}:{reader.line_num}: the row has fewer fields than the header")
+            texts.append(value)
+        return texts
+    if fmt == "jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise DataError(f'{name}:{n}: not valid JSON ({e.msg}); expected one {{"text": ...}} per line') from e
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
+                raise DataError(f"{name}:{n}: expected an object with a string field '{text_column}'")
+            texts.append(obj[text_column])
+        return texts
+    return [line for line in raw.splitlines() if line.strip()]
+
+
+def write_predictions(
+    out: IO[str], texts: Sequence[str], labels: Sequence[str], probs: np.ndarray, fmt: str = "jsonl", digits: int = 6
+) -> None:
+    """One row per text: the predicted label name and every class's probability."""
+    pred = probs.argmax(-1) if len(texts) else []
+    if fmt == "jsonl":
+        for t, k, p in zip(texts, pred, probs):
+            row = {
+                "text": t,
+                "label": labels[k],
+                "probs": {name: round(float(x), digits) for name, x in zip(labels, p)},
+            }
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    elif fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["text", "label"] + [f"p_{name}" for name in labels])
+        for t, k, p in zip(texts, pred, probs):
+            w.writerow([t, labels[k]] + [f"{float(x):.{digits}f}" for x in p])
+    else:
+        raise ConfigError(f"--format {fmt}: expected jsonl or csv")
