@@ -33,7 +33,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from owngpt.data.privacy import KINDS, Pseudonymizer, Redactor
+from owngpt.data.privacy import Pseudonymizer, Redactor
 from owngpt.data.readers import Record
 from owngpt.data.report import Report
 from owngpt.errors import ConfigError, DataError
@@ -662,18 +662,19 @@ def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
     """
     redactor = None if opts.keep_pii else Redactor()
     people = Pseudonymizer(keep=[opts.me] if opts.me else [])
+    hits: list[tuple[ChatMessage, str, int]] = []  # reported at the end, so examples show the final text
+    pii_senders: set[str] = set()
     for chat in chats:
         for m in chat.messages:
             m.is_me = _matches_me(m, opts.me)  # decided on the original names, before any replacement
             if redactor is not None:
                 before = dict(redactor.counts)
                 m.text = redactor.redact(m.text)
-                if m.sender is not None and redactor.redact(m.sender) != m.sender:
+                hits += [(m, k, n - before.get(k, 0)) for k, n in redactor.counts.items() if n > before.get(k, 0)]
+                if m.sender is not None and Redactor().redact(m.sender) != m.sender:
+                    pii_senders.add(m.sender)
                     m.sender = people.name(m.sender) if not m.is_me else (opts.me or "me")
-                for kind in KINDS:  # examples per kind, shown after redaction only
-                    n = redactor.counts[kind] - before.get(kind, 0)
-                    if n:
-                        report.count(f"redacted.{kind.lower()}", n, m.text, m.where)
+                    continue
             if opts.pseudonymize and m.sender is not None and not m.is_me:
                 m.sender = people.name(m.sender)
     if opts.pseudonymize:
@@ -682,6 +683,10 @@ def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
                 m.text = people.apply(m.text)
         report.count("pseudonymized.people", people.counts["NAME"])
         report.count("pseudonymized.names_in_text", people.counts["NAME_IN_TEXT"])
+    for m, kind, n in hits:
+        report.count(f"redacted.{kind.lower()}", n, m.text, m.where)
+    if pii_senders:
+        report.count("redacted.sender_names", len(pii_senders))
 
 
 KEEP_PII_WARNING = (

@@ -50,19 +50,23 @@ _URL = re.compile(
     re.IGNORECASE,
 )
 _DATE = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
-_ID = re.compile(rf"(?<!\d)(?:[1-9]\d{{5}}(?:18|19|20)\d{{2}}{_DATE}\d{{3}}[\dXx]|[1-9]\d{{5}}\d{{2}}{_DATE}\d{{3}})(?!\d)")
+_ID = re.compile(
+    rf"(?<!\d)(?:[1-9]\d{{5}}(?:18|19|20)\d{{2}}{_DATE}\d{{3}}[\dXx]|[1-9]\d{{5}}\d{{2}}{_DATE}\d{{3}})(?!\d)"
+)
 _CARD = re.compile(r"(?<![\d+])\d(?:[ -]?\d){12,18}(?!\d)")
 _PHONE = re.compile(
-    "|".join([
-        # Chinese mobile, optionally +86 / 0086 / (+86), optionally grouped 3-4-4
-        r"(?<![\d+])(?:\(?(?:\+|00)86\)?[\s-]?)?1[3-9]\d(?:[\s-]?\d{4}){2}(?!\d)",
-        # international: +CC then 2-5 groups, 7-15 digits in all (checked in _phone)
-        r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}(?!\d)",
-        # Chinese landline: area code 0xx(x), optional brackets/separator, 7-8 digits, optional extension
-        r"(?<!\d)(?:\(0[1-9]\d{1,2}\)|0[1-9]\d{1,2})[\s-]?\d{7,8}(?:-\d{1,4})?(?!\d)",
-        # North American: (555) 123-4567, 555-123-4567, 555.123.4567
-        r"(?<!\d)(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)",
-    ])
+    "|".join(
+        [
+            # Chinese mobile, optionally +86 / 0086 / (+86), optionally grouped 3-4-4
+            r"(?<![\d+])(?:\(?(?:\+|00)86\)?[\s-]?)?1[3-9]\d(?:[\s-]?\d{4}){2}(?!\d)",
+            # international: +CC then 2-5 groups, 7-15 digits in all (checked in _phone)
+            r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}(?!\d)",
+            # Chinese landline: area code 0xx(x), optional brackets/separator, 7-8 digits, optional extension
+            r"(?<!\d)(?:\(0[1-9]\d{1,2}\)|0[1-9]\d{1,2})[\s-]?\d{7,8}(?:-\d{1,4})?(?!\d)",
+            # North American: (555) 123-4567, 555-123-4567, 555.123.4567
+            r"(?<!\d)(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)",
+        ]
+    )
 )
 
 
@@ -125,7 +129,7 @@ class Redactor:
             # sentence punctuation after a link is not part of it: "see https://x.org/a." keeps its full stop
             stripped = url.rstrip(".,;:!?)]}")
             self.counts["URL"] += 1
-            return PLACEHOLDERS["URL"] + url[len(stripped):]
+            return PLACEHOLDERS["URL"] + url[len(stripped) :]
 
         return _URL.sub(repl, text)
 
