@@ -125,7 +125,7 @@ def test_vocab_size_checks_and_defaults():
     assert T.default_vocab_size(100_000) == 2048 and T.default_vocab_size(100_000) % 64 == 0
 
 
-def test_hf_dir_gets_missing_specials_but_a_model_dir_is_kept_unchanged(tmp_path):
+def test_hf_dir_gets_missing_specials_but_a_model_dir_is_kept_unchanged(tmp_path, tiny_ckpt):
     # a tokenizer-only dir without owngpt's chat tokens: they are added
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
