@@ -23,17 +23,30 @@ from owngpt.chat import ChatSettings, is_chat_model
 from owngpt.chat import reply as chat_reply
 from owngpt.chat_format import Message
 from owngpt.errors import ConfigError
-from owngpt.generation import LoadedModel, SamplingParams, encode_prompt, generate_batch, load_for_generation
+from owngpt.generation import (
+    LoadedModel,
+    SamplingParams,
+    context_length,
+    encode_prompt,
+    fit_max_new_tokens,
+    generate_batch,
+    load_for_generation,
+)
 
 
 class Model:
     """A loaded checkpoint. `tokenizer` and `model` are the transformers objects, for anything else."""
 
     def __init__(
-        self, loaded: LoadedModel, defaults: SamplingParams | None = None, chat_template: bool | None = None
+        self,
+        loaded: LoadedModel,
+        defaults: SamplingParams | None = None,
+        chat_template: bool | None = None,
+        explicit_length: bool = False,
     ) -> None:
         self._lm = loaded
         self.defaults = (defaults or SamplingParams()).validate()
+        self._explicit_length = explicit_length  # max_new_tokens given to load(): never shortened
         self.uses_chat_template = is_chat_model(loaded) if chat_template is None else chat_template
 
     @property
@@ -54,7 +67,12 @@ class Model:
         return self._lm.meta
 
     def _params(self, sampling: dict[str, Any]) -> SamplingParams:
-        return self.defaults.replace(**sampling)
+        params = self.defaults.replace(**sampling)
+        if "max_new_tokens" not in sampling and not self._explicit_length:  # the default leaves room for the prompt
+            params = params.replace(
+                max_new_tokens=fit_max_new_tokens(params.max_new_tokens, context_length(self.model))
+            )
+        return params
 
     def generate(
         self, prompt: str | Sequence[str] = "", stream: bool = False, **sampling: Any
@@ -158,4 +176,9 @@ def load(checkpoint: str, **sampling: Any) -> Model:
     format (default: the chat template for chat-tuned checkpoints)."""
     chat_template = sampling.pop("chat_template", None)
     defaults = SamplingParams().replace(**sampling) if sampling else SamplingParams()
-    return Model(load_for_generation(checkpoint), defaults, chat_template=chat_template)
+    return Model(
+        load_for_generation(checkpoint),
+        defaults,
+        chat_template=chat_template,
+        explicit_length="max_new_tokens" in sampling,
+    )

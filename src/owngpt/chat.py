@@ -67,6 +67,8 @@ def plain_prompt_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: in
         if len(ids) <= max_tokens or len(turns) <= 1:
             return list(ids)[-max_tokens:]
         turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] == "assistant":  # the kept history opens with the user
+            turns = turns[1:]
 
 
 @dataclass

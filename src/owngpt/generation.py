@@ -208,7 +208,9 @@ class IncrementalDecoder:
 
     With byte fallback or byte-level BPE one character can span several tokens; decoding a partial sequence gives
     U+FFFD. Like vLLM's and TGI's detokenizers, we decode a short window (a few tokens already emitted + the new ones)
-    and only release the new text once it no longer ends in U+FFFD. Concatenated pieces equal decoding the whole.
+    and only release the new text once it no longer ends in U+FFFD. Concatenated pieces equal decoding the whole
+    for valid text. (Invalid byte sequences, from an untrained model, can differ: tokenizers' ByteFallback decoder
+    turns a whole run of byte tokens into U+FFFD when any byte is invalid, while the pieces keep the valid ones.)
     """
 
     def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
@@ -491,9 +493,9 @@ def add_sampling_arguments(parser: Any, defaults: SamplingParams | None = None) 
     g.add_argument(
         "--max-new-tokens",
         type=int,
-        default=d.max_new_tokens,
+        default=None,
         metavar="N",
-        help=f"tokens to generate at most (default {d.max_new_tokens})",
+        help=f"tokens to generate at most (default {d.max_new_tokens}, or half the model's context if smaller)",
     )
     g.add_argument(
         "--temperature",
@@ -570,10 +572,21 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def params_from_args(args: Any, **overrides: Any) -> SamplingParams:
-    """SamplingParams from the flags of `add_sampling_arguments`, validated."""
+def fit_max_new_tokens(default: int, context: int | None) -> int:
+    """The default reply length for a model: `default`, or half its context if smaller (room for the prompt)."""
+    return default if context is None else max(1, min(default, context // 2))
+
+
+def params_from_args(
+    args: Any, context: int | None = None, default_max_new_tokens: int = 200, **overrides: Any
+) -> SamplingParams:
+    """SamplingParams from the flags of `add_sampling_arguments`, validated (against `context` when given).
+
+    Without --max-new-tokens the length is `default_max_new_tokens`, or half the context if that is smaller.
+    """
+    mnt = args.max_new_tokens
     p = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=fit_max_new_tokens(default_max_new_tokens, context) if mnt is None else mnt,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -584,4 +597,4 @@ def params_from_args(args: Any, **overrides: Any) -> SamplingParams:
         seed=args.seed,
         **overrides,
     )
-    return p.validate()
+    return p.validate(context)

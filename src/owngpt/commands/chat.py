@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from owngpt.generation import context_length, load_for_generation, params_from_args
 
     hf_logging.disable_progress_bar()
-    params = params_from_args(args)
+    params_from_args(args)  # bad flags fail before the model loads
     lm = load_for_generation(args.checkpoint)
-    params.validate(context_length(lm.model))
+    params = params_from_args(args, context=context_length(lm.model), default_max_new_tokens=128)
     use_template = is_chat_model(lm) if args.format == "auto" else args.format == "chat"
     mmi = None
     if args.mmi:

@@ -93,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
             f"--num-samples {args.num_samples} with --temperature 0: greedy decoding gives the same "
             "text every time; use a temperature > 0 (e.g. 0.8) or --num-beams"
         )
-    params = params_from_args(args, num_return_sequences=args.num_samples)
+    params_from_args(args, num_return_sequences=args.num_samples)  # bad flags fail before the model loads
     lm = load_for_generation(args.checkpoint)
+    params = params_from_args(args, context=lm.context_length, num_return_sequences=args.num_samples)
     tok = lm.tokenizer
     ids = [encode_prompt(tok, p) if p else [] for p in prompts]
     n_out = len(prompts) * params.num_return_sequences
