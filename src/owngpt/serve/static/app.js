@@ -1,0 +1,194 @@
+// owngpt's chat page: talks to this server's OpenAI-compatible API (POST /v1/chat/completions, stream: true) and
+// renders the reply as it streams in. Plain browser JavaScript, no libraries: fetch + ReadableStream + an SSE parser.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const store = window.localStorage;
+const FIELDS = ["api-key", "system", "temperature", "top-p", "max-tokens"];
+
+let history = []; // [{role, content}] of the conversation so far (system prompt added per request)
+let modelId = null;
+let controller = null; // AbortController of the running request
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  div.textContent = text; // textContent, never innerHTML: model output is untrusted text
+  $("messages").appendChild(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return { message: body.error?.message || response.statusText, code: body.error?.code };
+  } catch {
+    return { message: `${response.status} ${response.statusText}`, code: null };
+  }
+}
+
+async function loadModel() {
+  try {
+    const r = await fetch("/v1/models", { headers: headers() });
+    if (!r.ok) {
+      const e = await errorMessage(r);
+      setStatus(r.status === 401 ? "enter the server's API key" : e.message, true);
+      $("model").textContent = "…";
+      return;
+    }
+    modelId = (await r.json()).data[0].id;
+    $("model").textContent = modelId;
+    setStatus("ready");
+  } catch (err) {
+    setStatus(`server unreachable: ${err}`, true);
+  }
+}
+
+// Server-sent events: blocks separated by a blank line; we only need their `data:` lines.
+async function* sseData(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+      if (data) yield data;
+    }
+  }
+}
+
+function requestBody(messages) {
+  const body = {
+    model: modelId,
+    messages,
+    stream: true,
+    temperature: Number($("temperature").value),
+    top_p: Number($("top-p").value),
+  };
+  const maxTokens = parseInt($("max-tokens").value, 10);
+  if (maxTokens > 0) body.max_tokens = maxTokens;
+  return body;
+}
+
+async function send(text) {
+  if (!modelId) await loadModel();
+  if (!modelId) return;
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const bubble = addMessage("assistant", "");
+  bubble.classList.add("streaming");
+  setBusy(true);
+  setStatus("generating…");
+  let reply = "";
+  controller = new AbortController();
+  try {
+    for (let attempt = 0; ; attempt++) {
+      const system = $("system").value.trim();
+      const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
+      const r = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(requestBody(messages)), signal: controller.signal,
+      });
+      if (!r.ok) {
+        const e = await errorMessage(r);
+        // Small models have short contexts: drop the oldest exchange and try again rather than give up.
+        if (e.code === "context_length_exceeded" && history.length > 2) {
+          history = history.slice(2);
+          addMessage("note", "older messages were dropped to fit the model's context");
+          continue;
+        }
+        throw new Error(e.message);
+      }
+      for await (const data of sseData(r)) {
+        if (data === "[DONE]") break;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const delta = chunk.choices?.[0]?.delta?.content;
+        if (delta) {
+          reply += delta;
+          bubble.textContent = reply;
+          bubble.scrollIntoView({ block: "end" });
+        }
+      }
+      break;
+    }
+    history.push({ role: "assistant", content: reply });
+    setStatus("ready");
+  } catch (err) {
+    if (err.name === "AbortError") {
+      history.push({ role: "assistant", content: reply });
+      setStatus("stopped");
+    } else {
+      history.pop(); // the user's message was not answered: let them resend it
+      if (!reply) bubble.remove();
+      addMessage("error", String(err.message || err));
+      setStatus("error", true);
+    }
+  } finally {
+    bubble.classList.remove("streaming");
+    controller = null;
+    setBusy(false);
+  }
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").hidden = !busy;
+}
+
+function reset() {
+  if (controller) controller.abort();
+  history = [];
+  $("messages").replaceChildren();
+  setStatus(modelId ? "ready" : "");
+}
+
+function init() {
+  for (const id of FIELDS) {
+    const saved = store.getItem(`owngpt.${id}`);
+    if (saved !== null) $(id).value = saved;
+    $(id).addEventListener("input", () => store.setItem(`owngpt.${id}`, $(id).value));
+  }
+  for (const id of ["temperature", "top-p"]) {
+    const show = () => ($(`${id}-value`).textContent = $(id).value);
+    $(id).addEventListener("input", show);
+    show();
+  }
+  $("api-key").addEventListener("change", loadModel);
+  $("composer").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = $("input").value.trim();
+    if (!text || controller) return;
+    $("input").value = "";
+    send(text);
+  });
+  $("input").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey) {
+      ev.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  $("stop").addEventListener("click", () => controller && controller.abort());
+  $("reset").addEventListener("click", reset);
+  loadModel();
+}
+
+init();
