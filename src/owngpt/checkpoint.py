@@ -82,6 +82,11 @@ def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     p = check_dir(path)
+    quant = read_meta(p).get("quantization")
+    if quant:  # an `owngpt export --to int8` dir: int8 weights + scales, rebuilt by owngpt.quantize
+        from owngpt.quantize import load_quantized
+
+        return load_quantized(p, quant, task=task)
     cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     try:
         model = cls.from_pretrained(p, use_safetensors=True, trust_remote_code=False,
@@ -108,7 +113,8 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         if meta is not None:
             (tmp / OWNGPT_META).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        for name, data in (extra_files or {}).items():
+        for name, data in (extra_files or {}).items():  # names may hold a subdir: "trainer/state.json"
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
         _fsync_dir(tmp)
         if out.exists():
@@ -131,7 +137,7 @@ def save_checkpoint(
 
 
 def _fsync_dir(d: Path) -> None:
-    for f in d.iterdir():
+    for f in d.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

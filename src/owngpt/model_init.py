@@ -1,0 +1,180 @@
+"""Building the model a run trains: from a preset or a local checkpoint; checks, freezing and LoRA.
+
+Models always come from transformers (`GPT2LMHeadModel` for presets, `AutoModelForCausalLM` /
+`AutoModelForSequenceClassification` for checkpoints); this module only decides which one, refuses the
+combinations that cannot work (a tokenizer the model was not trained with, a block size beyond its context) and
+applies what the run asks for (dropout, freezing, LoRA through peft).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from owngpt.errors import CheckpointError, ConfigError
+from owngpt.models import ModelSource
+
+# config attribute names different architectures use for dropout probabilities
+_DROPOUT_KEYS = (
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "summary_first_dropout",
+)
+
+
+def model_context(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings allow (None when it does not say)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_block_size(block_size: int, context: int | None, source: ModelSource) -> None:
+    if context is not None and block_size > context:
+        raise ConfigError(
+            f"--block-size {block_size} is beyond the model's context of {context} tokens "
+            f"({source.describe()}): use --block-size {context} or less"
+        )
+
+
+def check_tokenizer(data_tokenizer: Any, data_path: Path, source: ModelSource, model_vocab: int) -> None:
+    """Refuse a data dir whose tokenizer is not the model's: the ids would mean other text to the model.
+
+    A preset is built for the data's tokenizer, so only checkpoints are checked: the vocabularies must be equal
+    when the checkpoint has a tokenizer, and every id must fit the embeddings in any case.
+    """
+    n = len(data_tokenizer)
+    if source.kind != "preset" and source.path is not None and _has_tokenizer(source.path):
+        from owngpt.tokenizer import load_tokenizer
+
+        ckpt_tok = load_tokenizer(source.path)
+        if ckpt_tok.get_vocab() != data_tokenizer.get_vocab():
+            raise CheckpointError(
+                f"{data_path} was tokenized with another tokenizer ({n} tokens) than the model {source.path} "
+                f"({len(ckpt_tok)} tokens): prepare the data again with the model's tokenizer, "
+                f"`owngpt prepare ... --tokenizer {source.path}`"
+            )
+    if n > model_vocab:
+        raise CheckpointError(
+            f"{data_path}'s tokenizer has {n} tokens but the model {source.name} embeds only "
+            f"{model_vocab}: prepare the data with the model's tokenizer"
+        )
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def set_dropout(config: Any, p: float) -> None:
+    for key in _DROPOUT_KEYS:
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, p)
+
+
+def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any:
+    """A fresh model: preset (random init seeded by cfg.seed) or a local checkpoint's weights (safetensors)."""
+    import torch
+
+    overrides = task.model_config_overrides()
+    if source.kind == "preset":
+        from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+        p = cfg.dropout
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=source.preset["n_positions"],
+            n_embd=source.preset["n_embd"],
+            n_layer=source.preset["n_layer"],
+            n_head=source.preset["n_head"],
+            resid_pdrop=p,
+            embd_pdrop=p,
+            attn_pdrop=p,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **overrides,
+        )
+        torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
+        cls = GPT2ForSequenceClassification if task.model_kind == "sequence_classification" else GPT2LMHeadModel
+        return cls(config)
+    from owngpt.checkpoint import load_config, load_model
+
+    config = load_config(source.path)
+    set_dropout(config, cfg.dropout)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    kind = "classify" if task.model_kind == "sequence_classification" else "lm"
+    torch.manual_seed(cfg.seed)  # a new classification head is initialised randomly
+    kwargs = {"ignore_mismatched_sizes": True} if kind == "classify" else {}
+    return load_model(source.path, task=kind, config=config, **kwargs)
+
+
+def blocks(model: Any) -> Any:
+    """The list of transformer blocks (GPT-2: transformer.h; Llama: model.layers ...)."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError("freeze_layers: cannot find this model's list of transformer blocks")
+
+
+def freeze(model: Any, embeddings: bool, layers: int) -> list[str]:
+    """Stop gradients to the embeddings (token and position) and/or the first `layers` blocks; returns names."""
+    frozen: list[Any] = []
+    if embeddings:
+        frozen.append(model.get_input_embeddings())
+        for name in ("wpe", "embed_positions", "position_embeddings"):
+            for mname, module in model.named_modules():
+                if mname.split(".")[-1] == name:
+                    frozen.append(module)
+    if layers:
+        bl = blocks(model)
+        if layers > len(bl):
+            raise ConfigError(f"freeze_layers={layers}: the model has only {len(bl)} blocks")
+        frozen.extend(bl[:layers])
+    names = []
+    ids = {id(p) for m in frozen for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in ids:
+            p.requires_grad_(False)
+            names.append(name)
+    return names
+
+
+def default_lora_targets(model: Any) -> list[str] | str:
+    if getattr(model.config, "model_type", "") == "gpt2":
+        return ["c_attn", "c_proj", "c_fc"]  # GPT-2's attention and MLP projections (transformers' Conv1D)
+    return "all-linear"
+
+
+def apply_lora(model: Any, cfg: Any, task_kind: str) -> Any:
+    """Wrap the model with a fresh LoRA adapter (peft). B starts at zero, so the wrapped model is the base at step 0."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lcfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_targets or default_lora_targets(model),
+        task_type=TaskType.SEQ_CLS if task_kind == "sequence_classification" else TaskType.CAUSAL_LM,
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # Conv1D stores weights transposed
+    )
+    return get_peft_model(model, lcfg)
+
+
+def merged_copy(model: Any) -> Any:
+    """A plain transformers model with the LoRA deltas folded in; the training model is left untouched (merging in
+    place and unmerging later would not restore the base weights bitwise, and exact resume needs them)."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
