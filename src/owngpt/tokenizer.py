@@ -158,6 +158,10 @@ def hf_tokenizer(path: str | os.PathLike):
             tok.pad_token = PAD
         if not getattr(tok, "chat_template", None):
             tok.chat_template = CHAT_TEMPLATE
+    else:  # a template written with the tokens it has, e.g. [SEP]-separated turns for a BERT-style vocab (UER)
+        from owngpt.chat_format import adapt_pretrained_tokenizer
+
+        adapt_pretrained_tokenizer(tok)
     return tok, pretrained
 
 
@@ -177,7 +181,9 @@ def encode_batch(tok, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts at once without special tokens, through the Rust backend when there is one."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.20) skips computing character offsets, which we do not need here
+        fn = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in fn(texts, add_special_tokens=False)]
     return [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
 
 

@@ -191,6 +191,15 @@ def _read_spill(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
+def _count_text(rec: Record) -> str:
+    """The text whose tokens a dropped record would have contributed (chat: the rendered conversation)."""
+    if rec.messages is not None:
+        from owngpt.chat_format import render_text
+
+        return render_text([{"role": str(m.get("role")), "content": str(m.get("content"))} for m in rec.messages])
+    return rec.text or ""
+
+
 def _doc_text(doc: dict[str, Any]) -> str:
     """The text a spilled record contributes to tokenizer training and token counts."""
     if "m" in doc:
@@ -503,12 +512,7 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
             kept = cleaner.clean(item)
             if kept is None:
                 # token counts of what was dropped ("tokens in") are computed once the tokenizer exists
-                dp.write(
-                    json.dumps(
-                        _doc_text({"m": item.messages} if item.messages else {"t": item.text or ""}), ensure_ascii=False
-                    )
-                    + "\n"
-                )
+                dp.write(json.dumps(_count_text(item), ensure_ascii=False) + "\n")
                 continue
             n_kept += 1
             chars_out += _record_chars(kept)
@@ -585,7 +589,8 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
 
     unit = UNITS[task]
     n_key = "documents" if task == "lm" else "examples"
-    text_tokens_out = _count_tokens(enc, (_doc_text(d) for d in _read_spill(spill)), chunk_chars)
+    # tokens out = what the split files hold, without the EOS after each lm document
+    text_tokens_out = sum(v["tokens"] - (v["documents"] if task == "lm" else 0) for v in splits.values())
     dropped_tokens = _count_tokens(enc, (json.loads(line) for line in open(dropped, encoding="utf-8")), chunk_chars)
     inputs = []
     for f in files:
