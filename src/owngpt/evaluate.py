@@ -241,14 +241,14 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
     }
     if mmi:
         from owngpt.checkpoint import load_model
-        from owngpt.mmi import rerank
+        from owngpt.mmi import history_latest_first, rerank
         from owngpt.models import resolve_checkpoint
 
         backward = load_model(resolve_checkpoint(mmi)).eval()
         chosen = []
         for p in prompts:
             cands = sample(p, candidates)
-            chosen.append(rerank(backward, tok, p, cands)[0])
+            chosen.append(rerank(backward, tok, cands, history_latest_first(p), max_tokens=ctx).text)
         out.update(
             {
                 "mmi_distinct_1": distinct_n(chosen, 1),
