@@ -1,0 +1,763 @@
+"""`owngpt export`: turn a checkpoint into something to deploy (hf, int8, onnx, gguf) and measure what it costs.
+
+Every export writes its output aside and renames it into place, then measures the result against the original on
+the same tokens and writes `report.json` next to it (also printed): size on disk (weight files), decode tokens/s
+(greedy, batch 1, the same prompt and length for both) and perplexity on a validation set (`--data` val split or
+`--eval-file`). The measurement helpers here are shared with `owngpt prune` and bench/bench_optimize.py.
+
+Targets:
+  - hf:   a plain Hugging Face dir (LoRA merged, safetensors, tokenizer + chat template) that transformers loads alone.
+  - int8: owngpt.quantize's format; loads through owngpt.checkpoint.load_model (generate, chat, serve).
+  - onnx: `model.onnx` with a KV cache (inputs input_ids, attention_mask, position_ids, past_key_values.{i}.{key,value};
+          outputs logits, present.{i}.{key,value}); checked against PyTorch at export (|dlogit| <= ONNX_TOLERANCE).
+  - gguf: GPT-2 architecture only, llama.cpp's tensor names and metadata, written with the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from owngpt.errors import CheckpointError, ConfigError, DataError, require
+
+TARGETS = ("hf", "int8", "onnx", "gguf")
+ONNX_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch fp32 accepted at export
+ONNX_OPSET = 17
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".gguf")
+REPORT = "report.json"
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary sibling dir renamed to `out_dir` on success (never a half-written output); see datadir.building."""
+    from owngpt.data.datadir import building
+
+    with building(out_dir, overwrite=overwrite) as tmp:
+        yield tmp
+
+
+def weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the weight files in a checkpoint/export dir (what a deployment ships; tokenizer/json not counted)."""
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)]
+    return sum(f.stat().st_size for f in files if f.name != "adapter_model.safetensors")
+
+
+def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
+    """(fp32 model with any LoRA merged, tokenizer, owngpt.json meta, path) of a checkpoint to export or prune.
+
+    owngpt's LoRA checkpoints already hold the merged weights (the adapter sits apart under adapter/). A peft adapter
+    dir (adapter_config.json at the top) is merged onto its base with peft's `merge_and_unload`.
+    """
+    from owngpt.checkpoint import load_model, read_meta
+    from owngpt.models import resolve_checkpoint
+    from owngpt.tokenizer import load_tokenizer
+
+    given = Path(ckpt)
+    is_adapter = (given / "adapter_config.json").is_file() and not (given / "config.json").is_file()
+    path = given if is_adapter else Path(resolve_checkpoint(str(ckpt)))
+    meta = read_meta(path)
+    if meta.get("quantization"):
+        raise CheckpointError(
+            f"{path} is already quantized ({meta['quantization'].get('method')}); export or prune "
+            "the fp32 checkpoint it came from"
+        )
+    if (path / "adapter_config.json").is_file():  # with a config.json too, transformers would apply it itself
+        from peft import PeftModel
+
+        cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        base_spec = cfg.get("base_model_name_or_path")
+        if not base_spec:
+            raise CheckpointError(f"{path}/adapter_config.json has no base_model_name_or_path: cannot merge the LoRA")
+        base = load_model(resolve_checkpoint(base_spec), task=meta.get("task", "lm"))
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        tok_dir = path if (path / "tokenizer_config.json").exists() else Path(resolve_checkpoint(base_spec))
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        model = load_model(path, task=meta.get("task", "lm"))
+        tokenizer = load_tokenizer(path)
+    model.eval()
+    return model, tokenizer, meta, path
+
+
+def eval_tokens(
+    tokenizer: Any, data: str | None, eval_file: str | None, max_tokens: int, ckpt: Path | None = None
+) -> tuple[Any, str] | None:
+    """Validation tokens for perplexity: DATA_DIR's val split or a text file tokenized by the checkpoint's tokenizer."""
+    import numpy as np
+
+    if data and eval_file:
+        raise ConfigError("pass --data or --eval-file, not both")
+    if data:
+        from owngpt.data.datadir import META
+        from owngpt.evaluate import check_same_tokenizer
+        from owngpt.tokenizer import load_tokenizer
+
+        d = Path(data)
+        meta_f = d / META
+        if not meta_f.is_file():
+            raise DataError(f"--data {d}: no {META} there (make it with `owngpt prepare`)")
+        meta = json.loads(meta_f.read_text(encoding="utf-8"))
+        if meta.get("task", "lm") != "lm" or not (d / "val.bin").is_file():
+            raise DataError(
+                f"--data {d}: perplexity needs a language-modelling data dir with val.bin "
+                f"(task is {meta.get('task')!r}); or pass --eval-file TEXT"
+            )
+        check_same_tokenizer(tokenizer, load_tokenizer(d / "tokenizer"), ckpt or Path("the checkpoint"), d)
+        toks = np.fromfile(d / "val.bin", dtype=np.dtype(meta.get("dtype", "uint16")))[: max_tokens + 1]
+        return toks.astype(np.int64), f"{d}/val.bin"
+    if eval_file:
+        f = Path(eval_file)
+        if not f.is_file():
+            raise DataError(f"--eval-file {f}: no such file")
+        text = f.read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer.encode(text[: max_tokens * 8], add_special_tokens=False)[: max_tokens + 1]
+        if len(ids) < 2:
+            raise DataError(f"--eval-file {f}: fewer than 2 tokens of text")
+        return np.asarray(ids, dtype=np.int64), str(f)
+    return None
+
+
+def context_length(config: Any) -> int:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1024
+
+
+def perplexity(model: Any, tokens: Any, block_size: int = 256) -> float:
+    """exp(mean NLL) over `tokens` in windows of `block_size` (owngpt.evaluate's loop, so `owngpt eval` agrees)."""
+    from owngpt.evaluate import lm_stream_loss
+
+    total, count = lm_stream_loss(
+        model, tokens, min(block_size, context_length(model.config)), batch_size=4, progress=False
+    )
+    return math.exp(total / max(count, 1))
+
+
+def _prompt(tokens: Any, tokenizer: Any) -> list[int]:
+    if tokens is not None and len(tokens) >= 16:
+        return [int(t) for t in tokens[:16]]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return [int(eos)]
+
+
+def hf_decode_fn(model: Any, prompt: Sequence[int], n_tokens: int) -> Callable[[], float]:
+    """A callable timing greedy decode of exactly `n_tokens` with transformers' generate; returns tokens/s."""
+    import torch
+
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else model.generation_config.eos_token_id
+
+    def run() -> float:
+        with torch.no_grad():
+            t = time.perf_counter()
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_tokens,
+                min_new_tokens=n_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            return n_tokens / (time.perf_counter() - t)
+
+    return run
+
+
+def interleaved(fns: dict[str, Callable[[], float]], repeats: int = 3, warmup: bool = True) -> dict[str, float]:
+    """Median of `repeats` runs of each callable, interleaved A B A B so that load from other work hits all alike."""
+    if warmup:
+        for f in fns.values():
+            f()
+    runs: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            runs[k].append(f())
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' and torch's warnings during export/tracing (they are about internals, not the user)."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ measurement
+def measure(
+    original: Any,
+    original_dir: Path,
+    result_dir: Path,
+    tokenizer: Any,
+    tokens: Any,
+    *,
+    result_model: Any = None,
+    result_decode: Callable[[], float] | None = None,
+    result_ppl: Callable[[Any], float] | None = None,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The report: size, decode tokens/s and perplexity of the original and of the result, on the same tokens."""
+    prompt = _prompt(tokens, tokenizer)
+    n = max(1, min(decode_tokens, context_length(original.config) - len(prompt)))
+    fns = {"original": hf_decode_fn(original, prompt, n)}
+    if result_decode is None and result_model is not None:
+        result_decode = hf_decode_fn(result_model, prompt, n)
+    if result_decode is not None:
+        fns["result"] = result_decode
+    speed = interleaved(fns, repeats=repeats) if decode_tokens > 0 else {}
+    block = min(256, context_length(original.config))
+    ppl_o = perplexity(original, tokens, block) if tokens is not None else None
+    ppl_r = None
+    if tokens is not None:
+        if result_ppl is not None:
+            ppl_r = result_ppl(tokens)
+        elif result_model is not None:
+            ppl_r = perplexity(result_model, tokens, block)
+    orig = {"size_bytes": weight_bytes(original_dir), "decode_tokens_per_s": speed.get("original"), "perplexity": ppl_o}
+    res = {"size_bytes": weight_bytes(result_dir), "decode_tokens_per_s": speed.get("result"), "perplexity": ppl_r}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    return {
+        "original": orig,
+        "result": res,
+        "ratios": {
+            "size": ratio(res["size_bytes"], orig["size_bytes"]),
+            "decode_speed": ratio(res["decode_tokens_per_s"], orig["decode_tokens_per_s"]),
+            "perplexity": ratio(res["perplexity"], orig["perplexity"]),
+        },
+        "decode": {
+            "prompt_tokens": len(prompt),
+            "new_tokens": n,
+            "repeats": repeats,
+            "batch": 1,
+            "greedy": True,
+            "threads": _threads(),
+        },
+        "eval_tokens": None if tokens is None else int(len(tokens)),
+        "notes": list(notes) + ([] if tokens is not None else ["no --data/--eval-file given: perplexity not measured"]),
+    }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    def fmt(v: Any, kind: str) -> str:
+        if v is None:
+            return "-"
+        if kind == "size":
+            return f"{v / 1e6:.2f} MB"
+        return f"{v:.1f}" if kind == "speed" else f"{v:.3f}"
+
+    rows = [("", "size", "decode tok/s", "perplexity")]
+    for k in ("original", "result"):
+        r = rep[k]
+        rows.append(
+            (k, fmt(r["size_bytes"], "size"), fmt(r["decode_tokens_per_s"], "speed"), fmt(r["perplexity"], "ppl"))
+        )
+    ra = rep["ratios"]
+    rows.append(("ratio", fmt(ra["size"], "x"), fmt(ra["decode_speed"], "x"), fmt(ra["perplexity"], "x")))
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    return "\n".join(lines + [f"note: {n}" for n in rep.get("notes", [])])
+
+
+def write_report(out_dir: Path, rep: dict[str, Any]) -> None:
+    from owngpt.data.datadir import write_json
+
+    write_json(out_dir / REPORT, rep)
+
+
+# ----------------------------------------------------------------------------------------------------------- export
+def export(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str,
+    *,
+    data: str | None = None,
+    eval_file: str | None = None,
+    eval_tokens_max: int = 8192,
+    decode_tokens: int = 32,
+    gguf_type: str = "f16",
+    measure_result: bool = True,
+) -> dict[str, Any]:
+    """Export `ckpt` to `out` as `to`; returns (and writes) the report."""
+    if to not in TARGETS:
+        raise ConfigError(f"--to {to}: choose one of {', '.join(TARGETS)}")
+    model, tok, meta, src = load_fp32(ckpt)
+    out = Path(out)
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"--out {out} is the checkpoint itself: choose another directory")
+    tokens = None
+    if measure_result:
+        found = eval_tokens(tok, data, eval_file, eval_tokens_max, src)
+        tokens = found[0] if found else None
+    new_meta = {
+        **{k: v for k, v in meta.items() if k not in ("quantization",)},
+        "exported_from": str(src),
+        "export": to,
+    }
+    notes: list[str] = []
+    kw: dict[str, Any] = {}
+    if to == "hf":
+        export_hf(model, tok, out, new_meta)
+        if measure_result:
+            from owngpt.checkpoint import load_model
+
+            kw["result_model"] = load_model(out).eval()
+    elif to == "int8":
+        from owngpt.quantize import save_quantized
+
+        save_quantized(model, tok, out, new_meta)
+        if measure_result:
+            from owngpt.checkpoint import load_model
+
+            kw["result_model"] = load_model(out).eval()  # exactly what generate/chat/serve will load
+    elif to == "onnx":
+        err = export_onnx(model, tok, out, new_meta)
+        notes.append(
+            f"onnx vs PyTorch max |dlogit| {err['prompt']:.2e} (prompt), {err['decode']:.2e} (decode step); "
+            f"tolerance {ONNX_TOLERANCE}"
+        )
+        notes.append(
+            "onnx decode speed is onnxruntime with owngpt's greedy loop; the original uses transformers' generate"
+        )
+        if measure_result:
+            onx = OnnxLM(out / "model.onnx", model.config)
+            prompt = _prompt(tokens, tok)
+            n = max(1, min(decode_tokens, context_length(model.config) - len(prompt)))
+            kw["result_decode"] = lambda: onx.decode_speed(prompt, n)
+            kw["result_ppl"] = lambda t: onx.perplexity(t, min(256, context_length(model.config)))
+    else:
+        export_gguf(model, tok, out, dtype=gguf_type)
+        notes.append(
+            "gguf: decode speed and perplexity are llama.cpp's to measure (llama-bench, llama-perplexity); "
+            "only the size is reported here"
+        )
+        if not _is_byte_level(tok):
+            notes.append(
+                "the tokenizer is not byte-level BPE: llama.cpp tokenizes text as GPT-2 does, so its token "
+                "ids for a prompt can differ from owngpt's (the model weights are exact)"
+            )
+    if not measure_result:
+        rep = {
+            "original": {"size_bytes": weight_bytes(src)},
+            "result": {"size_bytes": weight_bytes(out)},
+            "notes": notes + ["measurement skipped (--no-measure)"],
+        }
+    else:
+        _say("measuring size, decode speed and perplexity against the original...")
+        with _quiet():
+            rep = measure(model, src, out, tok, tokens, decode_tokens=decode_tokens, notes=notes, **kw)
+    rep = {
+        "command": "export",
+        "to": to,
+        "checkpoint": str(src),
+        "output": str(out),
+        "eval_data": (data or eval_file),
+        **rep,
+    }
+    write_report(out, rep)
+    return rep
+
+
+def _hf_config_fixups(model: Any) -> None:
+    """llama.cpp's converter (and older tools) read GPT-2's context from `n_ctx`, which transformers 5 no longer writes."""
+    if getattr(model.config, "model_type", None) == "gpt2":
+        model.config.n_ctx = model.config.n_positions
+
+
+def export_hf(model: Any, tokenizer: Any, out: Path, meta: dict[str, Any]) -> Path:
+    """A plain Hugging Face dir: safetensors weights (LoRA already merged), tokenizer with its chat template."""
+    from owngpt.checkpoint import save_checkpoint
+
+    _hf_config_fixups(model)
+    return save_checkpoint(out, model, tokenizer, meta)
+
+
+# ------------------------------------------------------------------------------------------------------------- onnx
+def _kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder-only config."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, kv, head_dim
+
+
+def _onnx_wrapper(model: Any):
+    """The model with flat past/present tensors instead of a Cache object, which ONNX cannot carry."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = _kv_shape(model.config)[0]
+
+    class FlatCacheLM(torch.nn.Module):
+        def __init__(self, m: Any):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return FlatCacheLM(model).eval()
+
+
+def onnx_names(layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_onnx(model: Any, tokenizer: Any, out: Path, meta: dict[str, Any]) -> dict[str, float]:
+    """Write model.onnx (+ config and tokenizer) and check it against PyTorch; returns the max logit differences.
+
+    The TorchScript-based exporter (`dynamo=False`) is used because it traces transformers 5's cache code with
+    dynamic sequence/past axes in about a second; the dynamo exporter needs `dynamic_shapes` for every flat past
+    tensor and was not needed to reach the tolerance. The trace uses a prompt of 2 tokens and a past of 1 so that no
+    size-0/size-1 dimension gets specialised.
+    """
+    import torch
+
+    require("onnx", "export")
+    ort = require("onnxruntime", "export")
+    layers, kv, hd = _kv_shape(model.config)
+    in_names, out_names = onnx_names(layers)
+    dyn: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    for n in in_names[3:]:
+        dyn[n] = {0: "batch", 2: "past_sequence"}
+    for n in out_names[1:]:
+        dyn[n] = {0: "batch", 2: "total_sequence"}
+    ids = torch.tensor([[1, 2]], dtype=torch.long)
+    args = (
+        ids,
+        torch.ones(1, 3, dtype=torch.long),
+        torch.tensor([[1, 2]]),
+        *[torch.zeros(1, kv, 1, hd) for _ in range(2 * layers)],
+    )
+    with atomic_dir(out) as tmp:
+        _say(f"exporting to ONNX (opset {ONNX_OPSET})...")
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                _onnx_wrapper(model),
+                args,
+                str(tmp / "model.onnx"),
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=dyn,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        err = check_onnx(tmp / "model.onnx", model, ort)
+        if max(err.values()) > ONNX_TOLERANCE:
+            raise CheckpointError(
+                f"the ONNX graph's logits differ from PyTorch's by {max(err.values()):.2e} "
+                f"(> {ONNX_TOLERANCE}); nothing was written"
+            )
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        io = {
+            "inputs": in_names,
+            "outputs": out_names,
+            "past_shape": ["batch", kv, "past_sequence", hd],
+            "opset": ONNX_OPSET,
+            "tolerance": ONNX_TOLERANCE,
+            "max_abs_logit_error": err,
+        }
+        (tmp / "owngpt.json").write_text(json.dumps({**meta, "onnx": io}, indent=2) + "\n", encoding="utf-8")
+    return err
+
+
+def check_onnx(path: Path, model: Any, ort: Any = None) -> dict[str, float]:
+    """Max |logit difference| of onnxruntime vs PyTorch: a 12-token prompt from an empty past, then one decode step."""
+    import torch
+
+    ort = ort or require("onnxruntime", "export")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onx = OnnxLM(None, model.config, session=sess)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, 12), generator=g)
+    with torch.no_grad():
+        ref = model(ids, use_cache=True)
+    logits, past = onx.step(ids.numpy(), None)
+    e1 = float(abs(logits - ref.logits.numpy()).max())
+    nxt = torch.randint(0, vocab, (1, 1), generator=g)
+    with torch.no_grad():
+        ref2 = model(nxt, past_key_values=ref.past_key_values, use_cache=True)
+    logits2, _ = onx.step(nxt.numpy(), past)
+    e2 = float(abs(logits2 - ref2.logits.numpy()).max())
+    return {"prompt": e1, "decode": e2}
+
+
+class OnnxLM:
+    """A minimal onnxruntime runner for owngpt's ONNX export: one step with a KV cache, greedy decode, perplexity."""
+
+    def __init__(self, path: Path | None, config: Any, session: Any = None):
+        if session is None:
+            ort = require("onnxruntime", "export")
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.sess = session
+        self.layers, self.kv, self.hd = _kv_shape(config)
+        self.in_names, _ = onnx_names(self.layers)
+
+    def step(self, ids: Any, past: list[Any] | None) -> tuple[Any, list[Any]]:
+        """Logits (B, T, V) for `ids` (B, T) after `past` (list of 2*layers arrays, or None = empty)."""
+        import numpy as np
+
+        b, t = ids.shape
+        if past is None:
+            past = [np.zeros((b, self.kv, 0, self.hd), np.float32) for _ in range(2 * self.layers)]
+        p = past[0].shape[2]
+        feed = {
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": np.ones((b, p + t), np.int64),
+            "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy(),
+        }
+        feed.update(zip(self.in_names[3:], past))
+        outs = self.sess.run(None, feed)
+        return outs[0], outs[1:]
+
+    def decode_speed(self, prompt: Sequence[int], n_tokens: int) -> float:
+        import numpy as np
+
+        logits, past = self.step(np.asarray([list(prompt)]), None)
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            nxt = logits[:, -1:].argmax(-1)
+            logits, past = self.step(nxt, past)
+        return n_tokens / (time.perf_counter() - t)
+
+    def perplexity(self, tokens: Any, block_size: int) -> float:
+        import numpy as np
+
+        total, count = 0.0, 0
+        for s in range(0, len(tokens) - 1, block_size):
+            x = np.asarray(tokens[s : s + block_size], dtype=np.int64)
+            y = np.asarray(tokens[s + 1 : s + 1 + block_size], dtype=np.int64)
+            x = x[: len(y)]
+            logits, _ = self.step(x[None], None)
+            lg = logits[0].astype(np.float64)
+            m = lg.max(-1, keepdims=True)
+            logz = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
+            total += float((logz - lg[np.arange(len(y)), y]).sum())
+            count += len(y)
+        return math.exp(total / max(count, 1))
+
+
+# ------------------------------------------------------------------------------------------------------------- gguf
+def _is_byte_level(tokenizer: Any) -> bool:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    kinds = [pre.get("type")] + [p.get("type") for p in pre.get("pretokenizers", []) or []]
+    return "ByteLevel" in kinds
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable-character table (the byte-level alphabet llama.cpp's gpt2 tokenizer decodes).
+
+    Printable Latin-1 bytes map to themselves, the other 68 to chr(256 + k) in byte order: the published GPT-2
+    encoding, a fixed spec. tokenizers exposes the alphabet (ByteLevel.alphabet()) but not the byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def gguf_tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
+    """tokens, token types and merges in llama.cpp's `gpt2` (byte-level BPE) layout, in id order, padded to the vocab.
+
+    A byte-level BPE tokenizer (GPT-2's, or one owngpt trained) is written as is. A char-level vocabulary (a BPE model
+    without merges, owngpt's `--tokenizer char`) is rewritten in the byte-level alphabet, with merges that assemble
+    each multi-byte character from its bytes, so llama.cpp splits text into exactly the same characters; its
+    byte-fallback tokens `<0xNN>` become the single-byte tokens, except where a character token already covers that
+    byte (that one is kept as `<0xNN>`, type UNUSED, since llama.cpp needs every token text to be unique).
+    """
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model", {})
+    merges_in = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if model.get("type") != "BPE":
+        raise CheckpointError(
+            f"gguf export needs a BPE tokenizer (llama.cpp's gpt2 tokenizer); this one is "
+            f"{model.get('type')!r}: use `--to hf` or `--to onnx` instead"
+        )
+    byte_level = _is_byte_level(tokenizer)
+    if not byte_level and merges_in:
+        raise CheckpointError(
+            "gguf export: the tokenizer is a BPE with merges but not byte-level, which llama.cpp's "
+            "gpt2 tokenizer cannot reproduce; use `--to hf` (then llama.cpp's converter) or --to onnx"
+        )
+    special = set(tokenizer.all_special_ids)
+    added = {a["id"] for a in spec.get("added_tokens", [])}
+    byte_chars = _gpt2_byte_chars()
+    texts = [tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None for i in range(vocab_size)]
+    covered = set()  # single bytes already spelled by a character token
+    if not byte_level:
+        for i, t in enumerate(texts):
+            if t is not None and i not in added and not _is_byte_token(t) and len(t.encode("utf-8")) == 1:
+                covered.add(t.encode("utf-8")[0])
+    tokens, types, merges, seen = [], [], [], set()
+    for i, t in enumerate(texts):
+        ttype = gguf.TokenType.NORMAL
+        if t is None:  # the model's embedding may be padded beyond the tokenizer
+            t, ttype = f"[PAD{i}]", gguf.TokenType.UNUSED
+        elif i in added:
+            ttype = gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED
+        elif not byte_level:
+            if _is_byte_token(t):
+                b = int(t[3:5], 16)
+                if b in covered:
+                    ttype = gguf.TokenType.UNUSED
+                else:
+                    t = byte_chars[b]
+            else:
+                pieces = [byte_chars[b] for b in t.encode("utf-8")]
+                t = "".join(pieces)
+                for k in range(1, len(pieces)):  # assemble a multi-byte character left to right
+                    merges.append(f"{''.join(pieces[:k])} {pieces[k]}")
+        if t in seen:
+            raise CheckpointError(f"gguf export: token text {t!r} (id {i}) occurs twice; llama.cpp needs unique tokens")
+        seen.add(t)
+        tokens.append(t)
+        types.append(ttype)
+    merges = merges_in if byte_level else list(dict.fromkeys(merges))
+    if not merges:
+        # GGUF cannot store an empty array and llama.cpp's gpt2 tokenizer requires the merges key. One merge whose
+        # result is no token changes nothing: llama.cpp falls back to the single-byte tokens for unknown symbols.
+        merges = [f"{byte_chars[0xC3]} {byte_chars[0xBF]}"]
+    return {"tokens": tokens, "types": types, "merges": merges}
+
+
+def _is_byte_token(t: str) -> bool:
+    return len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+
+
+def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Path:
+    """A GGUF file for llama.cpp (GPT-2 architecture): tensor names mapped with gguf's own GPT-2 name map.
+
+    GPT-2's Conv1D weights are stored [in, out]; GGUF (like nn.Linear) wants [out, in], so they are transposed.
+    1-D tensors (norms, biases) stay f32 as llama.cpp expects; matrices are f16 or f32 (`dtype`).
+    """
+    import numpy as np
+    import torch
+
+    gguf = require("gguf", "export")
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "gpt2":
+        raise CheckpointError(
+            f"gguf export supports the GPT-2 architecture only (this checkpoint is {cfg.model_type!r}); export with "
+            "`owngpt export CKPT --out DIR --to hf` and convert DIR with llama.cpp's convert_hf_to_gguf.py"
+        )
+    if dtype not in ("f16", "f32"):
+        raise ConfigError(f"--gguf-type {dtype}: choose f16 or f32")
+    from transformers.pytorch_utils import Conv1D
+
+    fields = gguf_tokenizer_fields(tokenizer, cfg.vocab_size)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
+    conv = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    with atomic_dir(out) as tmp:
+        f = tmp / "model.gguf"
+        w = gguf.GGUFWriter(str(f), "gpt2")
+        w.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "owngpt")).name or "owngpt")
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+        w.add_head_count(cfg.n_head)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2" if _is_byte_level(tokenizer) else "default")
+        w.add_token_list(fields["tokens"])
+        w.add_token_types(fields["types"])
+        w.add_token_merges(fields["merges"])
+        eos = tokenizer.eos_token_id
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+        if bos is not None:
+            w.add_bos_token_id(bos)
+        if eos is not None:
+            w.add_eos_token_id(eos)
+        if tokenizer.pad_token_id is not None:
+            w.add_pad_token_id(tokenizer.pad_token_id)
+        w.add_add_bos_token(False)  # GPT-2 does not prepend BOS
+        if getattr(tokenizer, "chat_template", None):
+            w.add_chat_template(tokenizer.chat_template)
+        for name, t in model.state_dict().items():
+            if tied and name == "lm_head.weight":
+                continue  # llama.cpp reuses token_embd when output.weight is absent (GPT-2 ties them)
+            gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise CheckpointError(f"gguf export: no llama.cpp name for tensor {name}")
+            t = t.detach().to(torch.float32)
+            if name in conv:
+                t = t.t()
+            a = np.ascontiguousarray(t.numpy())
+            if dtype == "f16" and a.ndim == 2:
+                a = a.astype(np.float16)
+            w.add_tensor(gname, a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tokenizer.save_pretrained(tmp)  # for reference: the same tokenizer owngpt uses
+    return out / "model.gguf"

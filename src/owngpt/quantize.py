@@ -1,0 +1,245 @@
+"""Int8 quantization of a causal LM for CPU inference: the `int8` export and how such a checkpoint loads back.
+
+What is quantized: every projection (transformers' GPT-2 `Conv1D` and every `nn.Linear`, the LM head included) gets
+int8 weights with one fp32 scale per output channel (symmetric, round-to-nearest); at run time the activations are
+quantized to int8 per call (dynamic quantization), so the matrix products run in int8 with int32 accumulation.
+Embeddings, layer norms and biases stay fp32, except that a *tied* token embedding is stored once as the LM head's
+int8 matrix and its rows are dequantized on lookup (the tie survives, the file is ~4x smaller).
+
+Why this kernel: measured on the 2-core AVX-512 CPU we target (docs/benchmarks.md, bench/bench_optimize.py), at
+`gpt2` size with transformers' `generate`: fp32 ~27 tokens/s; torch's dynamic int8 linear (fbgemm/x86 backend, the
+kernel behind `torch.ao.quantization.quantize_dynamic`) on *all* projections ~1.7-1.8x; int8 weight-only
+`aten._weight_int8pack_mm` ~1.7x (needs bf16 activations); torchao 0.18's `Int8WeightOnlyConfig` /
+`Int8DynamicActivationInt8WeightConfig` 3-4x *slower* than fp32 in eager mode (they are fast only under
+torch.compile, which costs minutes per start). `torch.ao.quantization` is marked deprecated in favour of torchao, so
+the kernel choice lives in one function (`_int8_linear`): when torchao's eager CPU path is fast, swap it there.
+The GPT-2 `Conv1D` -> `nn.Linear` transposition is what lets every projection, not only the LM head, be quantized.
+
+Format of an int8 checkpoint dir (no pickles; owngpt loads it through `owngpt.checkpoint.load_model`):
+
+    config.json generation_config.json tokenizer files [chat_template.jinja]   as in any checkpoint
+    model.safetensors   for each quantized module M: `M.weight` int8 [out, in] (nn.Linear layout, Conv1D transposed),
+                        `M.weight_scale` fp32 [out], `M.bias` fp32 (if any); every other tensor fp32 under its usual
+                        name; a tied embedding E is stored as `E.weight` int8 + `E.weight_scale`
+    owngpt.json         {"quantization": {"method": "int8-dynamic", "modules": [...], "tied_embedding": E | null, ...}}
+
+Plain transformers cannot load this directory (its weights are int8 + scales); `owngpt export --to hf` gives fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from owngpt.errors import CheckpointError
+
+METHOD = "int8-dynamic"
+FORMAT_VERSION = 1
+SCALE_SUFFIX = "_scale"
+
+
+def _is_projection(module: Any) -> bool:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def _linear_weight(module: Any):
+    """The weight in nn.Linear layout [out, in]; GPT-2's Conv1D stores [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    w = module.weight.detach()
+    return w.t().contiguous() if isinstance(module, Conv1D) else w
+
+
+def quantize_weight(w) -> tuple[Any, Any]:
+    """Symmetric per-output-channel int8: (int8 [out, in], fp32 scale [out]); w ~= q * scale[:, None]."""
+    import torch
+
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _tied_embedding(model: Any) -> tuple[str, Any] | None:
+    """(name, module) of the input embedding when the output head shares its weight, else None."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    name = next(n for n, m in model.named_modules() if m is inp)
+    return name, inp
+
+
+def quantize_state_dict(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors of the int8 checkpoint format (see module docstring) and the owngpt.json `quantization` entry."""
+    tensors: dict[str, Any] = {}
+    modules: list[str] = []
+    tied = _tied_embedding(model)
+    head = model.get_output_embeddings()
+    handled: set[str] = set()
+    for name, mod in model.named_modules():
+        if not _is_projection(mod):
+            continue
+        if tied is not None and mod is head:
+            continue  # stored once, under the embedding's name
+        q, s = quantize_weight(_linear_weight(mod))
+        tensors[f"{name}.weight"], tensors[f"{name}.weight{SCALE_SUFFIX}"] = q, s
+        if mod.bias is not None:
+            tensors[f"{name}.bias"] = mod.bias.detach().float().contiguous()
+        modules.append(name)
+        handled.update({f"{name}.weight", f"{name}.bias"})
+    if tied is not None:
+        ename, emb = tied
+        q, s = quantize_weight(emb.weight)
+        tensors[f"{ename}.weight"], tensors[f"{ename}.weight{SCALE_SUFFIX}"] = q, s
+        handled.add(f"{ename}.weight")
+    head_name = None if head is None else next(n for n, m in model.named_modules() if m is head)
+    for k, v in model.state_dict().items():
+        if k in handled or (tied is not None and head_name and k.startswith(head_name + ".")):
+            continue
+        tensors[k] = v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
+    info = {
+        "method": METHOD,
+        "version": FORMAT_VERSION,
+        "weights": "int8, symmetric, one scale per output channel",
+        "activations": "int8, dynamic (quantized per call at run time)",
+        "kernel": "torch dynamic quantized linear (fbgemm/x86)",
+        "modules": modules,
+        "tied_embedding": tied[0] if tied else None,
+        "output_head": head_name,
+    }
+    return tensors, info
+
+
+def _embedding_class():
+    import torch
+
+    class _Int8Embedding(torch.nn.Module):
+        """Token embedding whose rows are int8 + per-row scale (shared with the int8 LM head); dequantized on lookup."""
+
+        def __init__(self, q, scale):
+            super().__init__()
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_scale", scale)
+            self.num_embeddings, self.embedding_dim = q.shape
+
+        def forward(self, ids):  # (B, T) -> (B, T, C)
+            return self.weight_int8[ids].float() * self.weight_scale[ids].unsqueeze(-1)
+
+    return _Int8Embedding
+
+
+def _int8_linear(q, scale, bias):
+    """A module computing x @ (q * scale).T + bias with int8 matmuls (the one place the kernel is chosen)."""
+    import torch
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao (see module doc)
+        warnings.simplefilter("ignore")
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        out_f, in_f = q.shape
+        mod = DynamicLinear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(out_f, dtype=torch.long), axis=0)
+        mod.set_weight_bias(qw, None if bias is None else bias.float())
+    return mod
+
+
+def _set_module(model: Any, name: str, new: Any) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def build_quantized_model(config: Any, tensors: dict[str, Any], info: dict[str, Any], task: str = "lm"):
+    """Rebuild the int8 model from the checkpoint tensors: the architecture from config, then int8 modules swapped in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    with torch.device("meta"):  # no time or memory spent on a random init that is overwritten anyway
+        model = cls.from_config(config, dtype=torch.float32)
+    model.eval()
+    tensors = dict(tensors)
+    quantized: dict[str, Any] = {}
+    for name in info["modules"]:
+        try:
+            quantized[name] = (
+                tensors.pop(f"{name}.weight"),
+                tensors.pop(f"{name}.weight{SCALE_SUFFIX}"),
+                tensors.pop(f"{name}.bias", None),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"int8 checkpoint lacks tensor {e} listed in owngpt.json: it is incomplete") from e
+    ename = info.get("tied_embedding")
+    if ename:
+        tied = tensors.pop(f"{ename}.weight"), tensors.pop(f"{ename}.weight{SCALE_SUFFIX}")
+    # fp32 tensors first, while every module is still the original class (the int8 modules load differently)
+    _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise CheckpointError(f"int8 checkpoint has tensors the model does not: {unexpected[:5]}")
+    for name, (q, s, b) in quantized.items():
+        _set_module(model, name, _int8_linear(q, s, b))
+    if ename:
+        _set_module(model, ename, _embedding_class()(*tied))
+        head = info.get("output_head")
+        if head:  # the head reuses the same int8 matrix (the tie), as a dynamic int8 linear
+            _set_module(model, head, _int8_linear(*tied, None))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"int8 checkpoint lacks tensors {left[:5]}: it is incomplete or from another model")
+    return model
+
+
+def quantize_model(model: Any):
+    """In-memory int8 copy of a loaded fp32 model (same result as saving and loading the int8 checkpoint)."""
+    tensors, info = quantize_state_dict(model)
+    return build_quantized_model(model.config, tensors, info)
+
+
+def load_quantized(path: str | os.PathLike, info: dict[str, Any], task: str = "lm"):
+    """Load an int8 checkpoint dir (called by owngpt.checkpoint.load_model when owngpt.json says so)."""
+    from safetensors.torch import load_file
+
+    from owngpt.checkpoint import load_config
+
+    p = Path(path)
+    if info.get("method") != METHOD:
+        raise CheckpointError(
+            f"{p}/owngpt.json: quantization method {info.get('method')!r} is not supported (owngpt writes {METHOD!r})"
+        )
+    config = load_config(p)
+    try:
+        tensors = load_file(str(p / "model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}/model.safetensors cannot be read: {e}") from e
+    return build_quantized_model(config, tensors, info, task=task)
+
+
+def save_quantized(model: Any, tokenizer: Any, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write the int8 checkpoint dir atomically (aside, then renamed) from a loaded fp32 model."""
+    from safetensors.torch import save_file
+
+    from owngpt.export import atomic_dir
+
+    tensors, info = quantize_state_dict(model)
+    meta = {**meta, "quantization": info}
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "owngpt": METHOD})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_meta(tmp, meta)
+    return Path(out_dir)
+
+
+def _write_meta(d: Path, meta: dict[str, Any]) -> None:
+    import json
+
+    from owngpt.checkpoint import OWNGPT_META
+
+    (d / OWNGPT_META).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,243 @@
+"""owngpt export: hf (loads in plain transformers, LoRA merged), onnx (KV cache, logits vs PyTorch), gguf (read back)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fixtures
+from owngpt.checkpoint import load_model
+from owngpt.errors import CheckpointError
+from owngpt.export import ONNX_TOLERANCE, export, weight_bytes
+
+
+def _ids(n=24):
+    return torch.tensor([fixtures.char_tokenizer().encode(fixtures.TEXT)[:n]])
+
+
+def test_hf_export_loads_in_transformers(tiny_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    export(tiny_ckpt, out, "hf", measure_result=False)
+    m = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()
+    ref = load_model(tiny_ckpt).eval()
+    with torch.no_grad():
+        assert torch.equal(m(_ids()).logits, ref(_ids()).logits)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False
+    )
+    assert json.loads((out / "config.json").read_text())["n_ctx"] == m.config.n_positions  # llama.cpp's converter
+    assert m.generate(_ids(4), max_new_tokens=3, do_sample=False, pad_token_id=1).shape == (1, 7)
+
+
+def test_hf_export_merges_peft_adapter(tiny_ckpt, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny_ckpt).eval()
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    with torch.no_grad():  # make the adapter do something (B is zero-initialised)
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tiny_ckpt)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(_ids()).logits
+    export(adapter, tmp_path / "merged", "hf", measure_result=False)
+    got = load_model(tmp_path / "merged").eval()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    with torch.no_grad():
+        assert (got(_ids()).logits - want).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    export(tiny_ckpt, out, "onnx", measure_result=False)
+    return out
+
+
+def test_onnx_prompt_then_decode_step_match_pytorch(tiny_ckpt, onnx_dir):
+    import onnxruntime as ort
+
+    m = load_model(tiny_ckpt).eval()
+    cfg = m.config
+    hd = cfg.n_embd // cfg.n_head
+    sess = ort.InferenceSession(str(onnx_dir / "model.onnx"))
+    names = [i.name for i in sess.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [o.name for o in sess.get_outputs()][:2] == ["logits", "present.0.key"]
+    ids = _ids(8).numpy()
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(8)[None]}
+    feed.update({n: np.zeros((1, cfg.n_head, 0, hd), np.float32) for n in names[3:]})
+    out = sess.run(None, feed)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(ids), use_cache=True)
+    assert np.abs(out[0] - ref.logits.numpy()).max() < ONNX_TOLERANCE
+    # one decode step with the returned past vs PyTorch with its cache
+    nxt = np.array([[5]])
+    feed = {"input_ids": nxt, "attention_mask": np.ones((1, 9), np.int64), "position_ids": np.array([[8]])}
+    feed.update(dict(zip(names[3:], out[1:])))
+    out2 = sess.run(None, feed)
+    with torch.no_grad():
+        ref2 = m(torch.from_numpy(nxt), past_key_values=ref.past_key_values, use_cache=True)
+    assert np.abs(out2[0] - ref2.logits.numpy()).max() < ONNX_TOLERANCE
+    assert out2[1].shape == (1, cfg.n_head, 9, hd)
+
+
+def test_onnx_greedy_generation_matches_transformers(tiny_ckpt, onnx_dir):
+    from owngpt.export import OnnxLM
+
+    m = load_model(tiny_ckpt).eval()
+    onx = OnnxLM(onnx_dir / "model.onnx", m.config)
+    ids = _ids(6)
+    with torch.no_grad():
+        want = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=1)[0, 6:].tolist()
+    logits, past = onx.step(ids.numpy(), None)
+    got = []
+    for _ in range(8):
+        nxt = logits[:, -1:].argmax(-1)
+        got.append(int(nxt[0, 0]))
+        logits, past = onx.step(nxt, past)
+    assert got == want
+    meta = json.loads((onnx_dir / "owngpt.json").read_text())
+    assert max(meta["onnx"]["max_abs_logit_error"].values()) < ONNX_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gguf_round_trips_through_reader(tiny_ckpt, tmp_path, dtype):
+    from gguf import GGUFReader
+
+    from owngpt.export import export_gguf, load_fp32
+
+    m, tok, _, _ = load_fp32(tiny_ckpt)
+    path = export_gguf(m, tok, tmp_path / "g", dtype=dtype)
+    r = GGUFReader(path)
+
+    def field(name):
+        f = r.fields[name]
+        return f.contents() if hasattr(f, "contents") else f.parts[-1]
+
+    assert field("general.architecture") == "gpt2"
+    cfg = m.config
+    assert field("gpt2.block_count") == cfg.n_layer and field("gpt2.embedding_length") == cfg.n_embd
+    assert field("gpt2.context_length") == cfg.n_positions and field("gpt2.attention.head_count") == cfg.n_head
+    assert field("gpt2.feed_forward_length") == 4 * cfg.n_embd
+    assert field("tokenizer.ggml.model") == "gpt2"
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size and tokens[tok.eos_token_id] == "<|endoftext|>"
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert "tokenizer.ggml.merges" in r.fields  # llama.cpp's gpt2 tokenizer requires it
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    assert "output.weight" not in t  # tied: llama.cpp reuses token_embd
+    assert len(t) == 2 + 12 * cfg.n_layer + 2
+    tol = 0 if dtype == "f32" else 1e-3
+    sd = m.state_dict()
+    checks = {
+        "token_embd.weight": sd["transformer.wte.weight"],
+        "position_embd.weight": sd["transformer.wpe.weight"],
+        "blk.1.attn_qkv.weight": sd["transformer.h.1.attn.c_attn.weight"].t(),  # Conv1D transposed
+        "blk.0.ffn_down.weight": sd["transformer.h.0.mlp.c_proj.weight"].t(),
+        "blk.0.attn_norm.bias": sd["transformer.h.0.ln_1.bias"],
+        "output_norm.weight": sd["transformer.ln_f.weight"],
+    }
+    for name, want in checks.items():
+        got = t[name].astype(np.float32)
+        assert got.shape == tuple(want.shape), name
+        assert np.abs(got - want.numpy()).max() <= tol, name
+    assert t["blk.0.attn_norm.bias"].dtype == np.float32  # 1-D tensors stay f32
+
+
+def test_gguf_char_vocab_tokenizes_like_owngpt():
+    """A byte-level BPE over the GGUF tokens and merges (what llama.cpp runs) gives owngpt's char-level ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from owngpt.export import gguf_tokenizer_fields
+
+    tok = fixtures.char_tokenizer()
+    f = gguf_tokenizer_fields(tok, len(tok))
+    assert len(set(f["tokens"])) == len(f["tokens"])
+    vocab = {t: i for i, t in enumerate(f["tokens"])}
+    merges = [tuple(m.split(" ")) for m in f["merges"]]
+    for a, b in merges:  # HF's BPE wants intermediate symbols in the vocab; llama.cpp does not
+        vocab.setdefault(a + b, len(vocab) + 1000)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = fixtures.TEXT.replace("<", "")
+    want = tok.encode(text, add_special_tokens=False)
+    got = bpe.encode(text).ids
+    assert got == want
+    assert bpe.decode(got) == text
+
+
+def test_gguf_refuses_other_architectures(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from owngpt.checkpoint import save_checkpoint
+
+    tok = fixtures.char_tokenizer()
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    ck = save_checkpoint(tmp_path / "llama", m, tok, {"task": "lm"})
+    with pytest.raises(CheckpointError, match="GPT-2 architecture.*convert_hf_to_gguf"):
+        export(ck, tmp_path / "g", "gguf", measure_result=False)
+    assert not (tmp_path / "g").exists()
+
+
+def test_report_measures_against_original(tiny_ckpt, tiny_lm_data, tmp_path, capsys):
+    from owngpt.cli import main
+
+    out = tmp_path / "int8"
+    assert (
+        main(
+            [
+                "export",
+                str(tiny_ckpt),
+                "--out",
+                str(out),
+                "--to",
+                "int8",
+                "--data",
+                str(tiny_lm_data),
+                "--decode-tokens",
+                "4",
+                "--eval-tokens",
+                "300",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "decode tok/s" in printed
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["to"] == "int8" and rep["eval_tokens"] == 301
+    assert rep["original"]["size_bytes"] == weight_bytes(tiny_ckpt)
+    assert rep["result"]["size_bytes"] < 0.6 * rep["original"]["size_bytes"]
+    assert rep["original"]["decode_tokens_per_s"] > 0 and rep["result"]["decode_tokens_per_s"] > 0
+    assert abs(rep["ratios"]["perplexity"] - 1) < 0.01
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from owngpt.cli import main
+
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
