@@ -399,7 +399,11 @@ def test_chat_exports_plug_in_through_personal_read_exports(tmp_path, monkeypatc
             "line": 9,
         }
 
-    monkeypatch.setitem(sys.modules, "owngpt.data.personal", types.SimpleNamespace(read_exports=read_exports))
+    import owngpt.data
+
+    fake = types.SimpleNamespace(read_exports=read_exports)
+    monkeypatch.setitem(sys.modules, "owngpt.data.personal", fake)
+    monkeypatch.setattr(owngpt.data, "personal", fake, raising=False)  # in case the real one was imported
     f = write(tmp_path / "export.txt", "whatever the export looks like")
     r = run(tmp_path, f, source_format="whatsapp", me="Zhang San")
     assert seen == {"paths": [f], "me": "Zhang San"}

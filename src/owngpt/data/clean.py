@@ -76,12 +76,15 @@ def strip_html(text: str) -> str:
     return "".join(p.parts)  # convert_charrefs=True has already decoded &amp; and friends
 
 
+_VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)}  # control char -> its Unicode control picture
+
+
 def _visible(s: str) -> str:
     """Control characters made visible for examples (ESC as ␛)."""
-    return s.replace("\x1b", "␛").translate({c: 0x2400 + c for c in range(32) if c not in (9, 10)})
+    return s.translate(_VISIBLE)
 
 
-def _first_changed_line(before: str, after: str) -> str:
+def _first_changed_line(before: str, after: str) -> str | None:
     a, b = before.split("\n"), after.split("\n")
     for x, y in zip(a, b):
         if x != y:
@@ -111,11 +114,15 @@ class Cleaner:
         if "\x1b" in text:
             new = ANSI_RE.sub("", text)
             if new != text:
-                r.change("ansi_escapes", _first_changed_line(text, new), where, chars_removed=len(text) - len(new))
+                r.change(
+                    "ansi_escapes", self._example("ansi_escapes", text, new), where, chars_removed=len(text) - len(new)
+                )
                 text = new
         new = CONTROL_RE.sub("", text)
         if new != text:
-            r.change("control_chars", _first_changed_line(text, new), where, chars_removed=len(text) - len(new))
+            r.change(
+                "control_chars", self._example("control_chars", text, new), where, chars_removed=len(text) - len(new)
+            )
             text = new
         if self.cfg.strip_html and HTML_HINT_RE.search(text):
             new = strip_html(text)
@@ -124,13 +131,16 @@ class Cleaner:
                 text = new
         if not unicodedata.is_normalized(self.form, text):
             new = unicodedata.normalize(self.form, text)
-            r.change(f"unicode_{self.form.lower()}", _first_changed_line(text, new), where)
+            r.change(f"unicode_{self.form.lower()}", self._example(f"unicode_{self.form.lower()}", text, new), where)
             text = new
         new = ZERO_WIDTH_RE.sub("", SPACES_RE.sub(" ", text))
         new = MANY_NEWLINES_RE.sub("\n\n", TRAILING_RE.sub("", new))
         if new != text:
-            r.change("whitespace", _first_changed_line(text, new), where)
+            r.change("whitespace", self._example("whitespace", text, new), where)
         return new.strip()
+
+    def _example(self, rule: str, before: str, after: str) -> str | None:
+        return _first_changed_line(before, after) if self.report.wants_example(rule) else None
 
     # --- records -----------------------------------------------------------------------------------------------
     def clean(self, rec: Record) -> Record | None:

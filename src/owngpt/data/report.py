@@ -67,6 +67,11 @@ class Report:
         """A named counter for anything else (sessions found, names pseudonymized, placeholders inserted...)."""
         self._add("count", name, n, example, where, **extra)
 
+    def wants_example(self, name: str) -> bool:
+        """Whether `name` still collects examples (lets callers skip building an example string)."""
+        rule = self.rules.get(name)
+        return rule is None or len(rule.examples) < MAX_EXAMPLES
+
     def get(self, name: str) -> int:
         return self.rules[name].count if name in self.rules else 0
 
