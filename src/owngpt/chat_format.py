@@ -11,6 +11,7 @@ tokenizer gives for the rendered text (no segment-by-segment tokenization that c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,59 @@ CHAT_TEMPLATE = (
 )
 
 Message = dict[str, str]
+
+
+def sep_chat_template(cls_token: str | None, sep_token: str) -> str:
+    """GPT2-chitchat's layout for BERT-style vocabularies (UER gpt2-chinese): `[CLS]u1[SEP]a1[SEP]u2[SEP]...`.
+
+    Such vocabularies have no ChatML tokens and no EOS; [SEP] ends every turn (so the model learns to stop on it)
+    and turns alternate user/assistant, as those models were trained. Roles are not written.
+    """
+    cls = json.dumps(cls_token or "")
+    sep = json.dumps(sep_token)
+    return (
+        "{%- for message in messages -%}"
+        "{%- if loop.first -%}{{ " + cls + " }}{%- endif -%}"
+        "{{ message['content'] + " + sep + " }}"
+        "{%- endfor -%}"
+    )
+
+
+def eos_chat_template(eos_token: str) -> str:
+    """ChatML with the tokenizer's own EOS closing each turn, for pretrained vocabularies without `<|im_end|>`
+    (the model can then stop on a single token it already knows)."""
+    eos = json.dumps(eos_token)
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + " + eos + " + '\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+def adapt_pretrained_tokenizer(tokenizer) -> str:
+    """Give a pretrained tokenizer that has no chat template one written with tokens it already has.
+
+    Its vocabulary cannot grow (new ids would need embedding rows the pretrained weights do not have), so:
+    ChatML tokens present -> owngpt's template; BERT-style (a SEP token, no EOS) -> `sep_chat_template`, with SEP
+    made the EOS; any other EOS -> `eos_chat_template`. A tokenizer with its own template keeps it.
+    Returns which one it got ("own", "chatml", "sep", "eos", or "none").
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return "own"
+    vocab = tokenizer.get_vocab()
+    if IM_START in vocab and IM_END in vocab:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return "chatml"
+    sep = getattr(tokenizer, "sep_token", None)
+    if tokenizer.eos_token is None and sep is not None:
+        tokenizer.eos_token = sep
+        tokenizer.chat_template = sep_chat_template(getattr(tokenizer, "cls_token", None), sep)
+        return "sep"
+    if tokenizer.eos_token is not None:
+        tokenizer.chat_template = eos_chat_template(tokenizer.eos_token)
+        return "eos"
+    return "none"
 
 
 def render_text(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:

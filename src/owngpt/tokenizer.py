@@ -215,4 +215,24 @@ def load_tokenizer(path: str | os.PathLike):
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: transformers could not load a tokenizer from it: {e}") from e
+    _join_cjk_wordpieces(tok)
     return tok
+
+
+def _join_cjk_wordpieces(tok) -> None:
+    """Decode BERT-style (WordPiece) vocabularies without spaces inside Chinese text.
+
+    WordPiece treats every CJK character as a word and decodes "你好，" as "你 好 ，"; Chinese GPT-2 models with such
+    vocabularies (UER gpt2-chinese, GPT2-chitchat) need the characters joined. The space WordPiece puts before a
+    CJK character or full-width punctuation is dropped; Latin words keep theirs. transformers rebuilds a
+    BertTokenizer's decoder on load, so this is applied on every load, not saved.
+    """
+    from tokenizers import Regex, decoders
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    dec = getattr(backend, "decoder", None)
+    if not isinstance(dec, decoders.WordPiece):
+        return
+    cjk = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+    # WordPiece's decode_chain gives each token with its leading space; the Replace then runs on each of them
+    backend.decoder = decoders.Sequence([dec, decoders.Replace(Regex(f"^ (?=[{cjk}])"), "")])
