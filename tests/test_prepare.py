@@ -463,6 +463,29 @@ def test_gpt2_and_pretrained_dir_tokenizers(tmp_path, tiny_ckpt):
     assert saved.get_vocab() == orig.get_vocab() and meta["eos_token_id"] == orig.eos_token_id
 
 
+def test_a_bert_style_model_dir_keeps_its_vocab_and_separates_documents_with_sep(tmp_path):
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]) + "\n")
+    wordpiece = BertWordPieceTokenizer(str(model / "vocab.txt"))._tokenizer  # transformers 5 ignores vocab_file=
+    specials = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    PreTrainedTokenizerFast(tokenizer_object=wordpiece, **specials).save_pretrained(model)
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    f = write(tmp_path / "a.txt", "hello world")
+    r = run(tmp_path, f, tokenizer=str(model), val_fraction=0)
+    assert r.meta["tokenizer"]["kind"] == "pretrained" and r.meta["tokenizer"]["vocab_size"] == 7
+    assert open_data_dir(r.out).tokens("train").tolist() == [5, 6, 3]  # hello world [SEP]
+
+
+def test_a_multiline_json_object_gets_a_hint(tmp_path):
+    f = write(tmp_path / "result.json", '{\n  "name": "chat",\n  "messages": []\n}\n')
+    with pytest.raises(DataError, match=r"result\.json:1: one JSON object spread over many lines.*--from telegram"):
+        run(tmp_path, f)
+
+
 def test_cli_prints_the_report_table(tmp_path, capsys):
     code = main(["prepare", str(TANG), "--doc-sep", "%", "--tokenizer", "char", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out

@@ -388,6 +388,12 @@ def _json_objects(src: SourceFile, cfg: Any, report: Report) -> Iterator[tuple[i
         try:
             yield lineno, json.loads(line), None
         except ValueError as e:
+            if lineno == first[0] and line.lstrip().startswith("{") and not line.rstrip().endswith("}"):
+                raise DataError(
+                    f"{src.name}:{lineno}: one JSON object spread over many lines; owngpt reads JSON "
+                    f"lines (one object a line) or a JSON array of objects (a Telegram export? use "
+                    f"--from telegram)"
+                ) from None
             yield lineno, None, f"malformed JSON ({e.args[0].split(':')[0]}): fix the line, or pass --skip-invalid"
 
 
