@@ -203,3 +203,12 @@ def test_offline_error_from_the_cli_never_touches_the_network(hf_cache, monkeypa
     code = main(["generate", "openai-community/gpt2", "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and "owngpt download" in err and "Traceback" not in err, err
+
+
+def test_cached_hub_id_works_in_generate_and_serve(hf_cache, tiny_ckpt, capsys):
+    put_in_cache(hf_cache, "someone/tiny-gpt2", tiny_ckpt)
+    assert main(["generate", "someone/tiny-gpt2", "--prompt", "ROMEO:", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    capsys.readouterr()
+    from owngpt.serve.engine import load
+
+    assert load("someone/tiny-gpt2").path.name == COMMIT

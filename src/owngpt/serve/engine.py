@@ -1,7 +1,8 @@
 """The serving engine: one loaded model, a bounded queue of rows, and a worker thread that batches them.
 
 A *row* is one sequence to generate (a request with `n=3` is three rows). Requests put rows on the queue; the worker
-thread waits a few milliseconds after the first row arrives, takes up to `max_batch_size` rows and runs them through
+thread waits (a few milliseconds at most) for the clients of the previous batch to come back, takes up to
+`max_batch_size` rows and runs them through
 one `model.generate` call (left-padded, KV cache), streaming each row's text back as it is produced. Generation runs
 in that thread, so the asyncio event loop that serves HTTP stays responsive.
 
@@ -210,7 +211,7 @@ class Engine:
     """Loaded causal LM + tokenizer, a bounded row queue and the batching worker thread."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0
+        self, model: Any, tokenizer: Any, *, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 20.0
     ) -> None:
         from owngpt.generation import context_length
 
@@ -222,6 +223,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._last_batch = 0  # rows in the previous batch
         self.stats = Stats()
 
     # --- the request side (event-loop thread) ---------------------------------------------------------------
@@ -255,13 +257,18 @@ class Engine:
     # --- the worker thread ------------------------------------------------------------------------------------
     def _next_batch(self) -> list[Row]:
         with self._cond:
+            # Dynamic batching. Clients whose rows just finished tend to send their next request at once; starting
+            # without them, 8 clients split into two alternating batches of 4 for good (measured: mean batch 4.0
+            # with 8 closed-loop clients, while one batch runs the other half queues). So wait, at most
+            # `batch_wait` after the first arrival, for the rows queued now plus as many as the last batch had.
+            # A lone client never waits.
+            target = min(self.max_batch_size, max(len(self._queue) + self._last_batch, 1))
             while not self._queue and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return []
-            # Dynamic batching: give requests arriving at about the same time a moment to join this batch.
             deadline = time.monotonic() + self.batch_wait
-            while len(self._queue) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            while len(self._queue) < target and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
             batch: list[Row] = []
             while self._queue and len(batch) < self.max_batch_size:
@@ -272,6 +279,7 @@ class Engine:
                 else:
                     batch.append(row)
             self.stats.queued = len(self._queue)
+            self._last_batch = len(batch)
             return batch
 
     def _loop(self) -> None:
@@ -367,13 +375,16 @@ class Loaded:
         return not self.meta and bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def load(ckpt: str | Path, *, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0) -> Loaded:
-    """Load a checkpoint dir (safetensors only) as an Engine (lm, chat, mmi) or a Classifier (classify)."""
-    from owngpt.checkpoint import check_dir, load_model, read_meta
+def load(ckpt: str | Path, *, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 20.0) -> Loaded:
+    """Load a checkpoint dir (safetensors only) as an Engine (lm, chat, mmi) or a Classifier (classify).
+
+    `ckpt` may also be a Hub id (cached, or fetched once; see owngpt.models.resolve_checkpoint)."""
+    from owngpt.checkpoint import load_model, read_meta
     from owngpt.generation import context_length
+    from owngpt.models import resolve_checkpoint
     from owngpt.tokenizer import load_tokenizer
 
-    path = check_dir(ckpt)
+    path = resolve_checkpoint(str(ckpt))
     meta = read_meta(path)
     task = meta.get("task", "lm")
     tokenizer = load_tokenizer(path)
