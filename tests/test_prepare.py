@@ -377,6 +377,13 @@ def test_chat_schema_errors_name_file_and_line(tmp_path, obj, message):
         run(tmp_path, f, task="chat")
 
 
+def test_a_pretty_printed_json_array_is_read_and_its_task_inferred(tmp_path):
+    items = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    f = write(tmp_path / "alpaca.json", json.dumps(items, indent=2))
+    d = open_data_dir(run(tmp_path, f, val_fraction=0).out)
+    assert d.task == "chat" and [r["messages"][1]["content"] for r in d.records("train")] == ["a0", "a1", "a2"]
+
+
 def test_json_array_files_report_true_line_numbers(tmp_path):
     f = write(tmp_path / "alpaca.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]\n')
     with pytest.raises(DataError, match=r"alpaca\.json:3: an Alpaca record"):

@@ -270,14 +270,22 @@ def infer_task(src: SourceFile, cfg: Any) -> str | None:
         header = next(csv.reader(lines[:1], delimiter="\t" if src.format == "tsv" else ","), [])
         header = [h.strip() for h in header]
         return "classify" if _pick_column(header, cfg.label_column, LABEL_COLUMNS) else "lm"
-    for line in lines:  # jsonl / json: the first object that parses decides
+    candidates = []
+    head = "\n".join(lines).lstrip()
+    if head.startswith("["):  # a JSON array, maybe pretty-printed: decode its first element
+        try:
+            candidates.append(json.JSONDecoder().raw_decode(head, len(head) - len(head[1:].lstrip()))[0])
+        except ValueError:
+            pass
+    for line in lines:  # jsonl: the first object that parses decides
         line = line.strip().lstrip("[").rstrip(",")
         if not line:
             continue
         try:
-            obj = json.loads(line)
+            candidates.append(json.loads(line))
         except ValueError:
             continue
+    for obj in candidates:
         if isinstance(obj, dict):
             if any(k in obj for k in (cfg.messages_field, "messages", "conversations", "instruction")):
                 return "chat"
