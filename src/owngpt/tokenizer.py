@@ -55,11 +55,13 @@ def _wrap(tk, model_max_length: int | None = None):
     return tok
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None):
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None, progress: bool = False
+):
     """Train a byte-level BPE (GPT-2 style) on `texts`; SPECIAL_TOKENS get ids 0..3.
 
     Byte-level: every text is first mapped to bytes, so there is no unknown token and any string round-trips.
-    `length` (number of texts, optional) only feeds the progress display.
+    `length` (number of texts, optional) only feeds the progress bar `tokenizers` shows when `progress` is set.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -78,7 +80,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, len
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tk.train_from_iterator(texts, trainer=trainer, length=length)
     return _wrap(tk)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +239,8 @@ def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: 
     spec = cfg.tokenizer
     if spec == "bpe":
         vocab = cfg.vocab_size or T.default_vocab_size(train_chars)
-        tok = T.train_bpe(train_texts(), vocab_size=vocab, length=n_train)
+        show = cfg.progress and not cfg.quiet and sys.stderr.isatty()
+        tok = T.train_bpe(train_texts(), vocab_size=vocab, length=n_train, progress=show)
         return tok, {"kind": "bpe", "source": f"byte-level BPE trained on the train split (requested vocab {vocab})"}
     if spec == "char":
         return T.char_tokenizer(train_texts()), {"kind": "char", "source": "characters of the train split + bytes"}
