@@ -177,6 +177,8 @@ def test_finetuned_checkpoint_says_where_it_came_from(finetuned):
     assert (
         meta["source"]["kind"] == "local" and meta["source_description"] == f"pretrained: local checkpoint {model_dir}"
     )
+    run_config = (ckpt.parent.parent / "config.yaml").read_text(encoding="utf-8")
+    assert f"# model: pretrained: local checkpoint {model_dir}\n" in run_config  # a comment: --config still loads
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == {"bert-gpt2": "gpt2", "qwen2": "qwen2"}[kind]
 

@@ -485,7 +485,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
         _check_writable(out)
         for stale in out.glob("checkpoints/.*.tmp-*"):  # a save interrupted by a kill: never the real checkpoint
             shutil.rmtree(stale, ignore_errors=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml", notes=[f"model: {source.describe()}"])
     dist.barrier()
 
     # ---- model -------------------------------------------------------------------------------------------------
