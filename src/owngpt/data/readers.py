@@ -574,8 +574,10 @@ def read_csv(src: SourceFile, cfg: Any, report: Report, task: str) -> Iterator[R
         raise DataError(f"{src.name}:1: unreadable header ({e})") from None
     text_col = _pick_column(header, cfg.text_column, TEXT_COLUMNS)
     label_col = _pick_column(header, cfg.label_column, LABEL_COLUMNS) if task == "classify" else None
-    if text_col is None and task == "classify" and label_col is not None and len(header) == 2:
-        text_col = next(h for h in header if h != label_col)  # two columns, one is the label: the other is text
+    if text_col is None and not cfg.text_column:
+        others = [h for h in header if h != label_col]
+        if len(others) == 1:  # one column (besides the label): it must be the text
+            text_col = others[0]
     if text_col is None:
         wanted = cfg.text_column or "text"
         raise DataError(
