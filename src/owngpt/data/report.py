@@ -96,7 +96,7 @@ class Report:
                 ("tokens", "tokens"),
             ):
                 a, b = io[0].get(key), io[1].get(key)
-                if a is None and b is None:
+                if (a is None and b is None) or (key == "invalid" and not a):
                     continue
                 lines.append(f"{label:<14}{_num(a):>14}{_num(b):>14}")
         if self.rules:
