@@ -94,9 +94,9 @@ def select_files(files: list[str]) -> list[str]:
         if pickled:
             raise CheckpointError(
                 f"the repository offers only pickled weights ({', '.join(pickled[:4])}), which owngpt refuses: "
-                "loading a pickle can run arbitrary code. Look for a safetensors version of the model (many repos "
-                "have one in a 'refs/pr/N' revision: --revision refs/pr/N), or convert it yourself in a trusted "
-                "environment: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+                "loading a pickle can run arbitrary code. Look for a safetensors version of the model (some repos have "
+                "one in a pull request: --revision refs/pr/N), or convert it yourself in a trusted environment: "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
             )
         raise CheckpointError(
             "the repository has no model weights (*.safetensors) at its top level: is it a model "

@@ -15,8 +15,9 @@ without a network and pass as `--model DIR`.
 
 examples:
   owngpt download openai-community/gpt2
-  owngpt download uer/gpt2-chinese-cluecorpussmall --revision refs/pr/1 --out models/gpt2-chinese
-  owngpt download Qwen/Qwen2.5-0.5B-Instruct --out models/qwen2.5-0.5b"""
+  owngpt download Qwen/Qwen2.5-0.5B-Instruct --out models/qwen2.5-0.5b
+  owngpt download ORG/MODEL --revision refs/pr/1 --out models/x   # e.g. a pull request that added safetensors
+"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
