@@ -21,14 +21,22 @@ class Corpus:
     doc_sep: str
     prompts: tuple[str, ...]
     max_steps: int
+    block_size: int
     description: str
 
 
 CORPORA = {
-    "shakespeare": Corpus("tinyshakespeare.txt", "file", ("ROMEO:", "JULIET:\nO ", "KING HENRY:\n"), 2000,
-                          "Tiny Shakespeare (1.1 MB of English plays)"),
-    "tang": Corpus("tang300.txt", "%", ("床前明月光，", "春眠不觉晓，", "白日依山尽，"), 1500,
-                   "唐诗三百首 (313 Tang poems)"),
+    "shakespeare": Corpus(
+        "tinyshakespeare.txt",
+        "file",
+        ("ROMEO:", "JULIET:\nO ", "KING HENRY:\n"),
+        2000,
+        64,
+        "Tiny Shakespeare (1.1 MB of English plays)",
+    ),
+    "tang": Corpus(
+        "tang300.txt", "%", ("床前明月光，", "春眠不觉晓，", "白日依山尽，"), 1500, 128, "唐诗三百首 (313 Tang poems)"
+    ),
 }
 
 
@@ -36,8 +44,15 @@ def sample_file(name: str) -> Path:
     return Path(str(resources.files("owngpt") / "sample_data" / name))
 
 
-def run_demo(corpus: str = "shakespeare", out: str | None = None, max_steps: int | None = None,
-             samples: int = 3, max_new_tokens: int = 200, seed: int = 1337, overwrite: bool = False) -> Path:
+def run_demo(
+    corpus: str = "shakespeare",
+    out: str | None = None,
+    max_steps: int | None = None,
+    samples: int = 3,
+    max_new_tokens: int = 200,
+    seed: int = 1337,
+    overwrite: bool = False,
+) -> Path:
     """Prepare, train and sample; returns the best checkpoint dir."""
     from owngpt.api import load
     from owngpt.config import TrainConfig
@@ -53,27 +68,54 @@ def run_demo(corpus: str = "shakespeare", out: str | None = None, max_steps: int
     print(f"owngpt demo: {c.description} -> {root}/", flush=True)
     if not (data_dir / "meta.json").exists() or overwrite:
         print("\n[1/3] prepare: clean, split and tokenize (character level)", flush=True)
-        res = prepare(PrepareConfig(sources=[str(sample_file(c.file))], out=str(data_dir), doc_sep=c.doc_sep,
-                                    tokenizer="char", seed=seed, overwrite=overwrite))
+        res = prepare(
+            PrepareConfig(
+                sources=[str(sample_file(c.file))],
+                out=str(data_dir),
+                doc_sep=c.doc_sep,
+                tokenizer="char",
+                seed=seed,
+                overwrite=overwrite,
+            )
+        )
         print(res.report_text, flush=True)
     else:
         print(f"\n[1/3] prepare: reusing {data_dir}", flush=True)
     print("\n[2/3] train: the `tiny` preset (4 layers, 4 heads, 128 dims) from scratch on this CPU", flush=True)
     steps = max_steps or c.max_steps
-    cfg = TrainConfig(task="lm", data=str(data_dir), out=str(run_dir), model="tiny", max_steps=steps,
-                      batch_size=12, block_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=min(100, steps // 10),
-                      schedule="cosine", eval_every=max(steps // 8, 1), eval_batches=50, dropout=0.0, seed=seed,
-                      overwrite=True).validate()
+    cfg = TrainConfig(
+        task="lm",
+        data=str(data_dir),
+        out=str(run_dir),
+        model="tiny",
+        max_steps=steps,
+        batch_size=12,
+        block_size=c.block_size,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=min(100, steps // 10),
+        schedule="cosine",
+        eval_every=max(steps // 8, 1),
+        eval_batches=50,
+        dropout=0.0,
+        seed=seed,
+        overwrite=True,
+    ).validate()
     result = train(cfg)
     ckpt = result.best_checkpoint or result.last_checkpoint
     print(f"\n[3/3] samples from {ckpt} (temperature 0.8, top-k 50)", flush=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the samples
     m = load(str(ckpt))
     for i, prompt in enumerate(c.prompts[:samples]):
         text = m.generate(prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
         print(f"\n--- sample {i + 1} ---\n{prompt}{text}", flush=True)
     minutes = (time.perf_counter() - t0) / 60
     vl = result.metrics.get("val_loss")
-    print(f"\ndone in {minutes:.1f} min; validation loss {vl:.3f}" if vl is not None else f"\ndone in {minutes:.1f} min")
+    print(
+        f"\ndone in {minutes:.1f} min; validation loss {vl:.3f}" if vl is not None else f"\ndone in {minutes:.1f} min"
+    )
     print(f"""
 next:
   owngpt generate {ckpt} --prompt "{c.prompts[0]}" --max-new-tokens 300

@@ -1,0 +1,265 @@
+"""Training benchmark: owngpt's loop against a plain transformers loop with the same settings, in the same run.
+
+    python bench/bench_train.py            # full: nanoGPT's CPU recipe (2,000 steps) + speed + gpt2-size MFU
+    python bench/bench_train.py --quick    # a few minutes: shorter runs, same tables
+
+Quality: Tiny Shakespeare at character level, nanoGPT's documented CPU recipe (4 layers, 4 heads, 128 dims, block 64,
+batch 12, 2,000 iterations, lr 1e-3 cosine to 1e-4, warmup 100, dropout 0). nanoGPT reports about 1.88 validation loss.
+Both sides train on the same data dir (`owngpt prepare --tokenizer char`, nanoGPT's 90/10 split by position) and are
+scored by the same function on the whole validation split.
+
+Speed: tokens/s of both loops on that config and on the `gpt2` preset (124M, batch 4 x 256, GPT-2's BPE), medians
+of interleaved repeats; MFU against this machine's fp32 matmul rate measured in the same run.
+
+The plain loop is what one writes from transformers' docs: GPT2LMHeadModel, `model(input_ids, labels=...)`,
+torch AdamW, a warmup + cosine LambdaLR, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT / "src" / "owngpt" / "sample_data" / "tinyshakespeare.txt"
+DOC = ROOT / "docs" / "benchmarks.md"
+RECIPE = dict(
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    block=64,
+    batch=12,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup=100,
+    weight_decay=0.1,
+    beta2=0.99,
+    grad_clip=1.0,
+)
+
+
+def prepare(out: Path, tokenizer: str) -> Path:
+    from owngpt.data.prepare import PrepareConfig
+    from owngpt.data.prepare import prepare as run_prepare
+
+    run_prepare(
+        PrepareConfig(sources=[str(SHAKESPEARE)], out=str(out), tokenizer=tokenizer, progress=False, quiet=True)
+    )
+    return out
+
+
+def lr_at(step: int, total: int, r: dict) -> float:
+    if step < r["warmup"]:
+        return r["lr"] * (step + 1) / r["warmup"]
+    p = min(1.0, (step - r["warmup"]) / max(1, total - r["warmup"]))
+    return r["min_lr"] + 0.5 * (1 + math.cos(math.pi * p)) * (r["lr"] - r["min_lr"])
+
+
+def plain_loop(data_dir: Path, r: dict, steps: int, seed: int, preset: dict | None = None):
+    """The baseline: a straightforward transformers training loop. Returns (model, seconds, tokens/s per step)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from owngpt.data.datadir import open_data_dir
+
+    t_start = time.perf_counter()
+    d = open_data_dir(data_dir)
+    tokens = d.tokens("train")
+    tok = d.load_tokenizer()
+    torch.manual_seed(seed)
+    shape = preset or dict(n_layer=r["n_layer"], n_head=r["n_head"], n_embd=r["n_embd"])
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=r["block"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **{k: shape[k] for k in ("n_layer", "n_head", "n_embd")},
+    )
+    model = GPT2LMHeadModel(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, r["beta2"]), weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, r) / r["lr"])
+    rng = np.random.default_rng(seed)
+    rates = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        ix = rng.integers(0, len(tokens) - r["block"] - 1, r["batch"])
+        x = torch.from_numpy(np.stack([np.asarray(tokens[i : i + r["block"]], dtype=np.int64) for i in ix]))
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(x.numel() / (time.perf_counter() - t))
+    return model, time.perf_counter() - t_start, rates
+
+
+def owngpt_loop(data_dir: Path, out: Path, r: dict, steps: int, seed: int, model: str = "tiny", log_every: int = 50):
+    """owngpt's `train()` with the same settings. Returns (run result, seconds, tokens/s per logged window)."""
+    from owngpt.config import TrainConfig
+    from owngpt.train import train
+
+    cfg = TrainConfig(
+        task="lm",
+        data=str(data_dir),
+        out=str(out),
+        model=model,
+        max_steps=steps,
+        batch_size=r["batch"],
+        block_size=r["block"],
+        lr=r["lr"],
+        min_lr=r["min_lr"],
+        warmup_steps=r["warmup"],
+        weight_decay=r["weight_decay"],
+        beta2=r["beta2"],
+        grad_clip=r["grad_clip"],
+        dropout=0.0,
+        seed=seed,
+        eval_every=steps,
+        eval_batches=1,
+        log_every=log_every,
+        overwrite=True,
+    )
+    t = time.perf_counter()
+    res = train(cfg)
+    secs = time.perf_counter() - t
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [x["tokens_per_s"] for x in recs if "tokens_per_s" in x]
+    return res, secs, rates
+
+
+def val_loss(model, data_dir: Path, block: int) -> float:
+    from owngpt.data.datadir import open_data_dir
+    from owngpt.evaluate import lm_stream_loss
+
+    model.eval()
+    nll, n = lm_stream_loss(model, open_data_dir(data_dir).tokens("val"), block, batch_size=32, progress=False)
+    return nll / n
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def flops_per_token(model, block: int) -> float:
+    """6N + 12·L·d·T (PaLM's MFU accounting); N excludes position embeddings, which do no matmul."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters()) - cfg.n_positions * cfg.n_embd
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * block
+
+
+def write_section(name: str, body: str) -> None:
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
+    block = f"<!-- bench:{name} -->\n{body.strip()}\n<!-- /bench:{name} -->"
+    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, DOC)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter runs (for a check, not for the doc)")
+    ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    ap.add_argument("--skip-gpt2", action="store_true", help="skip the gpt2-size speed/MFU part")
+    args = ap.parse_args()
+    quality_steps = 300 if args.quick else 2000
+    speed_steps, repeats = (60, 1) if args.quick else (300, 3)
+    gpt2_steps = 3 if args.quick else 6
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(tempfile.mkdtemp(prefix="owngpt-bench-train-"))
+    r = RECIPE
+    print(f"work dir {work}", file=sys.stderr)
+    char_dir = prepare(work / "char", "char")
+
+    # --- speed on the small config: A B A B ... --------------------------------------------------------------------
+    own_rates, plain_rates = [], []
+    for i in range(repeats):
+        _, _, rates = owngpt_loop(char_dir, work / f"speed_own_{i}", r, speed_steps, seed=i, log_every=20)
+        own_rates.append(statistics.median(rates[1:] or rates))
+        _, _, rates = plain_loop(char_dir, r, speed_steps, seed=i)
+        plain_rates.append(statistics.median(rates[10:] or rates))
+    own_tps, plain_tps = statistics.median(own_rates), statistics.median(plain_rates)
+
+    # --- quality: the whole recipe, once each, wall time included ----------------------------------------------
+    res, own_secs, _ = owngpt_loop(char_dir, work / "quality_own", r, quality_steps, seed=1337)
+    from owngpt.checkpoint import load_model
+
+    own_val = val_loss(load_model(res.last_checkpoint), char_dir, r["block"])
+    plain_model, plain_secs, _ = plain_loop(char_dir, r, quality_steps, seed=1337)
+    plain_val = val_loss(plain_model, char_dir, r["block"])
+
+    # --- gpt2 size: tokens/s and MFU -------------------------------------------------------------------------------
+    gpt2_rows = ""
+    if not args.skip_gpt2:
+        bpe_dir = prepare(work / "bpe", "gpt2")
+        g = dict(r, block=256, batch=4, warmup=1)
+        peak = statistics.median([matmul_gflops() for _ in range(3)])
+        own_g, plain_g = [], []
+        for i in range(2):
+            _, _, rates = owngpt_loop(
+                bpe_dir, work / f"gpt2_own_{i}", g, gpt2_steps, seed=i, model="scratch:gpt2", log_every=1
+            )
+            own_g.append(statistics.median(rates[1:]))
+            pm, _, rates = plain_loop(bpe_dir, g, gpt2_steps, seed=i, preset=dict(n_layer=12, n_head=12, n_embd=768))
+            plain_g.append(statistics.median(rates[1:]))
+        fpt = flops_per_token(pm, 256)
+        og, pg = statistics.median(own_g), statistics.median(plain_g)
+        gpt2_rows = (
+            f"| `gpt2` preset (124M), batch 4 x 256, GPT-2 BPE | {og:,.0f} | {pg:,.0f} | {og / pg:.2f}x | "
+            f"{og * fpt / (peak * 1e9):.0%} | {pg * fpt / (peak * 1e9):.0%} |\n"
+        )
+        gpt2_note = (
+            f"MFU = tokens/s x {fpt / 1e6:.0f} MFLOP per token (6N + 12·L·d·T) / {peak:.0f} GFLOP/s, this "
+            f"machine's fp32 matmul rate (2048² matmul, median) measured in the same run; {gpt2_steps} steps "
+            "a repeat, 2 interleaved repeats, first step of each dropped."
+        )
+    body = f"""
+## training: owngpt's loop against a plain transformers loop
+
+Command: `python bench/bench_train.py{" --quick" if args.quick else ""}` — {time.strftime("%Y-%m-%d")}, {platform.machine()},
+{os.cpu_count()} cores, torch {torch.__version__}.
+
+Quality, nanoGPT's CPU recipe on Tiny Shakespeare at character level ({quality_steps} steps; nanoGPT reports about
+1.88 validation loss). Both sides: same data dir, same settings, validation loss over the whole validation split.
+
+| loop | validation loss | wall time (s) |
+|---|---|---|
+| owngpt `train` | {own_val:.4f} | {own_secs:.0f} |
+| plain transformers loop | {plain_val:.4f} | {plain_secs:.0f} |
+
+Speed (training tokens/s, median of {repeats} interleaved repeats of {speed_steps} steps):
+
+| config | owngpt tokens/s | plain tokens/s | ratio | owngpt MFU | plain MFU |
+|---|---|---|---|---|---|
+| nanoGPT CPU recipe (4 x 128, batch 12 x 64) | {own_tps:,.0f} | {plain_tps:,.0f} | {own_tps / plain_tps:.2f}x | | |
+{gpt2_rows}
+{gpt2_note if gpt2_rows else ""}
+"""
+    print(body)
+    if not args.no_write:
+        write_section("train", body)
+
+
+if __name__ == "__main__":
+    main()
