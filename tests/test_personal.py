@@ -337,3 +337,34 @@ def test_sender_shown_as_a_phone_number_gets_a_pseudonym_without_the_flag(tmp_pa
     )
     records = list(read_exports([export], cfg("whatsapp", "Zhang San")))
     assert records[0].messages[0]["content"] == "Person 1: hello\nWang Wei: hi"
+
+
+def test_a_file_named_after_a_phone_number_is_not_copied_into_the_report(tmp_path):
+    export = tmp_path / "WhatsApp Chat with +86 139 1234 5678.txt"
+    export.write_text(
+        "01/02/2024, 10:00 - Wang Wei: <Media omitted>\n01/02/2024, 10:01 - Wang Wei: hi\n"
+        "01/02/2024, 10:02 - Zhang San: hi\n",
+        encoding="utf-8",
+    )
+    report = Report()
+    records = list(read_exports([export], cfg("whatsapp", "Zhang San"), report))
+    assert "139 1234 5678" not in json.dumps(report.to_dict()) and "139 1234 5678" not in records[0].file
+    assert (
+        report.rules["chat.media_placeholder"].examples[0].endswith("WhatsApp Chat with <PHONE>.txt:1: <Media omitted>")
+    )
+    from owngpt.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path / "data"
+    prepare(
+        PrepareConfig(
+            sources=[str(export)],
+            out=str(out),
+            source_format="whatsapp",
+            me="Zhang San",
+            tokenizer="char",
+            quiet=True,
+            progress=False,
+        )
+    )
+    for f in out.rglob("*"):
+        assert not f.is_file() or b"139 1234 5678" not in f.read_bytes(), f

@@ -22,6 +22,7 @@ Not here: generic cleaning, dedup, splitting and tokenization (owngpt.data.prepa
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -654,6 +655,12 @@ def read_chats(paths: Iterable[str | Path], opts: PersonalOptions) -> list[Chat]
     return chats
 
 
+@functools.lru_cache(maxsize=4096)
+def _redact_label(label: str) -> str:
+    """A file name or file:line with any PII replaced (counted nowhere: it is not message content)."""
+    return Redactor().redact(label)
+
+
 def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
     """Redact PII in every text and sender name, in place; with --pseudonymize replace other people's names.
 
@@ -665,7 +672,11 @@ def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
     hits: list[tuple[ChatMessage, str, int]] = []  # reported at the end, so examples show the final text
     pii_senders: set[str] = set()
     for chat in chats:
+        if redactor is not None:  # names of export files can hold a number: "WhatsApp Chat with +86 139....txt"
+            chat.name = _redact_label(chat.name)
         for m in chat.messages:
+            if redactor is not None:
+                m.file, m.where = _redact_label(m.file), _redact_label(m.where)
             m.is_me = _matches_me(m, opts.me)  # decided on the original names, before any replacement
             if redactor is not None:
                 before = dict(redactor.counts)

@@ -598,7 +598,12 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     for f in files:
         if not f.sha256:  # read by another reader (chat exports): checksum it now
             f.sha256, f.bytes = _sha256(f.path)
-        inputs.append({"path": f.name, "format": cfg.source_format or f.format, "bytes": f.bytes, "sha256": f.sha256})
+        name = f.name
+        if cfg.source_format is not None and not cfg.keep_pii:  # "WhatsApp Chat with +86 139....txt"
+            from owngpt.data.privacy import Redactor
+
+            name = Redactor().redact(name)
+        inputs.append({"path": name, "format": cfg.source_format or f.format, "bytes": f.bytes, "sha256": f.sha256})
     report.totals = {
         "task": task,
         "unit": unit,
