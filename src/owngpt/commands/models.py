@@ -9,7 +9,7 @@ DESCRIPTION = """List what `--model` can name without a network:
   - the from-scratch presets (random initial weights), with their parameter count for GPT-2's 50,257-token vocabulary
     (a char or small BPE vocabulary makes the embeddings, and so the model, smaller);
   - pretrained models in the Hugging Face cache (pass their id);
-  - checkpoints under ./runs and under each --dir (pass their path).
+  - checkpoints under ./runs, ./models and each --dir (pass their path).
 
 examples:
   owngpt models
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     presets = preset_table()
     cached = cached_models()
-    roots = [Path("runs"), *(Path(d) for d in args.dir)]
+    roots = [Path("runs"), Path("models"), *(Path(d) for d in args.dir)]  # models/: `owngpt download --out models/X`
     local = list_checkpoints(roots)
     if args.json:
         print(
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         note = "" if m.complete else "  (incomplete: no safetensors weights; download again)"
         print(f"  {m.repo_id:<40}{_fmt_size(m.size_bytes):>10}  {m.path}{note}")
     print()
-    print(f"Checkpoints on disk under {', '.join(str(r) for r in roots)} (--model PATH):")
+    shown = [str(r) for r in roots if r.is_dir()] or ["runs"]
+    print(f"Checkpoints on disk under {', '.join(shown)} (--model PATH):")
     if not local:
         print("  none")
     for c in local:
