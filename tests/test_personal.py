@@ -368,3 +368,21 @@ def test_a_file_named_after_a_phone_number_is_not_copied_into_the_report(tmp_pat
     )
     for f in out.rglob("*"):
         assert not f.is_file() or b"139 1234 5678" not in f.read_bytes(), f
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("[12/3/24, 9:15:00\u202fPM] Ann: hi", "2024-12-03 21:15:00"),  # iOS US: narrow no-break space before PM
+        ("13/03/2024, 09:02 - Ann: hi", "2024-03-13 09:02:00"),  # day first, 24-hour
+        ("3/13/24, 9:02 AM - Ann: hi", "2024-03-13 09:02:00"),  # month first, 12-hour
+        ("2024/3/12 下午9:17 - Ann: hi", "2024-03-12 21:17:00"),  # Chinese locale
+        ("12.03.24, 21:18 - Ann: hi", "2024-03-12 21:18:00"),  # German style
+        ("[2024-03-12 12:05:09 AM] Ann: hi", "2024-03-12 00:05:09"),  # midnight in 12-hour time
+    ],
+)
+def test_whatsapp_date_styles(line, expected, tmp_path):
+    from owngpt.data.personal import read_whatsapp
+
+    (msg,) = read_whatsapp(tmp_path / "x.txt", line + "\n")[0].messages
+    assert (str(msg.time), msg.sender, msg.text) == (expected, "Ann", "hi")

@@ -259,13 +259,11 @@ def read_whatsapp(path: Path, text: str | None = None) -> list[Chat]:
         )
     # Day-first or month-first: decided once per file from dates that can only be read one way; if none can, the
     # 12-hour clock suggests a US export (month first), the 24-hour clock a day-first one.
-    firsts = [int(re.split(r"[./-]", m["date"])[0]) for _, m in heads]
-    seconds = [int(re.split(r"[./-]", m["date"])[1]) for _, m in heads]
-    if any(f > 31 for f in firsts):
-        day_first = False
-    elif any(f > 12 for f in firsts):
+    dates = [[int(x) for x in re.split(r"[./-]", m["date"])] for _, m in heads]
+    dates = [d for d in dates if d[0] <= 31]  # year-first dates (2024/3/12) are read one way only
+    if any(d[0] > 12 for d in dates):
         day_first = True
-    elif any(s > 12 for s in seconds):
+    elif any(d[1] > 12 for d in dates):
         day_first = False
     else:
         day_first = not any(m["ampm2"] for _, m in heads)
