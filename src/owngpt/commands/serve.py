@@ -50,20 +50,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch-size",
         type=int,
-        default=8,
-        help="most sequences generated together in one batch (default 8; 1 = one at a time)",
+        default=16,
+        help="most sequences generated together in one batch (default 16; 1 = one at a time)",
     )
     p.add_argument(
         "--max-queue",
         type=int,
-        default=64,
-        help="most sequences waiting for a batch; more are refused with 429 (default 64)",
+        default=256,
+        help="most sequences waiting for a batch; more are refused with 429 (default 256)",
     )
     p.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=5.0,
-        help="how long the first queued request waits for others to share its batch (default 5 ms)",
+        default=20.0,
+        help="longest a queued request waits for the clients of the previous batch to send their next requests "
+        "and share its batch (default 20 ms; a lone client never waits)",
     )
     p.add_argument(
         "--threads",

@@ -99,9 +99,9 @@ def create_app(
     ckpt: str | Path | None = None,
     api_key: str | None = None,
     *,
-    max_batch_size: int = 8,
-    max_queue: int = 64,
-    batch_wait_ms: float = 5.0,
+    max_batch_size: int = 16,
+    max_queue: int = 256,
+    batch_wait_ms: float = 20.0,
     model_name: str | None = None,
     loaded: Loaded | None = None,
 ) -> FastAPI:
@@ -185,6 +185,7 @@ def create_app(
             "batches": st.batches if st else 0,
             "rows_cancelled": st.rows_cancelled if st else 0,
             "max_batch_seen": st.max_batch_seen if st else 0,
+            "rows_done": st.rows_done if st else 0,
         }
 
     @app.get("/openapi.json", dependencies=auth, include_in_schema=False)

@@ -211,7 +211,7 @@ class Engine:
     """Loaded causal LM + tokenizer, a bounded row queue and the batching worker thread."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 20.0
+        self, model: Any, tokenizer: Any, *, max_batch_size: int = 16, max_queue: int = 256, batch_wait_ms: float = 20.0
     ) -> None:
         from owngpt.generation import context_length
 
@@ -375,7 +375,7 @@ class Loaded:
         return not self.meta and bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def load(ckpt: str | Path, *, max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 20.0) -> Loaded:
+def load(ckpt: str | Path, *, max_batch_size: int = 16, max_queue: int = 256, batch_wait_ms: float = 20.0) -> Loaded:
     """Load a checkpoint dir (safetensors only) as an Engine (lm, chat, mmi) or a Classifier (classify).
 
     `ckpt` may also be a Hub id (cached, or fetched once; see owngpt.models.resolve_checkpoint)."""

@@ -181,3 +181,4 @@ class Health(BaseModel):
     batches: int
     rows_cancelled: int
     max_batch_seen: int
+    rows_done: int

@@ -131,6 +131,10 @@ async function send(text) {
       break;
     }
     history.push({ role: "assistant", content: reply });
+    if (!reply.trim()) {
+      bubble.classList.add("empty");
+      bubble.textContent = "(no text: the model ended its reply at once)";
+    }
     setStatus("ready");
   } catch (err) {
     if (err.name === "AbortError") {

@@ -1,0 +1,248 @@
+"""Server throughput and latency: dynamic batching vs one request at a time, same server code, same run.
+
+    python bench/bench_serve.py                        # 4 layers x 256 dims random GPT-2, 1/8/32 clients
+    python bench/bench_serve.py --rounds 3 --max-tokens 32
+
+Two `owngpt serve` subprocesses on loopback serve the same random checkpoint: one batching (`--max-batch-size 32`),
+one handling a single sequence at a time (`--max-batch-size 1`, the baseline). For each number of concurrent
+clients (each sends its next request as soon as the previous one is answered), both servers get the same bounded
+number of completion requests (`ignore_eos`, so every request generates exactly --max-tokens tokens). Servers and
+client counts are interleaved round by round (A B A B ...): the reported requests/s is the median over rounds,
+latencies are pooled over rounds. Writes its section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+NAME = "serve"
+TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\nFirst Citizen:\nBefore we proceed any further.\n"
+
+
+def build_checkpoint(out: Path, n_layer: int, n_embd: int, ctx: int) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from owngpt.chat_format import CHAT_TEMPLATE
+    from owngpt.checkpoint import save_checkpoint
+    from owngpt.tokenizer import char_tokenizer
+
+    tok = char_tokenizer([TEXT])
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=ctx,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=max(1, n_embd // 64),
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    meta = {"task": "lm", "source": {"kind": "preset", "name": f"bench-{n_layer}x{n_embd}"}, "step": 0}
+    return save_checkpoint(out, model, tok, meta)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: Path, max_batch: int, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "owngpt",
+        "serve",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--api-key",
+        "bench",
+        "--max-batch-size",
+        str(max_batch),
+        "--max-queue",
+        "1024",
+        "--threads",
+        str(threads),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"server not healthy after 300 s:\n{log.read_text()}")
+
+
+async def load_test(base: str, clients: int, total: int, max_tokens: int) -> tuple[float, list[float]]:
+    """`clients` concurrent loops sending `total` requests in all; returns (wall seconds, per-request latencies)."""
+    import httpx
+
+    latencies: list[float] = []
+    counter = iter(range(total))
+    headers = {"Authorization": "Bearer bench"}
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        for i in counter:
+            body = {
+                "model": model_id,
+                "prompt": f"{i} {TEXT[: 20 + i % 20]}",
+                "max_tokens": max_tokens,
+                "temperature": 0.8,
+                "ignore_eos": True,
+            }
+            t = time.perf_counter()
+            r = await http.post(f"{base}/v1/completions", json=body, headers=headers)
+            r.raise_for_status()
+            assert r.json()["usage"]["completion_tokens"] == max_tokens
+            latencies.append(time.perf_counter() - t)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+        model_id = (await http.get(f"{base}/v1/models", headers=headers)).json()["data"][0]["id"]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(http) for _ in range(clients)))
+        return time.perf_counter() - t0, latencies
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=4,
+        help="requests per client per measurement (at least 16 in all), so that batches reach their steady size",
+    )
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dims", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32, help="--max-batch-size of the batched server")
+    ap.add_argument("--threads", type=int, default=1, help="--threads of both servers (1: the machine is shared)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    args = ap.parse_args()
+
+    modes = {"batched": args.batch_size, "one at a time": 1}
+    results: dict[tuple[str, int], dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        ckpt = build_checkpoint(Path(tmp) / "ckpt", args.layers, args.dims, ctx=256)
+        servers = {m: start_server(ckpt, b, args.threads, Path(tmp) / f"{b}.log") for m, b in modes.items()}
+        load0 = os.getloadavg()[0]
+        try:
+            for rnd in range(args.rounds):
+                for clients in args.clients:
+                    total = max(16, args.requests_per_client * clients)
+                    for mode, (_, base) in servers.items():
+                        wall, lats = asyncio.run(load_test(base, clients, total, args.max_tokens))
+                        r = results.setdefault((mode, clients), {"rps": [], "lat": []})
+                        r["rps"].append(total / wall)
+                        r["lat"] += lats
+                        print(
+                            f"round {rnd + 1} {mode:>13} {clients:>3} clients: {total / wall:6.2f} req/s, "
+                            f"p50 {pct(lats, 0.5) * 1000:6.0f} ms",
+                            flush=True,
+                        )
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+        load1 = os.getloadavg()[0]
+
+    body = report(args, results, max(load0, load1))
+    print(body)
+    if not args.no_write:
+        write_section(body)
+    return 0
+
+
+def report(args, results, load: float) -> str:
+    lines = [
+        "## Server: dynamic batching vs one request at a time (`bench/bench_serve.py`)",
+        "",
+        f"Random GPT-2, {args.layers} layers x {args.dims} dims, char tokenizer; each request generates exactly "
+        f"{args.max_tokens} tokens (`ignore_eos`, temperature 0.8). Each client sends its next request when the "
+        f"previous one is answered; {args.requests_per_client} requests per client per measurement (at least 16), "
+        f"{args.rounds} rounds interleaved. Both servers run `--threads {args.threads}`; the batched one "
+        f"`--max-batch-size {args.batch_size}`, the baseline `--max-batch-size 1`. requests/s: median over rounds; "
+        "latency percentiles pooled over rounds.",
+        "",
+        "| clients | batched req/s | one-at-a-time req/s | speed-up | batched p50 / p99 (ms) | "
+        "one-at-a-time p50 / p99 (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in args.clients:
+        b, s = results[("batched", c)], results[("one at a time", c)]
+        rb, rs = statistics.median(b["rps"]), statistics.median(s["rps"])
+        lines.append(
+            f"| {c} | {rb:.2f} | {rs:.2f} | {rb / rs:.2f}x | {pct(b['lat'], 0.5) * 1000:.0f} / "
+            f"{pct(b['lat'], 0.99) * 1000:.0f} | {pct(s['lat'], 0.5) * 1000:.0f} / "
+            f"{pct(s['lat'], 0.99) * 1000:.0f} |"
+        )
+    cmd = "python bench/bench_serve.py" + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
+    lines += [
+        "",
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, load average {load:.1f}"
+        + (
+            " (other work shared the CPU: absolute numbers are low; the ratio is what this compares)."
+            if load > 1.5
+            else "."
+        ),
+        "",
+        f"Reproduce: `{cmd}`",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(body: str) -> None:
+    """Replace (or append) this benchmark's section between its markers, leaving other sections untouched."""
+    start, end = f"<!-- bench:{NAME} -->", f"<!-- /bench:{NAME} -->"
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOC.with_suffix(f".md.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, DOC)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
