@@ -478,6 +478,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
         _recover_interrupted_save(out / "checkpoints")
     dist.barrier()
     resume_dir = _prepare_run_dir(out, cfg, dist)
+    dist.barrier()  # every rank has looked at the run dir before rank 0 writes into it
     state_meta, state_tensors = read_state(resume_dir) if resume_dir is not None else (None, None)
     if dist.main:
         if cfg.overwrite and not cfg.resume and out.exists():
@@ -711,7 +712,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                 log.write({"step": step, **metrics})
                 log.plot()
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                bar.write(f"step {step}: {shown}{' (best)' if improved else ''}", file=sys.stderr)
+                if dist.main:
+                    bar.write(f"step {step}: {shown}{' (best)' if improved else ''}", file=sys.stderr)
                 if improved:
                     save(best_dir, metrics, with_state=False)
                 save(last_dir, metrics, with_state=True)
@@ -720,7 +722,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                         cb(step, metrics)
                 if cfg.patience is not None and bad_evals >= cfg.patience and step < total_steps:
                     stopped_early = True
-                    bar.write(f"early stop: {metric} did not improve for {bad_evals} evaluations", file=sys.stderr)
+                    if dist.main:
+                        bar.write(f"early stop: {metric} did not improve for {bad_evals} evaluations", file=sys.stderr)
                     break
     finally:
         bar.close()
