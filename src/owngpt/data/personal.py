@@ -655,7 +655,7 @@ def read_chats(paths: Iterable[str | Path], opts: PersonalOptions) -> list[Chat]
 
 @functools.lru_cache(maxsize=4096)
 def _redact_label(label: str) -> str:
-    """A file name or file:line with any PII replaced (counted nowhere: it is not message content)."""
+    """A file name or sender name with any PII replaced (counted nowhere: it is not message content)."""
     return Redactor().redact(label)
 
 
@@ -673,14 +673,15 @@ def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
         if redactor is not None:  # names of export files can hold a number: "WhatsApp Chat with +86 139....txt"
             chat.name = _redact_label(chat.name)
         for m in chat.messages:
-            if redactor is not None:
-                m.file, m.where = _redact_label(m.file), _redact_label(m.where)
+            if redactor is not None and _redact_label(m.file) != m.file:
+                m.where = m.where.replace(m.file, _redact_label(m.file), 1)
+                m.file = _redact_label(m.file)
             m.is_me = _matches_me(m, opts.me)  # decided on the original names, before any replacement
             if redactor is not None:
                 before = dict(redactor.counts)
                 m.text = redactor.redact(m.text)
                 hits += [(m, k, n - before.get(k, 0)) for k, n in redactor.counts.items() if n > before.get(k, 0)]
-                if m.sender is not None and Redactor().redact(m.sender) != m.sender:
+                if m.sender is not None and _redact_label(m.sender) != m.sender:
                     pii_senders.add(m.sender)
                     m.sender = people.name(m.sender) if not m.is_me else (opts.me or "me")
                     continue
