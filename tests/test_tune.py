@@ -225,6 +225,37 @@ def test_hopeless_trial_is_pruned(tmp_path):
     assert "PRUNED" in (out / "summary.md").read_text()
 
 
+def test_failing_trials(tmp_path):
+    # A trial whose loss diverges after an evaluation is a hopeless trial (pruned, error kept); the study goes on.
+    def diverging(cfg, callbacks=()):
+        if cfg.lr > 0.05:
+            callbacks[0](10, {"val_loss": 9.0})
+            raise ConfigError("the training loss became nan at step 12: lower --lr")
+        return fake_train(cfg, callbacks)
+
+    out = tmp_path / "a"
+    res = tune(
+        base_config(),
+        out=out,
+        trials=2,
+        space=parse_space(["lr=log:1e-4:1e-1"]),
+        enqueue=[{"lr": 0.09}],
+        train_fn=diverging,
+    )
+    with sqlite3.connect(out / "study.db") as con:
+        rows = con.execute("select number, state from trials order by number").fetchall()
+        error = con.execute("select value_json from trial_user_attributes where key = 'error'").fetchall()
+    assert rows == [(0, "COMPLETE"), (1, "PRUNED")] and res.n_finished == 2
+    assert "loss became nan" in error[0][0]
+
+    # An error before any trial completed (bad data, bad base config) stops the search with that error.
+    def broken(cfg, callbacks=()):
+        raise ConfigError("--data d: no meta.json")
+
+    with pytest.raises(ConfigError, match="no meta.json"):
+        tune(base_config(), out=tmp_path / "b", trials=3, space=parse_space(["lr=log:1e-4:1e-1"]), train_fn=broken)
+
+
 def test_importances_degenerate_study_is_a_note(tmp_path):
     out = tmp_path / "tune"
     res = tune(base_config(), out=out, trials=1, space=parse_space(["lr=log:1e-4:1e-2"]), train_fn=fake_train)

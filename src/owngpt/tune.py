@@ -602,7 +602,7 @@ def write_report(
         )
 
     plots: dict[str, Path] = {}
-    plots_note = _plots(study, out, plots)
+    plots_note = _plots(study, out, plots, metric)
     notes += plots_note
 
     table = "| " + " | ".join(map(str, header_row)) + " |\n|" + "---|" * len(header_row) + "\n"
@@ -659,7 +659,7 @@ def write_report(
     )
 
 
-def _plots(study: Any, out: Path, plots: dict[str, Path]) -> list[str]:
+def _plots(study: Any, out: Path, plots: dict[str, Path], metric: str) -> list[str]:
     """Optuna's matplotlib plots: optimization history and parameter importances. Failures become notes."""
     notes: list[str] = []
     try:
@@ -679,7 +679,7 @@ def _plots(study: Any, out: Path, plots: dict[str, Path]) -> list[str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = fn(study)
+                ax = fn(study, target_name=metric)
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
