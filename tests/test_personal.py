@@ -386,3 +386,16 @@ def test_whatsapp_date_styles(line, expected, tmp_path):
 
     (msg,) = read_whatsapp(tmp_path / "x.txt", line + "\n")[0].messages
     assert (str(msg.time), msg.sender, msg.text) == (expected, "Ann", "hi")
+
+
+def test_wechat_group_member_without_remark_falls_back_to_nickname(tmp_path):
+    f = tmp_path / "group.csv"
+    f.write_text(
+        "localId,TalkerId,Type,SubType,IsSender,CreateTime,Status,StrContent,StrTime,Remark,NickName,Sender\n"
+        "1,9,1,0,0,1710278100,2,周六爬山？,2024-03-12 21:15:00,,山哥,wxid_a\n"
+        "2,9,1,0,0,1710278110,2,我去,2024-03-12 21:15:10,小李,lee,wxid_b\n"
+        "3,9,1,0,1,1710278120,2,好,2024-03-12 21:15:20,,zs,wxid_me\n",
+        encoding="utf-8",
+    )
+    (conv,) = [r.messages for r in read_exports([f], cfg("wechat", None))]
+    assert conv == [{"role": "user", "content": "山哥: 周六爬山？\n小李: 我去"}, {"role": "assistant", "content": "好"}]

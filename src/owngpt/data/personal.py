@@ -492,7 +492,9 @@ def read_wechat(path: Path, opts: PersonalOptions, text: str | None = None) -> l
         if c_is_sender:
             v = str(row.get(c_is_sender) or "").strip().lower()
             is_me = v in ("1", "true", "yes", "是")
-        sender = str(row.get(c_sender) or "").strip() if c_sender else ""
+        # MemoTrace leaves Remark empty for group members without a remark: fall back to NickName, then the wxid
+        fallbacks = [c_sender] if opts.sender_column else [c for c in _WECHAT_COLUMNS["sender"] if c in row]
+        sender = next((str(row[c]).strip() for c in fallbacks if c and str(row.get(c) or "").strip()), "")
         if not sender:
             sender = (opts.me or "me") if is_me else "them"
         when = parse_time(row.get(c_time)) if c_time else None
