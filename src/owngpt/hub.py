@@ -43,7 +43,7 @@ TOKENIZER_FILES = (
 SAFE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5")
 # How long to wait for the Hub before concluding there is no network: a user without one must not wait 10 s x retries.
-CONNECT_TIMEOUT = float(os.environ.get("OWNGPT_HUB_TIMEOUT", "3"))
+CONNECT_TIMEOUT = float(os.environ.get("OWNGPT_HUB_TIMEOUT", "5"))
 
 
 def _truthy(name: str) -> bool:
