@@ -72,6 +72,9 @@ def test_task_batches_labels_and_config(data_dir):
     over = task.model_config_overrides()
     assert over["id2label"] == {0: "neg", 1: "pos"} and over["num_labels"] == 2
     assert task.checkpoint_meta()["labels"] == ["neg", "pos"] and task.generation_eos_ids() is None
+    # the tokenizer now ends every text with EOS, the position the head reads (a BERT tokenizer is left alone)
+    assert all(ids[-1] == task.tokenizer.eos_token_id for ids in task._ids("train"))
+    assert task.tokenizer("so good")["input_ids"][-1] == task.tokenizer.eos_token_id
     # every example of an epoch is seen once before any repeats
     assert sorted(i for i, _ in task.global_rows(0, 24)) == list(range(24))
 
@@ -189,6 +192,7 @@ def test_a_local_bert_encoder_trains_through_the_task(tmp_path, data_dir):
     assert model.config.id2label == {0: "neg", 1: "pos"}
     batch = task.collate(task.global_rows(0, 6))
     assert (batch["input_ids"][:, 0] == tok.cls_token_id).all()  # the encoder's own [CLS] ... [SEP]
+    assert tok.eos_token_id is None or tok.eos_token_id not in batch["input_ids"]
     assert head_module_names(model) == ["classifier"]
     trainable = freeze_body(model)
     assert all(n.startswith("classifier.") for n in trainable)

@@ -145,7 +145,7 @@ with torch.no_grad():
     probs = torch.softmax(model(**batch).logits, -1).tolist()
 print(json.dumps({{"id2label": model.config.id2label, "probs": probs, "pad": model.config.pad_token_id}}))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["id2label"] == {"0": "neg", "1": "pos"}

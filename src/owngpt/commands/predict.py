@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
     texts = read_texts(args.input, args.text_column, args.input_format)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars per model: noise next to our own progress bar
     classifiers = [load_classifier(c, device=args.device) for c in ckpts]
     progress = len(texts) > 256 and sys.stderr.isatty()
     labels, probs = ensemble_predict(classifiers, texts, batch_size=args.batch_size, progress=progress)

@@ -7,7 +7,8 @@ token must be set (owngpt tokenizers reserve `<|pad|>`) and must differ from eve
 
 Texts are tokenized here, from the data dir's `{split}.jsonl` and with the *model's* tokenizer, by `encode_texts`,
 the same function `owngpt predict` uses: training and prediction cannot drift apart, augmented training texts are
-re-tokenized, and an encoder brought from elsewhere (BERT, RoBERTa) gets its own tokenizer's [CLS]/[SEP].
+re-tokenized, and an encoder brought from elsewhere (BERT, RoBERTa) gets its own tokenizer's [CLS]/[SEP]. For GPT-2
+bodies the tokenizer is made to end every text with EOS (`add_eos_readout`), the fixed position the head reads.
 
 What this module adds to the shared loop (`owngpt.train`): class weights (`class_weights: balanced`), augmentation of
 training texts (`augment: P`, see `owngpt.augment`), head-only training (`freeze_body`), LoRA with the head saved
@@ -38,12 +39,38 @@ _SELF_POSITIONED = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"
 
 # --- tokens -> tensors --------------------------------------------------------------------------------------------
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text, with the tokenizer's own special tokens ([CLS]/[SEP] for BERT, none for GPT-2),
-    truncated to `max_length`. An empty text becomes one EOS (or pad) token, since the head needs a position to read.
+    """Token ids of each text, with the tokenizer's own special tokens ([CLS]/[SEP] for BERT; the EOS readout of
+    `add_eos_readout` for owngpt's GPT-2 classifiers), truncated to `max_length`. An empty text becomes one EOS (or pad) token, since the head needs a position to read.
     """
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     return [ids if ids else [int(filler)] for ids in enc]
+
+
+def add_eos_readout(tokenizer: Any) -> bool:
+    """Make the tokenizer end every text with EOS, the position GPT-2's head reads; True if it changed anything.
+
+    GPT-1 classified from an extract token appended to the text: the head then reads a position whose input is always
+    the same token, instead of whatever word a text happens to end with, which makes from-scratch training converge
+    markedly faster; a language model trained by owngpt also saw EOS at the end of every document. The EOS is added by
+    the tokenizer's post-processor, which is saved in the checkpoint's tokenizer.json, so transformers users who call
+    `tokenizer(texts)` get exactly the ids owngpt trained on. Tokenizers that already add special tokens (BERT's
+    [CLS] ... [SEP]) and those whose pad token is EOS are left alone.
+    """
+    from tokenizers import processors
+
+    eos, eos_id, backend = tokenizer.eos_token, tokenizer.eos_token_id, getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or eos is None or eos_id is None or tokenizer.pad_token_id == eos_id:
+        return False
+    probe = "a b"
+    if tokenizer(probe)["input_ids"] != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        return False  # it adds special tokens of its own already
+    template = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, int(eos_id))]
+    )
+    old = backend.post_processor
+    backend.post_processor = template if old is None else processors.Sequence([old, template])
+    return True
 
 
 def collate_ids(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -142,6 +169,7 @@ class ClassifyTask(Task):
             tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has neither a pad nor an EOS token: a classifier needs a pad token")
+        add_eos_readout(tokenizer)  # the loop saves this tokenizer object into every checkpoint
         self._splits: dict[str, tuple[list[str], np.ndarray]] = {}
         self._encoded: dict[str, list[list[int]]] = {}
         texts, y = self._split("train")
