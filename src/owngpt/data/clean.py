@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from html.parser import HTMLParser
@@ -193,7 +194,7 @@ class Cleaner:
         if self.near is not None:
             other = self.near.check_and_add(text, where)
             if other is not None:
-                self.report.drop("near_duplicate", f"(like {other}) {text}", where)
+                self.report.drop("near_duplicate", f"{shorten(text, 60)} ≈ {os.path.basename(other)}", where)
                 return False
         return True
 
