@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -390,7 +391,7 @@ def _json_objects(src: SourceFile, cfg: Any, report: Report) -> Iterator[tuple[i
         text = first[1] + "".join(t for _, t in lines)
         yield from _json_array(text, first[0])
         return
-    for lineno, line in _chain([first], lines):
+    for lineno, line in itertools.chain([first], lines):
         if not line.strip():
             continue
         try:
@@ -403,11 +404,6 @@ def _json_objects(src: SourceFile, cfg: Any, report: Report) -> Iterator[tuple[i
                     f"--from telegram)"
                 ) from None
             yield lineno, None, f"malformed JSON ({e.args[0].split(':')[0]}): fix the line, or pass --skip-invalid"
-
-
-def _chain(a, b):
-    yield from a
-    yield from b
 
 
 def _json_array(text: str, first_line: int) -> Iterator[tuple[int, Any, str | None]]:
