@@ -72,7 +72,7 @@ def test_tang_poems_lose_ansi_codes_but_keep_titles_and_poems(tmp_path):
 def test_doc_sep_modes(tmp_path):
     f = write(tmp_path / "a.txt", "one\ntwo\n\n\nthree\n--\nfour\n")
     count = lambda **kw: sum(v["documents"] for v in run(tmp_path, f, overwrite=True, **kw).meta["splits"].values())  # noqa: E731
-    assert count(doc_sep="blank") == 2
+    assert count(doc_sep="blank") == 2 and count(doc_sep="") == 2 and count(doc_sep="\\n\\n") == 2
     assert count(doc_sep="line") == 5
     assert count(doc_sep="--") == 2
     r = run(tmp_path, f, overwrite=True)  # default: the file is one document, split by position

@@ -307,6 +307,8 @@ def _pick_column(header: list[str], wanted: str | None, candidates: tuple[str, .
 
 
 def _separator(doc_sep: str) -> Callable[[str], bool] | str:
+    if not doc_sep.strip() or doc_sep in ("\\n\\n", "blank-line", "empty"):  # '' or '\n\n': a blank line
+        return "blank"
     if doc_sep in ("file", "blank", "line"):
         return doc_sep
     sep = doc_sep.strip("\r\n")
