@@ -1,6 +1,6 @@
 """Builders for tiny, offline test artefacts: a char tokenizer, random GPT-2 checkpoints, data dirs.
 
-They follow the documented formats (docs/formats.md) directly, so each stage's tests run without the others' code.
+They follow the documented formats (docs/data.md, docs/architecture.md) directly, so each stage's tests run without the others' code.
 """
 
 from __future__ import annotations

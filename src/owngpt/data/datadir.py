@@ -1,6 +1,6 @@
 """The data directory: the one interface between `owngpt prepare` and everything that reads prepared data.
 
-Format (version 1), documented for users in docs/formats.md:
+Format (version 1), documented for users in docs/data.md:
 
     DATA_DIR/
       meta.json          format, version, task, tokenizer summary, token dtype, per-split counts, input checksums
