@@ -42,7 +42,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     n = int(cm.sum())
     return {
-        "examples": n,
+        "num_examples": n,  # not "examples": owngpt eval uses that key for generated samples
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "macro_f1": float(f1.mean()) if k else 0.0,
         "per_class": {
@@ -148,7 +148,7 @@ def evaluate_checkpoint(
 def format_report(result: dict[str, Any]) -> str:
     """A plain-text table of `classification_metrics` / `evaluate_checkpoint` output, for the terminal."""
     lines = [
-        f"examples  {result['examples']}",
+        f"examples  {result['num_examples']}",
         f"accuracy  {result['accuracy']:.4f}",
         f"macro-F1  {result['macro_f1']:.4f}",
     ]
