@@ -195,7 +195,7 @@ def report(args, results, load: float) -> str:
         "",
         f"Random GPT-2, {args.layers} layers x {args.dims} dims, char tokenizer; each request generates exactly "
         f"{args.max_tokens} tokens (`ignore_eos`, temperature 0.8). Each client sends its next request when the "
-        f"previous one is answered; {args.requests_per_client} requests per client per measurement (at least 16), "
+        f"previous one is answered; {args.requests_per_client} requests per client per measurement (at least 16, at most {args.max_requests}), "
         f"{args.rounds} rounds interleaved. Both servers run `--threads {args.threads}`; the batched one "
         f"`--max-batch-size {args.batch_size}`, the baseline `--max-batch-size 1`. requests/s: median over rounds; "
         "latency percentiles pooled over rounds.",

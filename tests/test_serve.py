@@ -209,6 +209,10 @@ def test_queue_full_is_429_and_classifier_routes(loaded, tmp_path):
         with torch.no_grad():
             ref = torch.softmax(cls.classifier.model(**enc).logits, -1)[0].tolist()
         assert list(data[1]["probabilities"].values()) == pytest.approx(ref, abs=1e-5)
+        r = c.post("/v1/classify", json={"input": ["", "x"]}, headers=auth)  # an empty text is still classified
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        r = c.post("/v1/classify", json={"input": []}, headers=auth)
+        assert r.status_code == 400 and "at least 1" in r.json()["error"]["message"]
         r = c.post(
             "/v1/chat/completions", json={"model": "c", "messages": [{"role": "user", "content": "x"}]}, headers=auth
         )

@@ -200,7 +200,11 @@ def create_app(
         }
 
     @app.get(
-        "/v1/models/{model}", dependencies=auth, response_model=S.ModelCard, responses=ERROR_RESPONSES, tags=["openai"]
+        "/v1/models/{model:path}",
+        dependencies=auth,
+        response_model=S.ModelCard,
+        responses=ERROR_RESPONSES,
+        tags=["openai"],
     )
     async def get_model(model: str) -> dict[str, Any]:
         check_model(model)
@@ -564,6 +568,10 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if not errors:
         return APIError(400, "invalid request")
     e = errors[0]
+    # A union field (str | list[str]) reports one error per branch; a broken constraint ("List should have at
+    # least 1 item") says more than "Input should be a valid string", so prefer it for the same field.
+    same_field = [x for x in errors if x.get("loc", ())[:2] == e.get("loc", ())[:2]]
+    e = next((x for x in same_field if not str(x.get("type", "")).endswith("_type")), e)
     if e.get("type") == "json_invalid":
         return APIError(400, f"The request body is not valid JSON ({e.get('msg', '')}).", code="invalid_json")
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]

@@ -36,6 +36,8 @@ from typing import Any
 from owngpt.errors import CheckpointError
 
 log = logging.getLogger("owngpt.serve")
+# After this long with an empty queue the previous batch's clients are not about to return: do not wait for them.
+IDLE_RESET = 0.25
 
 
 class QueueFull(Exception):
@@ -261,12 +263,15 @@ class Engine:
             # without them, 8 clients split into two alternating batches of 4 for good (measured: mean batch 4.0
             # with 8 closed-loop clients, while one batch runs the other half queues). So wait, at most
             # `batch_wait` after the first arrival, for the rows queued now plus as many as the last batch had.
-            # A lone client never waits.
+            # A lone client never waits, nor does the first request after an idle spell.
             target = min(self.max_batch_size, max(len(self._queue) + self._last_batch, 1))
+            idle_since = time.monotonic()
             while not self._queue and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return []
+            if time.monotonic() - idle_since > IDLE_RESET:  # the last batch's clients are not coming back
+                target = 1
             deadline = time.monotonic() + self.batch_wait
             while len(self._queue) < target and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
@@ -345,9 +350,10 @@ class Classifier:
         import torch
 
         with self._lock, torch.no_grad():
-            enc = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
+            ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+            # an empty text has no token to pool: it is classified as the end-of-text token alone
+            ids = [x or [self.tokenizer.eos_token_id] for x in ids]
+            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
             probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)  # (N, num_labels)
         out = []
         for p in probs.tolist():
