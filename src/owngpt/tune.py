@@ -393,7 +393,7 @@ def tune(
     param -> value) on a fresh study. `train_fn` defaults to `owngpt.train.train` (tests inject a fake).
     """
     optuna = _optuna()
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    log = log or _stderr
     if trials < 1:
         raise ConfigError(f"--trials {trials}: must be at least 1")
     if base.data is None:
@@ -523,6 +523,16 @@ def tune(
     return write_report(study, out, metric=metric, direction=direction, url=url, command=run_tag, log=log)
 
 
+def _stderr(message: str) -> None:
+    """Print a line to stderr without breaking the training loop's progress bar (pruning happens mid-run)."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:
+        print(message, file=sys.stderr, flush=True)
+
+
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -546,7 +556,7 @@ def write_report(
     """Write OUT/best.yaml, OUT/summary.md, OUT/summary.csv and the PNG plots of a study; print the summary table."""
     import yaml
 
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    log = log or _stderr
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     pruned = [t for t in trials if t.state.name == "PRUNED"]
