@@ -122,6 +122,19 @@ def test_incremental_decoder_never_splits_multibyte_characters():
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_incremental_decoder_with_gpt2_byte_level_bpe():
+    from owngpt.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()  # GPT-2's BPE, bundled with owngpt: a CJK character is 2-3 byte-level tokens
+    text = "Hello 床前明月光，疑是地上霜。 café 🙂 done"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    dec = IncrementalDecoder(tok, tok("Say:", add_special_tokens=False)["input_ids"])
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p) < len(ids)  # some tokens were held back until their character completed
+
+
 def test_row_stream_of_byte_fallback_tokens_is_clean(lm):
     # A random model rarely emits a valid multi-byte sequence, so feed the ids of a known text through the per-row
     # machinery generate_batch streams with (the same _Row its stopping criterion feeds every step).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 HELP = "talk to a checkpoint in the terminal"
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
                 "its scores may mean little",
                 file=sys.stderr,
             )
+    # generate() drops an all-ones attention mask, and GPT-2 then warns "passing an attention_mask" whenever a
+    # sampled token equals the pad id: a false alarm on the terminal (our batches always carry their mask). Set
+    # after loading: with this logger above WARNING, from_pretrained logs a tensor-parallel report instead.
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     settings = ChatSettings(use_template=use_template, mmi=mmi, candidates=args.candidates)
     mode = "chat template" if use_template else "plain text: User:/Bot: lines"
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     params_from_args(args, num_return_sequences=args.num_samples)  # bad flags fail before the model loads
     lm = load_for_generation(args.checkpoint)
     params = params_from_args(args, context=lm.context_length, num_return_sequences=args.num_samples)
+    # generate() drops an all-ones attention mask, and GPT-2 then warns "passing an attention_mask" whenever a
+    # sampled token equals the pad id: a false alarm on the terminal (our batches always carry their mask). Set
+    # after loading: with this logger above WARNING, from_pretrained logs a tensor-parallel report instead.
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     tok = lm.tokenizer
     ids = [encode_prompt(tok, p) if p else [] for p in prompts]
     n_out = len(prompts) * params.num_return_sequences
