@@ -85,3 +85,45 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path,
     # Gradients agree to float precision (~1e-8); Adam divides by sqrt(v), which amplifies that noise on the
     # elements with tiny gradients, so weights are compared at a tolerance well below one step's change (lr)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_fsdp_two_processes_equal_one(tmp_path, tiny_ckpt, tiny_lm_data):
+    common = [
+        "--data",
+        str(tiny_lm_data),
+        "--model",
+        str(tiny_ckpt),
+        "--block-size",
+        "32",
+        "--eval-every",
+        "2",
+        "--seed",
+        "5",
+        "--max-steps",
+        "2",
+        "warmup_steps=0",
+        "schedule=constant",
+        "eval_batches=1",
+        "fsdp=true",
+        "--lr",
+        "1e-3",
+    ]
+    run = torchrun(*common, "--batch-size", "2", "--out", str(tmp_path / "fsdp"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = train(
+        quick_cfg(
+            tiny_lm_data,
+            tmp_path / "one",
+            tiny_ckpt,
+            batch_size=4,
+            eval_every=2,
+            seed=5,
+            max_steps=2,
+            eval_batches=1,
+            lr=1e-3,
+        )
+    )
+    a, b = weights(tmp_path / "fsdp" / "checkpoints" / "last"), weights(one.last_checkpoint)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert (tmp_path / "fsdp/checkpoints/last/trainer/tensors.safetensors").exists()

@@ -108,7 +108,8 @@ def save_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Small files first and the weights last: the window between the first weights file appearing and the
+        # rename that publishes the checkpoint stays as short as it can be.
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if meta is not None:
@@ -116,6 +117,7 @@ def save_checkpoint(
         for name, data in (extra_files or {}).items():  # names may hold a subdir: "trainer/state.json"
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
+        model.save_pretrained(tmp, safe_serialization=True)
         _fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -55,6 +55,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it, else fp32) | fp32 | bf16
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
     # what is trained
     freeze_embeddings: bool = False
     freeze_layers: int = 0  # freeze the first N transformer blocks

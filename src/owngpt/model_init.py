@@ -88,7 +88,7 @@ def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any
         from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
         p = cfg.dropout
-        config = GPT2Config(
+        fields = dict(
             vocab_size=len(tokenizer),
             n_positions=source.preset["n_positions"],
             n_embd=source.preset["n_embd"],
@@ -100,8 +100,8 @@ def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any
             bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            **overrides,
         )
+        config = GPT2Config(**{**fields, **overrides})
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
         cls = GPT2ForSequenceClassification if task.model_kind == "sequence_classification" else GPT2LMHeadModel
         return cls(config)

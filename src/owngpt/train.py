@@ -207,22 +207,29 @@ def _tupled(x: Any) -> Any:
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def _state_files(
-    state: dict[str, Any], optimizer: Any, names: list[str], rngs: list[dict[str, Any]]
-) -> dict[str, bytes]:
-    """The trainer state as files for the checkpoint: tensors in safetensors (no pickle), the rest in JSON."""
+def named_optimizer_state(optimizer: Any, names: list[str]) -> dict[str, Any]:
+    """optimizer.state_dict() with parameter names instead of indexes (the form FSDP's full state dict has)."""
+    sd = optimizer.state_dict()
+    return {
+        "state": {names[i]: st for i, st in sd["state"].items()},
+        "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]],
+    }
+
+
+def _state_files(state: dict[str, Any], osd: dict[str, Any], rngs: list[dict[str, Any]]) -> dict[str, bytes]:
+    """The trainer state as files for the checkpoint: tensors in safetensors (no pickle), the rest in JSON.
+
+    `osd` is the optimizer state keyed by parameter name (see named_optimizer_state).
+    """
     from safetensors.torch import save as st_save
 
     tensors = {}
-    sd = optimizer.state_dict()
-    for idx, pstate in sd["state"].items():
+    for name, pstate in osd["state"].items():
         for key, value in pstate.items():
             if hasattr(value, "detach"):
-                tensors[f"optim/{names[idx]}/{key}"] = value.detach().cpu().contiguous().clone()
-    groups = [
-        {k: v for k, v in g.items() if k != "params"} | {"params": [names[i] for i in g["params"]]}
-        for g in sd["param_groups"]
-    ]
+                tensors[f"optim/{name}/{key}"] = value.detach().cpu().contiguous().clone()
+    groups = osd["param_groups"]
+    names = [n for g in groups for n in g["params"]]
     for r, rng in enumerate(rngs):
         tensors[f"rng/{r}/torch"] = rng["torch"]
         if "cuda" in rng:
@@ -257,24 +264,40 @@ def read_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, tensors
 
 
-def _load_optimizer(optimizer: Any, names: list[str], meta: dict[str, Any], tensors: dict[str, Any]) -> None:
-    saved = meta["param_names"]
-    if sorted(saved) != sorted(names):
+def _named_saved_state(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            name, k = key[len("optim/") :].rsplit("/", 1)
+            state.setdefault(name, {})[k] = value
+    groups = [dict(g) for g in meta["param_groups"]]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _load_optimizer(
+    optimizer: Any, names: list[str], meta: dict[str, Any], tensors: dict[str, Any], fsdp_model: Any = None
+) -> None:
+    if sorted(meta["param_names"]) != sorted(names):
         raise CheckpointError(
             "the checkpoint's optimizer state is for other trainable parameters (was freezing or "
             "LoRA changed?): resume with the run's original settings"
         )
+    named = _named_saved_state(meta, tensors)
+    if fsdp_model is not None:  # FSDP: torch shards the full state over the ranks
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(fsdp_model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+        return
     index = {n: i for i, n in enumerate(names)}
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            name, k = key[len("optim/") :].rsplit("/", 1)
-            state.setdefault(index[name], {})[k] = value
-    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in meta["param_groups"]]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: st for n, st in named["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in named["param_groups"]],
+        }
+    )
 
 
 # --- observability ---------------------------------------------------------------------------------------------
@@ -526,14 +549,28 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
 
     fwd = raw
     if dist.world > 1:
-        if getattr(cfg, "fsdp", False):
-            raise ConfigError("fsdp: not available in this version; use DDP (the default)")
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        if cfg.fsdp:
+            # FSDP2: each block's parameters, gradients and optimizer state sharded over the ranks (the model
+            # must fit on one device only while one block is gathered)
+            from torch.distributed.fsdp import fully_shard
 
-        fwd = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+            from owngpt.model_init import blocks
+
+            if cfg.lora:
+                raise ConfigError(
+                    "fsdp with lora is not supported: LoRA already keeps the trained state small; drop fsdp=true"
+                )
+            for block in blocks(raw):
+                fully_shard(block)
+            fully_shard(raw)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            fwd = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         fwd = torch.compile(fwd)
 
+    sharded = dist.world > 1 and cfg.fsdp
     groups, names = param_groups(raw, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -547,7 +584,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
     # ---- resume -------------------------------------------------------------------------------------------------
     step, best, best_step, bad_evals = 0, None, None, 0
     if state_meta is not None:
-        _load_optimizer(optimizer, names, state_meta, state_tensors)
+        _load_optimizer(optimizer, names, state_meta, state_tensors, raw if sharded else None)
         step, best, best_step = state_meta["step"], state_meta["best_metric"], state_meta["best_step"]
         bad_evals = state_meta["bad_evals"]
         r = dist.rank if state_meta["world_size"] == dist.world else 0
@@ -574,9 +611,24 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
     def save(path: Path, metrics: dict[str, Any], with_state: bool, adapter: bool = cfg.lora) -> None:
         """A Hugging Face checkpoint of the current weights (+ trainer state); rank 0 writes, all ranks gather RNG."""
         rngs = dist.gather(_rng_state()) if with_state else []
+        if sharded:  # gather full weights and optimizer state (collectives: every rank takes part)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full_weights = get_model_state_dict(raw, options=opts)
+            osd = get_optimizer_state_dict(raw, optimizer, options=opts) if with_state else None
+        else:
+            full_weights, osd = None, named_optimizer_state(optimizer, names) if with_state else None
         if not dist.main:
             return
-        to_save = merged_copy(raw) if cfg.lora else raw
+        if full_weights is not None:
+            to_save = _cpu_copy(raw, full_weights)
+        else:
+            to_save = merged_copy(raw) if cfg.lora else raw
         gen = to_save.generation_config if getattr(to_save, "can_generate", lambda: False)() else None
         eos = task.generation_eos_ids()
         if gen is not None and eos:
@@ -607,7 +659,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                 "world_size": dist.world,
                 "config": dataclasses.asdict(cfg),
             }
-            extra.update(_state_files(state, optimizer, names, rngs))
+            extra.update(_state_files(state, osd, rngs))
         with _quiet_transformers():
             save_checkpoint(path, to_save, tokenizer, meta, extra)
 
@@ -714,9 +766,9 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 if dist.main:
                     bar.write(f"step {step}: {shown}{' (best)' if improved else ''}", file=sys.stderr)
+                save(last_dir, metrics, with_state=True)  # last first: it is what --resume needs
                 if improved:
                     save(best_dir, metrics, with_state=False)
-                save(last_dir, metrics, with_state=True)
                 if dist.main:
                     for cb in callbacks:
                         cb(step, metrics)
@@ -749,6 +801,18 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
         steps=step,
         stopped_early=stopped_early,
     )
+
+
+def _cpu_copy(model: Any, weights: dict[str, Any]) -> Any:
+    """A plain (unsharded) CPU model holding `weights`, for save_pretrained (rank 0 of an FSDP run)."""
+    import torch
+
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.load_state_dict(weights, assign=True)
+    copy.tie_weights()
+    copy.generation_config = model.generation_config
+    return copy.eval()
 
 
 @contextlib.contextmanager
