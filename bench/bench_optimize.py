@@ -60,9 +60,9 @@ def train_small(steps: int) -> tuple[Path, Path]:
                 "--eval-every",
                 str(steps),
                 "--batch-size",
-                "16",
+                "12",
                 "--block-size",
-                "128",
+                "64",
                 "--seed",
                 "1",
                 "--out",
@@ -73,7 +73,7 @@ def train_small(steps: int) -> tuple[Path, Path]:
     return ckpt, data
 
 
-def variants(model, tok, work: Path, tag: str, finetune: tuple[Path, int] | None = None) -> dict[str, tuple]:
+def variants(model, tok, work: Path, tag: str, finetune: tuple[Path, int, int] | None = None) -> dict[str, tuple]:
     """name -> (model to run, dir written): the same transforms for both models."""
     from owngpt.checkpoint import load_model, save_checkpoint
     from owngpt.prune import magnitude_prune, prune_mlp
@@ -98,13 +98,14 @@ def variants(model, tok, work: Path, tag: str, finetune: tuple[Path, int] | None
     if finetune is not None:
         from owngpt.prune import prune
 
-        data, steps = finetune
+        data, steps, block = finetune
         prune(
             d.parent / f"{tag}-fp32",
             work / f"{tag}-mlp50-ft",
             0.5,
             structured="mlp",
             finetune_steps=steps,
+            finetune_block_size=block,
             data=str(data),
             measure_result=False,
         )
@@ -119,11 +120,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ppl-ckpt", default=None, help="a trained small checkpoint for the perplexity columns")
     ap.add_argument("--ppl-data", default=None, help="its data dir (val split scored)")
-    ap.add_argument("--train-steps", type=int, default=1500, help="steps for the perplexity model if trained here")
-    ap.add_argument("--finetune-steps", type=int, default=200, help="recovery fine-tune steps of the pruned row")
+    ap.add_argument("--train-steps", type=int, default=600, help="steps for the perplexity model if trained here")
+    ap.add_argument("--finetune-steps", type=int, default=100, help="recovery fine-tune steps of the pruned row")
     ap.add_argument("--eval-tokens", type=int, default=20000)
+    ap.add_argument(
+        "--block-size",
+        type=int,
+        default=64,
+        help="perplexity windows and fine-tune sequences: the block size the small model was trained with",
+    )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -134,10 +142,14 @@ def main() -> int:
     from owngpt.export import eval_tokens, hf_decode_fn, interleaved, load_fp32, perplexity, weight_bytes
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.ppl_ckpt:
         ckpt, data = Path(args.ppl_ckpt), Path(args.ppl_data)
+        args.ppl_desc = "as given by --ppl-ckpt"
     else:
         ckpt, data = train_small(args.train_steps)
+        args.ppl_desc = f"trained on Tiny Shakespeare for {args.train_steps} steps (batch 12 x 64, owngpt train)"
     t0 = time.time()
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-optimize-") as tmp:
@@ -145,8 +157,8 @@ def main() -> int:
         # --- perplexity: the small trained model
         small, stok, _, _ = load_fp32(ckpt)
         tokens, _ = eval_tokens(stok, str(data), None, args.eval_tokens, ckpt)
-        small_vars = variants(small, stok, work, "small", finetune=(data, args.finetune_steps))
-        ppl = {k: perplexity(m, tokens, 256) for k, (m, _) in small_vars.items()}
+        small_vars = variants(small, stok, work, "small", finetune=(data, args.finetune_steps, args.block_size))
+        ppl = {k: perplexity(m, tokens, args.block_size) for k, (m, _) in small_vars.items()}
         # --- speed and size: gpt2 size, random weights
         torch.manual_seed(0)
         big = GPT2LMHeadModel(GPT2Config()).eval()
@@ -180,15 +192,16 @@ def render(rows, args, ckpt, data, n_tokens, minutes, load_start, load_end, thre
     lines = [
         "## deployment trade-offs: int8 and pruning (`owngpt export --to int8`, `owngpt prune`)",
         "",
-        f"Command: `python bench/bench_optimize.py` (from the repo root; run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"Command: `{' '.join(['python bench/bench_optimize.py', *sys.argv[1:]])}` (from the repo root; run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{minutes:.1f} min).",
         "",
         "Size and decode speed: a `gpt2`-size model (124M parameters, vocab 50257, **random weights**: speed does not "
         "depend on the values). Decode: transformers `generate`, greedy, batch 1, 16-token prompt, "
         f"{args.new_tokens} new tokens, median of {args.repeats} runs interleaved across all rows. "
         "Perplexity: no trained `gpt2`-size checkpoint exists here, so it is measured on owngpt's `tiny` preset "
-        f"(4 layers, 128 dims, char-level) trained on Tiny Shakespeare (`{ckpt}`), each row made from it by the same "
-        f"code, on the same {n_tokens:,} validation tokens of `{data}`.",
+        f"(4 layers, 128 dims, char-level) {args.ppl_desc} (`{ckpt}`), each row made from it by the same "
+        f"code, on the same {n_tokens:,} validation tokens of `{data}` in windows of {args.block_size} (its training block "
+        "size; the fine-tune uses it too).",
         "",
         "| variant | size (gpt2) | size ratio | decode tok/s (gpt2) | speed-up | perplexity (small) | ppl change |",
         "|---|---|---|---|---|---|---|",
@@ -196,9 +209,9 @@ def render(rows, args, ckpt, data, n_tokens, minutes, load_start, load_end, thre
     for k, s, v, p, _small, bs, bv, bp in rows:
         lines.append(
             f"| {k} | {f(s and s / 1e6, '.0f')} MB | {f(s and s / bs, '.2f')} | {f(v, '.1f')} | "
-            f"{f(v and v / bv, '.2f')}x | {p:.3f} | {100 * (p / bp - 1):+.1f}% |"
+            f"{f(v and v / bv, '.2f')}x | {p:.3f} | {100 * (p / bp - 1):+.2f}% |"
             if s is not None and v is not None
-            else f"| {k} | - | - | - | - | {p:.3f} | {100 * (p / bp - 1):+.1f}% |"
+            else f"| {k} | - | - | - | - | {p:.3f} | {100 * (p / bp - 1):+.2f}% |"
         )
     lines += [
         "",

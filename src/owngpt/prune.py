@@ -111,7 +111,7 @@ def prune_mlp(model: Any, amount: float) -> int:
     return keep_n
 
 
-def _finetune(pruned_dir: Path, data: str, steps: int, lr: float, work: Path) -> Path:
+def _finetune(pruned_dir: Path, data: str, steps: int, lr: float, work: Path, block_size: int | None = None) -> Path:
     """A short run of owngpt's training loop starting from the pruned checkpoint; returns its last checkpoint."""
     try:
         from owngpt.train import train
@@ -125,6 +125,7 @@ def _finetune(pruned_dir: Path, data: str, steps: int, lr: float, work: Path) ->
         out=str(work / "run"),
         model=str(pruned_dir),
         max_steps=steps,
+        block_size=block_size,
         lr=lr,
         min_lr=lr / 10,
         warmup_steps=min(10, max(1, steps // 10)),
@@ -147,6 +148,7 @@ def prune(
     scope: str = "global",
     finetune_steps: int = 0,
     finetune_lr: float = 1e-4,
+    finetune_block_size: int | None = None,
     data: str | None = None,
     eval_file: str | None = None,
     eval_tokens_max: int = 8192,
@@ -198,13 +200,20 @@ def prune(
         with tempfile.TemporaryDirectory(prefix=".prune-ft-", dir=out.absolute().parent) as work:
             stage = save_checkpoint(Path(work) / "pruned", model, tok, new_meta)
             _say(f"recovery fine-tune: {finetune_steps} steps on {data}")
-            model = load_model(_finetune(stage, data, finetune_steps, finetune_lr, Path(work))).eval()
+            model = load_model(
+                _finetune(stage, data, finetune_steps, finetune_lr, Path(work), finetune_block_size)
+            ).eval()
         if masks is not None:
             with torch.no_grad():
                 for n, m in prunable(model):
                     m.weight[masks[n]] = 0
             info.update(sparsity(model))
-        info["finetune"] = {"steps": finetune_steps, "lr": finetune_lr, "data": str(data)}
+        info["finetune"] = {
+            "steps": finetune_steps,
+            "lr": finetune_lr,
+            "block_size": finetune_block_size,
+            "data": str(data),
+        }
         new_meta["pruning"] = info
     if not structured:
         notes.append("unstructured zeros keep the dense shape: size on disk and dense decode speed do not change")

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         scope=args.scope,
         finetune_steps=args.finetune_steps,
         finetune_lr=args.finetune_lr,
+        finetune_block_size=args.finetune_block_size,
         data=args.data,
         eval_file=None if (args.data and not args.finetune_steps) else args.eval_file,
         eval_tokens_max=args.eval_tokens,
