@@ -226,6 +226,7 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._last_batch = 0  # rows in the previous batch
+        self._running: list[Row] = []  # rows of the batch being generated
         self.stats = Stats()
 
     # --- the request side (event-loop thread) ---------------------------------------------------------------
@@ -253,6 +254,8 @@ class Engine:
             self._cond.notify_all()
         for row in pending:
             row.finish("cancelled")
+        for row in self._running:  # the batch in progress stops at its next token
+            row.cancel()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -299,6 +302,7 @@ class Engine:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         self.stats.running = len(rows)
+        self._running = list(rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
         try:
             for r in rows:
@@ -331,6 +335,7 @@ class Engine:
             for r in rows:
                 r.finish("error", error=f"generation failed: {type(e).__name__}: {e}")
         finally:
+            self._running = []
             self.stats.running = 0
             self.stats.batches += 1
             self.stats.rows_done += len(rows)
