@@ -470,6 +470,9 @@ def tune(
         started = time.monotonic()
         try:
             result = train_fn(cfg, callbacks=(report,))
+        except optuna.TrialPruned:
+            trial.set_user_attr("seconds", round(time.monotonic() - started, 1))
+            raise
         except OwnGPTError as e:
             trial.set_user_attr("error", str(e))
             if seen:
