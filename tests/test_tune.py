@@ -256,6 +256,24 @@ def test_failing_trials(tmp_path):
         tune(base_config(), out=tmp_path / "b", trials=3, space=parse_space(["lr=log:1e-4:1e-1"]), train_fn=broken)
 
 
+def test_classify_maximizes_accuracy_with_the_default_space(tmp_path):
+    def classify_train(cfg, callbacks=()):
+        accuracy = 1.0 - abs(math.log10(cfg.lr / BEST_LR)) / 10  # best at lr=3e-3
+        for step in range(cfg.eval_every, cfg.max_steps + 1, cfg.eval_every):
+            for cb in callbacks:
+                cb(step, {"val_loss": 1 - accuracy, "accuracy": accuracy * step / cfg.max_steps, "macro_f1": 0.5})
+        return SimpleNamespace(steps=cfg.max_steps, best_checkpoint=None, best_metric=accuracy)
+
+    out = tmp_path / "clf"
+    res = tune(base_config(task="classify"), out=out, trials=4, train_fn=classify_train)
+    assert res.metric == "accuracy" and res.direction == "maximize"
+    assert set(res.best_params) == {"lr", "batch_size"}  # --max-steps fixes the length: no epochs
+    with sqlite3.connect(out / "study.db") as con:
+        values = [v for (v,) in con.execute("select value from trial_values")]
+    assert res.best_value == pytest.approx(max(values))
+    assert "maximize accuracy" in (out / "summary.md").read_text()
+
+
 def test_importances_degenerate_study_is_a_note(tmp_path):
     out = tmp_path / "tune"
     res = tune(base_config(), out=out, trials=1, space=parse_space(["lr=log:1e-4:1e-2"]), train_fn=fake_train)
