@@ -222,6 +222,7 @@ def measure(
     decode_tokens: int = 32,
     repeats: int = 3,
     notes: Sequence[str] = (),
+    block_size: int | None = None,
 ) -> dict[str, Any]:
     """The report: size, decode tokens/s and perplexity of the original and of the result, on the same tokens."""
     prompt = _prompt(tokens, tokenizer)
@@ -232,7 +233,8 @@ def measure(
     if result_decode is not None:
         fns["result"] = result_decode
     speed = interleaved(fns, repeats=repeats) if decode_tokens > 0 else {}
-    block = min(256, context_length(original.config))
+    # the block size the checkpoint was trained with (owngpt.json), else 256: positions never trained would only add noise
+    block = min(block_size or 256, context_length(original.config))
     ppl_o = perplexity(original, tokens, block) if tokens is not None else None
     ppl_r = None
     if tokens is not None:
@@ -263,6 +265,7 @@ def measure(
             "threads": _threads(),
         },
         "eval_tokens": None if tokens is None else int(len(tokens)),
+        "eval_window": block,
         "notes": list(notes) + ([] if tokens is not None else ["no --data/--eval-file given: perplexity not measured"]),
     }
 
@@ -359,7 +362,9 @@ def export(
             prompt = _prompt(tokens, tok)
             n = max(1, min(decode_tokens, context_length(model.config) - len(prompt)))
             kw["result_decode"] = lambda: onx.decode_speed(prompt, n)
-            kw["result_ppl"] = lambda t: onx.perplexity(t, min(256, context_length(model.config)))
+            kw["result_ppl"] = lambda t: onx.perplexity(
+                t, min(meta.get("block_size") or 256, context_length(model.config))
+            )
     else:
         export_gguf(model, tok, out, dtype=gguf_type)
         notes.append(
@@ -380,7 +385,17 @@ def export(
     else:
         _say("measuring size, decode speed and perplexity against the original...")
         with _quiet():
-            rep = measure(model, src, out, tok, tokens, decode_tokens=decode_tokens, notes=notes, **kw)
+            rep = measure(
+                model,
+                src,
+                out,
+                tok,
+                tokens,
+                decode_tokens=decode_tokens,
+                notes=notes,
+                block_size=meta.get("block_size"),
+                **kw,
+            )
     rep = {
         "command": "export",
         "to": to,

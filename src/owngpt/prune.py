@@ -223,7 +223,15 @@ def prune(
         with _quiet():
             result = load_model(out).eval()  # what the user will load
             rep = measure(
-                original, src, out, tok, tokens, result_model=result, decode_tokens=decode_tokens, notes=notes
+                original,
+                src,
+                out,
+                tok,
+                tokens,
+                result_model=result,
+                decode_tokens=decode_tokens,
+                notes=notes,
+                block_size=meta.get("block_size"),
             )
     else:
         rep = {"notes": notes + ["measurement skipped (--no-measure)"]}
