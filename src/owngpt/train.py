@@ -332,8 +332,14 @@ class RunLog:
         if not self.active:
             return
         self.history.append(record)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write {self.run_dir / 'metrics.jsonl'}: {e.strerror or e} (disk full?); "
+                "checkpoints/last is intact: free space and continue with --resume"
+            ) from e
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -360,8 +366,14 @@ class RunLog:
         ax.legend()
         fig.tight_layout()
         tmp = self.run_dir / "loss.png.tmp"
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, self.run_dir / "loss.png")
+        try:
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, self.run_dir / "loss.png")
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write {self.run_dir / 'loss.png'}: {e.strerror or e} (disk full?); "
+                "checkpoints/last is intact: free space and continue with --resume"
+            ) from e
 
     def close(self) -> None:
         if self.tb is not None:
@@ -393,6 +405,30 @@ def _prepare_run_dir(out: Path, cfg: TrainConfig, dist: Dist) -> Path | None:
             "or choose another --out"
         )
     return None
+
+
+# settings a resumed run may change without breaking exactness (they change how long, or what is logged)
+_FREE_ON_RESUME = {
+    "max_steps",
+    "epochs",
+    "eval_every",
+    "eval_batches",
+    "log_every",
+    "patience",
+    "resume",
+    "overwrite",
+    "extra",
+    "out",
+    "data",
+    "model",
+    "merge_lora",
+    "metric",
+}
+
+
+def _changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    now = dataclasses.asdict(cfg)
+    return sorted(k for k, v in saved.items() if k not in _FREE_ON_RESUME and k in now and now[k] != v)
 
 
 def _recover_interrupted_save(ckpts: Path) -> None:
@@ -593,6 +629,13 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
             rng["cuda"] = state_tensors[f"rng/{r}/cuda"]
         _set_rng_state(rng)
         _say(dist, f"resuming from step {step} ({resume_dir})")
+        changed = _changed_settings(state_meta.get("config", {}), cfg)
+        if changed:
+            _say(
+                dist,
+                f"warning: settings differ from the interrupted run ({', '.join(changed)}): the result will "
+                "not equal an uninterrupted run",
+            )
     else:
         # seed every generator a run may touch (dropout; python and numpy for any user code)
         random.seed(cfg.seed)

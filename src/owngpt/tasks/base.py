@@ -141,9 +141,9 @@ class CausalLMTask(Task):
     def loss(self, model: Any, batch: Batch) -> torch.Tensor:
         import torch.nn.functional as F
 
-        # No attention_mask: batches are right-padded, and in a causal model no real token attends to the padding
-        # after it, so the mask would change nothing but the speed (transformers builds a 4-D mask from it).
-        logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+        # Batches are right-padded, so in a causal model no real token attends to padding and the mask changes no
+        # trained logit; it is passed anyway where there is padding, as transformers expects (and warns otherwise).
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
         labels = batch["labels"]  # (B, T), already shifted: labels[:, t] is the token after input_ids[:, t]
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
@@ -187,6 +187,7 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
         mask_t = torch.as_tensor(np.asarray(mask, dtype=np.bool_))
         t = len(ids_t) - 1
         if t < 1:
+            attention[b, 0] = 1  # an empty row still attends to something (no all-masked softmax)
             continue
         input_ids[b, :t] = ids_t[:-1]
         attention[b, :t] = 1
