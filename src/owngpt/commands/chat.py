@@ -67,12 +67,18 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from owngpt.chat import ChatREPL, ChatSettings, is_chat_model
-    from owngpt.generation import context_length, load_for_generation, params_from_args
+    from owngpt.generation import (
+        context_length,
+        load_for_generation,
+        params_from_args,
+        use_one_thread_for_small_models,
+    )
 
     hf_logging.disable_progress_bar()
     params_from_args(args)  # bad flags fail before the model loads
     lm = load_for_generation(args.checkpoint)
     params = params_from_args(args, context=context_length(lm.model), default_max_new_tokens=128)
+    use_one_thread_for_small_models(lm.model)
     use_template = is_chat_model(lm) if args.format == "auto" else args.format == "chat"
     mmi = None
     if args.mmi:

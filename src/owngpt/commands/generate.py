@@ -85,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from owngpt.generation import encode_prompt, generate_batch, load_for_generation, params_from_args
+    from owngpt.generation import (
+        encode_prompt,
+        generate_batch,
+        load_for_generation,
+        params_from_args,
+        use_one_thread_for_small_models,
+    )
 
     hf_logging.disable_progress_bar()  # the weights load in well under a second; no bar on the terminal
     greedy_many = args.temperature == 0 and args.num_beams == 1 and args.num_samples > 1
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     params_from_args(args, num_return_sequences=args.num_samples)  # bad flags fail before the model loads
     lm = load_for_generation(args.checkpoint)
     params = params_from_args(args, context=lm.context_length, num_return_sequences=args.num_samples)
+    use_one_thread_for_small_models(lm.model)
     # generate() drops an all-ones attention mask, and GPT-2 then warns "passing an attention_mask" whenever a
     # sampled token equals the pad id: a false alarm on the terminal (our batches always carry their mask). Set
     # after loading: with this logger above WARNING, from_pretrained logs a tensor-parallel report instead.
