@@ -260,6 +260,10 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
 
 
 def format_metrics(m: dict[str, Any]) -> str:
+    if m.get("task") == "classify":
+        from owngpt.classify_eval import format_report
+
+        return format_report(m)  # accuracy, macro-F1 and the per-class table
     lines = []
     for k, v in m.items():
         if isinstance(v, float):
