@@ -6,13 +6,14 @@ quantized to int8 per call (dynamic quantization), so the matrix products run in
 Embeddings, layer norms and biases stay fp32, except that a *tied* token embedding is stored once as the LM head's
 int8 matrix and its rows are dequantized on lookup (the tie survives, the file is ~4x smaller).
 
-Why this kernel: measured on the 2-core AVX-512 CPU we target (docs/benchmarks.md, bench/bench_optimize.py), at
-`gpt2` size with transformers' `generate`: fp32 ~27 tokens/s; torch's dynamic int8 linear (fbgemm/x86 backend, the
-kernel behind `torch.ao.quantization.quantize_dynamic`) on *all* projections ~1.7-1.8x; int8 weight-only
-`aten._weight_int8pack_mm` ~1.7x (needs bf16 activations); torchao 0.18's `Int8WeightOnlyConfig` /
-`Int8DynamicActivationInt8WeightConfig` 3-4x *slower* than fp32 in eager mode (they are fast only under
-torch.compile, which costs minutes per start). `torch.ao.quantization` is marked deprecated in favour of torchao, so
-the kernel choice lives in one function (`_int8_linear`): when torchao's eager CPU path is fast, swap it there.
+Why this kernel: measured on the 2-core AVX-512 CPU we target, at `gpt2` size with transformers' `generate`
+(bench/bench_optimize.py, docs/benchmarks.md): torch's dynamic int8 linear (fbgemm/x86 backend, the kernel behind
+`torch.ao.quantization.quantize_dynamic`) on *all* projections decodes 1.55-1.9x faster than fp32 (three runs on a
+loaded machine); int8 weight-only `aten._weight_int8pack_mm` (bf16 activations) was a little slower (1.69x vs 1.78x
+in one exploratory run); torchao 0.18's `Int8WeightOnlyConfig` / `Int8DynamicActivationInt8WeightConfig` were 3-4x
+*slower* than fp32 in eager mode (fast only under torch.compile, which costs minutes per start).
+`torch.ao.quantization` is marked deprecated in favour of torchao, so the kernel choice lives in one function
+(`_int8_linear`): when torchao's eager CPU path is fast, swap it there.
 The GPT-2 `Conv1D` -> `nn.Linear` transposition is what lets every projection, not only the LM head, be quantized.
 
 Format of an int8 checkpoint dir (no pickles; owngpt loads it through `owngpt.checkpoint.load_model`):
