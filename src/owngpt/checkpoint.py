@@ -6,7 +6,9 @@ A checkpoint is a Hugging Face model directory that `transformers` loads with no
       config.json  model.safetensors  generation_config.json
       tokenizer.json  tokenizer_config.json  [chat_template.jinja]     (the tokenizer, with the chat template)
       owngpt.json      what owngpt knows besides: task, how it was made (preset or source model), step, labels
-      [adapter_config.json adapter_model.safetensors]                  (LoRA runs: the adapter on its own)
+      [adapter/adapter_config.json adapter/adapter_model.safetensors]  (LoRA runs: the adapter on its own, in a
+                                                                       subdir: beside config.json transformers
+                                                                       would apply it again on the merged weights)
 
 Security: weights load from safetensors only (`use_safetensors=True`), never with `trust_remote_code`.
 Saving writes into a sibling temporary dir and renames it into place, so a kill during a save never leaves a
