@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the `only` command's module is imported (its flags are added)."""
     parser = argparse.ArgumentParser(
         prog="owngpt",
         description="Train your own GPT on your own data. Run `owngpt COMMAND --help` for a command's flags.",
@@ -52,7 +53,25 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
+        parser.set_defaults(_subparser=p)
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], command: str | None) -> argparse.Namespace:
+    """Parse so that `key=value` overrides may stand anywhere among the flags (`train a=1 --lr 3 b=2`).
+
+    Plain `parse_args` stops collecting a `nargs="*"` positional at the first flag; `parse_intermixed_args` does
+    not, but it cannot handle the subparsers action itself, so the command's own parser parses its arguments.
+    """
+    sub = parser.get_default("_subparser")
+    if command is None or sub is None or argv[0] != command:
+        return parser.parse_args(argv)
+    try:
+        args = sub.parse_intermixed_args(argv[1:])
+    except TypeError:  # a parser feature intermixed parsing does not support
+        return parser.parse_args(argv)
+    args.command = command
+    return args
 
 
 def _version() -> str:
@@ -67,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None and command not in COMMANDS:
         command = None  # let argparse report the unknown command
     parser = build_parser(only=command or "")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv, command)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
