@@ -105,8 +105,13 @@ def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
         cls = GPT2ForSequenceClassification if task.model_kind == "sequence_classification" else GPT2LMHeadModel
         return cls(config)
-    from owngpt.checkpoint import load_config, load_model
+    from owngpt.checkpoint import load_config, load_model, read_meta
 
+    if read_meta(source.path).get("quantization"):
+        raise CheckpointError(
+            f"{source.path} is an int8 export for inference: train from the fp32 checkpoint it was exported from "
+            "(int8 weights have no gradients)"
+        )
     config = load_config(source.path)
     set_dropout(config, cfg.dropout)
     for k, v in overrides.items():
