@@ -22,3 +22,14 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def tiny_lm_data(tmp_path_factory) -> Path:
     """A small language-modelling data dir in the documented format. Do not modify it in tests."""
     return fixtures.write_lm_data_dir(tmp_path_factory.mktemp("data") / "lm")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands run in-process may pin torch to one thread (small-model decoding); later tests must not inherit
+    that: bitwise-resume tests compare in-process runs with subprocess runs, and thread count changes reductions."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
