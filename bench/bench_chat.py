@@ -31,23 +31,49 @@ def run_language(name: str, src: Path, work: Path, steps: int, samples: int) -> 
     from owngpt.train import train
 
     data = work / f"{name}-data"
-    prepare(PrepareConfig(sources=[str(src)], out=str(data), task="chat", tokenizer="bpe", vocab_size=2000,
-                          progress=False, quiet=True))
+    prepare(
+        PrepareConfig(
+            sources=[str(src)], out=str(data), task="chat", tokenizer="bpe", vocab_size=2000, progress=False, quiet=True
+        )
+    )
     runs = {}
     t = time.perf_counter()
     for task in ("chat", "mmi"):
-        cfg = TrainConfig(task=task, data=str(data), out=str(work / f"{name}-{task}"), model="tiny", max_steps=steps,
-                          batch_size=16, block_size=128, lr=1e-3, min_lr=1e-4, warmup_steps=100, dropout=0.1,
-                          eval_every=max(steps // 10, 1), eval_batches=0, patience=4, overwrite=True)
+        cfg = TrainConfig(
+            task=task,
+            data=str(data),
+            out=str(work / f"{name}-{task}"),
+            model="tiny",
+            max_steps=steps,
+            batch_size=16,
+            block_size=128,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=100,
+            dropout=0.1,
+            eval_every=max(steps // 10, 1),
+            eval_batches=0,
+            patience=4,
+            overwrite=True,
+        )
         res = train(cfg)
         runs[task] = res.best_checkpoint or res.last_checkpoint
     train_secs = time.perf_counter() - t
-    m = evaluate(str(runs["chat"]), str(data), samples=samples, max_new_tokens=40, seed=0, mmi=str(runs["mmi"]),
-                 candidates=5, progress=False)
+    m = evaluate(
+        str(runs["chat"]),
+        str(data),
+        samples=samples,
+        max_new_tokens=40,
+        seed=0,
+        mmi=str(runs["mmi"]),
+        candidates=5,
+        progress=False,
+    )
     # a few multi-turn sample dialogues, greedy-free sampling with a fixed seed, with and without MMI
     bot, backward = load(str(runs["chat"])), load(str(runs["mmi"]))
-    prompts = {"en": ["Hello", "What is AI?", "Do you like music?"],
-               "zh": ["你好", "你叫什么名字", "你喜欢音乐吗"]}[name]
+    prompts = {"en": ["Hello", "What is AI?", "Do you like music?"], "zh": ["你好", "你叫什么名字", "你喜欢音乐吗"]}[
+        name
+    ]
     dialogues = []
     for i, p in enumerate(prompts):
         msgs = [{"role": "user", "content": p}]
@@ -61,8 +87,10 @@ def write_doc(results: dict, steps: int, cmd: str) -> None:
     rows, samples = [], []
     for name, r in results.items():
         m = r["metrics"]
-        rows.append(f"| {name} | {m['assistant_perplexity']:.2f} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
-                    f"{m['mmi_distinct_1']:.3f} | {m['mmi_distinct_2']:.3f} | {m['samples']} | {r['train_secs']:.0f} |")
+        rows.append(
+            f"| {name} | {m['assistant_perplexity']:.2f} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | "
+            f"{m['mmi_distinct_1']:.3f} | {m['mmi_distinct_2']:.3f} | {m['samples']} | {r['train_secs']:.0f} |"
+        )
         samples.append(f"\n### {name}\n\n| user | answer (sampled) | answer (MMI, 5 candidates) |\n|---|---|---|")
         for p, a, b in r["dialogues"]:
             cell = lambda s: s.replace("|", "\\|").replace("\n", " ") or "(empty)"  # noqa: E731
@@ -70,7 +98,7 @@ def write_doc(results: dict, steps: int, cmd: str) -> None:
     body = f"""
 ## Results on the chatterbot dialogues (English and Chinese)
 
-Command: `{cmd}` — {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.
+Command: `{cmd}` — {time.strftime("%Y-%m-%d")}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.
 Each language: `owngpt prepare --task chat --tokenizer bpe --vocab-size 2000`, then the `tiny` preset trained from
 scratch for up to {steps} steps (batch 16, block 128, lr 1e-3 cosine, dropout 0.1, early stopping with patience 4) as
 a forward chat model and as an MMI backward model. Perplexity is over the assistant's tokens of the validation split;
@@ -82,7 +110,7 @@ distinct-n is over answers sampled (temperature 0.8, top-p 0.9) for validation p
 
 These are tiny models trained from scratch on a few hundred to two thousand short dialogues: they learn the style
 and the common answers, not facts. Start from a pretrained checkpoint (`--model DIR`, see docs/models.md) for more.
-{''.join(s + chr(10) for s in samples)}"""
+{"".join(s + chr(10) for s in samples)}"""
     text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Chat fine-tuning and MMI\n"
     block = f"<!-- bench:chat -->\n{body.strip()}\n<!-- /bench:chat -->"
     pattern = re.compile(r"<!-- bench:chat -->.*?<!-- /bench:chat -->", re.S)

@@ -37,15 +37,33 @@ def char_tokenizer(chars: str = TEXT):
     return tok
 
 
-def tiny_gpt2(tokenizer, n_layer: int = 2, n_embd: int = 32, n_head: int = 2, n_positions: int = 128, seed: int = 0,
-              task: str = "lm", num_labels: int = 2):
+def tiny_gpt2(
+    tokenizer,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 2,
+    n_positions: int = 128,
+    seed: int = 0,
+    task: str = "lm",
+    num_labels: int = 2,
+):
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                     n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     if task == "classify":
         cfg.num_labels = num_labels
         return GPT2ForSequenceClassification(cfg).eval()
@@ -80,16 +98,32 @@ def write_lm_data_dir(path: Path, text: str = TEXT * 20, val_fraction: float = 0
             ids += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
         np.asarray(ids, dtype=dtype).tofile(path / f"{split}.bin")
         splits[split] = {"documents": len(part), "tokens": len(ids), "bytes": sum(len(d.encode()) for d in part)}
-    meta = {"format": "owngpt-data", "version": 1, "task": "lm", "dtype": "uint16", "splits": splits,
-            "tokenizer": {"kind": "char", "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
-                          "pad_token_id": tok.pad_token_id}, "inputs": []}
+    meta = {
+        "format": "owngpt-data",
+        "version": 1,
+        "task": "lm",
+        "dtype": "uint16",
+        "splits": splits,
+        "tokenizer": {
+            "kind": "char",
+            "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        "inputs": [],
+    }
     (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     (path / "report.json").write_text("{}", encoding="utf-8")
     return path
 
 
-def write_classify_data_dir(path: Path, train: list[tuple[str, str]], val: list[tuple[str, str]],
-                            labels: list[str] | None = None, tokenizer=None) -> Path:
+def write_classify_data_dir(
+    path: Path,
+    train: list[tuple[str, str]],
+    val: list[tuple[str, str]],
+    labels: list[str] | None = None,
+    tokenizer=None,
+) -> Path:
     """A classification data dir (format v1) from (text, label name) pairs; labels in sorted order by default."""
     tok = tokenizer or char_tokenizer()
     labels = labels or sorted({lab for _, lab in train + val})
@@ -108,9 +142,21 @@ def write_classify_data_dir(path: Path, train: list[tuple[str, str]], val: list[
         np.save(path / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
         np.save(path / f"{split}.labels.npy", np.asarray([index[lab] for _, lab in rows], dtype=np.int64))
         splits[split] = {"examples": len(rows), "tokens": len(ids)}
-    meta = {"format": "owngpt-data", "version": 1, "task": "classify", "dtype": "uint16", "splits": splits,
-            "labels": labels, "tokenizer": {"kind": "char", "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
-                                            "pad_token_id": tok.pad_token_id}, "inputs": []}
+    meta = {
+        "format": "owngpt-data",
+        "version": 1,
+        "task": "classify",
+        "dtype": "uint16",
+        "splits": splits,
+        "labels": labels,
+        "tokenizer": {
+            "kind": "char",
+            "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        "inputs": [],
+    }
     (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     (path / "report.json").write_text("{}", encoding="utf-8")
     return path

@@ -110,8 +110,9 @@ def validate_messages(messages: Any, where: str = "conversation") -> list[Messag
 
 def _template_text(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     return render_text(messages, add_generation_prompt)
 
 
@@ -142,7 +143,7 @@ def render(
     """
     messages = list(messages)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     while True:
         ids, mask = _render_exact(tokenizer, system + turns, train_on_prompt)
         if max_tokens is None or len(ids) <= max_tokens:
@@ -172,7 +173,7 @@ def prompt_ids(tokenizer, messages: Sequence[Message], max_tokens: int | None = 
     """Ids that ask the model for the next assistant reply, dropping the oldest turns to fit `max_tokens`."""
     messages = list(messages)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     while True:
         text = _template_text(tokenizer, system + turns, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

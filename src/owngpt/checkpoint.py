@@ -50,20 +50,25 @@ def check_dir(path: str | os.PathLike) -> Path:
     """Raise a clear CheckpointError unless `path` is a loadable model directory."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such checkpoint directory (pass a dir with config.json and *.safetensors, "
-                              "e.g. RUN_DIR/checkpoints/last)")
+        raise CheckpointError(
+            f"{p}: no such checkpoint directory (pass a dir with config.json and *.safetensors, "
+            "e.g. RUN_DIR/checkpoints/last)"
+        )
     if p.is_dir() and not (p / "config.json").exists():
         for sub in ("checkpoints/last", "last", "checkpoints/best", "best"):
             if is_checkpoint(p / sub):
                 raise CheckpointError(f"{p} is a run dir, not a checkpoint: pass {p / sub}")
         raise CheckpointError(f"{p} has no config.json: it is not a Hugging Face model directory")
     if not any((p / w).exists() for w in WEIGHT_FILES):
-        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")] + [f.name for f in p.glob("*.pth")]
+        pickled = (
+            [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")] + [f.name for f in p.glob("*.pth")]
+        )
         if pickled:
             raise CheckpointError(
                 f"{p} has only pickled weights ({', '.join(pickled)}); owngpt loads safetensors only because a "
                 "pickle can run code. Convert once in a trusted environment: "
-                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )
         raise CheckpointError(f"{p} has config.json but no model.safetensors: the checkpoint is incomplete")
     return p
 
@@ -91,8 +96,9 @@ def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
         return load_quantized(p, quant, task=task)
     cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(p, use_safetensors=True, trust_remote_code=False,
-                                    dtype=dtype or torch.float32, **kwargs)
+        model = cls.from_pretrained(
+            p, use_safetensors=True, trust_remote_code=False, dtype=dtype or torch.float32, **kwargs
+        )
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{p}: transformers could not load it as a {cls.__name__}: {e}") from e
     return model
@@ -132,8 +138,10 @@ def save_checkpoint(
             tmp.rename(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save the checkpoint to {out}: {e.strerror or e} (is the disk full or the "
-                              "directory read-only?); the previous checkpoint is untouched") from e
+        raise CheckpointError(
+            f"could not save the checkpoint to {out}: {e.strerror or e} (is the disk full or the "
+            "directory read-only?); the previous checkpoint is untouched"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

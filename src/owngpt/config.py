@@ -77,8 +77,11 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run (e.g. tune trial)
 
     def validate(self) -> TrainConfig:
-        choices = {"task": ("lm", "chat", "mmi", "classify"), "schedule": ("cosine", "linear", "constant"),
-                   "precision": ("auto", "fp32", "bf16")}
+        choices = {
+            "task": ("lm", "chat", "mmi", "classify"),
+            "schedule": ("cosine", "linear", "constant"),
+            "precision": ("auto", "fp32", "bf16"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")

@@ -55,14 +55,18 @@ class ModelSource:
         return f"pretrained: local checkpoint {self.path}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "path": str(self.path) if self.path else None,
-                **({"preset": self.preset} if self.preset else {})}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "path": str(self.path) if self.path else None,
+            **({"preset": self.preset} if self.preset else {}),
+        }
 
 
 def preset_name(spec: str) -> str | None:
     """The preset a spec names, or None. `scratch:X` always means a preset; bare ambiguous names never do."""
     if spec.startswith(SCRATCH_PREFIX):
-        name = spec[len(SCRATCH_PREFIX):]
+        name = spec[len(SCRATCH_PREFIX) :]
         if name not in PRESETS:
             raise ConfigError(f"--model {spec}: unknown preset '{name}'; presets: {', '.join(PRESETS)}")
         return name
@@ -88,8 +92,10 @@ def resolve_model_source(spec: str) -> ModelSource:
         return ModelSource("preset", name, None, dict(PRESETS[name]))
     if looks_like_hub_id(spec):
         return ModelSource("hub", spec, _fetch_hub(spec))
-    raise CheckpointError(f"--model {spec}: no such directory, preset or Hub id. Presets: "
-                          f"{', '.join(n if n not in AMBIGUOUS else SCRATCH_PREFIX + n for n in PRESETS)}")
+    raise CheckpointError(
+        f"--model {spec}: no such directory, preset or Hub id. Presets: "
+        f"{', '.join(n if n not in AMBIGUOUS else SCRATCH_PREFIX + n for n in PRESETS)}"
+    )
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -100,8 +106,10 @@ def resolve_checkpoint(spec: str) -> Path:
 
         return check_dir(p)
     if preset_name(spec) is not None:
-        raise CheckpointError(f"{spec} is a from-scratch preset, not a trained checkpoint: train one first "
-                              f"(`owngpt train --model {spec} ...`) and pass its checkpoint dir")
+        raise CheckpointError(
+            f"{spec} is a from-scratch preset, not a trained checkpoint: train one first "
+            f"(`owngpt train --model {spec} ...`) and pass its checkpoint dir"
+        )
     if looks_like_hub_id(spec):
         return _fetch_hub(spec)
     raise CheckpointError(f"{spec}: no such checkpoint directory")
@@ -122,8 +130,13 @@ def preset_table(vocab_size: int = 50257) -> list[dict[str, Any]]:
 
     rows = []
     for name, p in PRESETS.items():
-        rows.append({"model": SCRATCH_PREFIX + name if name in AMBIGUOUS else name, **p,
-                     "parameters": gpt2_parameters(p["n_layer"], p["n_embd"], vocab_size, p["n_positions"])})
+        rows.append(
+            {
+                "model": SCRATCH_PREFIX + name if name in AMBIGUOUS else name,
+                **p,
+                "parameters": gpt2_parameters(p["n_layer"], p["n_embd"], vocab_size, p["n_positions"]),
+            }
+        )
     return rows
 
 
@@ -157,7 +170,16 @@ def list_checkpoints(roots: list[Path], max_depth: int = 5) -> list[dict[str, An
                 model_type = None
             size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
             step = meta.get("step")
-            found.append({"path": str(d), "bytes": size, "task": meta.get("task"), "model_type": model_type,
-                          "step": step, "step_text": f"step {step}" if step is not None else None,
-                          "source": meta.get("source"), "mtime": d.stat().st_mtime})
+            found.append(
+                {
+                    "path": str(d),
+                    "bytes": size,
+                    "task": meta.get("task"),
+                    "model_type": model_type,
+                    "step": step,
+                    "step_text": f"step {step}" if step is not None else None,
+                    "source": meta.get("source"),
+                    "mtime": d.stat().st_mtime,
+                }
+            )
     return sorted(found, key=lambda c: -c["mtime"])

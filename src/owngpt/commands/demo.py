@@ -16,11 +16,16 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "tang"],
-                   help="bundled sample: shakespeare (English) or tang (Chinese poems) (default shakespeare)")
+    p.add_argument(
+        "--corpus",
+        default="shakespeare",
+        choices=["shakespeare", "tang"],
+        help="bundled sample: shakespeare (English) or tang (Chinese poems) (default shakespeare)",
+    )
     p.add_argument("--out", default=None, help="where to put data/ and run/ (default runs/demo-CORPUS)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="training steps (default 2000 for shakespeare, 1500 for tang)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="training steps (default 2000 for shakespeare, 1500 for tang)"
+    )
     p.add_argument("--samples", type=int, default=3, help="samples to print at the end (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="characters per sample (default 200)")
     p.add_argument("--seed", type=int, default=1337, help="seed for data split, init and sampling")

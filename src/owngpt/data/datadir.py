@@ -194,8 +194,10 @@ class DataDir:
 
     def _expect(self, *tasks: str) -> None:
         if self.task not in tasks:
-            raise DataError(f"{self.path} holds '{self.task}' data, but this needs {' or '.join(tasks)} data: "
-                            f"prepare it with `owngpt prepare ... --task {tasks[0]}`")
+            raise DataError(
+                f"{self.path} holds '{self.task}' data, but this needs {' or '.join(tasks)} data: "
+                f"prepare it with `owngpt prepare ... --task {tasks[0]}`"
+            )
 
 
 def open_data_dir(path: str | os.PathLike) -> DataDir:
@@ -211,8 +213,10 @@ def open_data_dir(path: str | os.PathLike) -> DataDir:
     except (OSError, ValueError) as e:
         raise DataError(f"{meta_f} is unreadable ({e}): run `owngpt prepare` again") from e
     if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-        raise DataError(f"{meta_f}: format {meta.get('format')!r} v{meta.get('version')} is not one this owngpt "
-                        f"reads ({FORMAT} v{VERSION}); prepare the data again or upgrade owngpt")
+        raise DataError(
+            f"{meta_f}: format {meta.get('format')!r} v{meta.get('version')} is not one this owngpt "
+            f"reads ({FORMAT} v{VERSION}); prepare the data again or upgrade owngpt"
+        )
     if meta.get("task") not in TASKS:
         raise DataError(f"{meta_f}: unknown task {meta.get('task')!r}; expected one of {', '.join(TASKS)}")
     return DataDir(p, meta)
