@@ -19,3 +19,27 @@ def test_training_from_an_int8_export_is_refused_with_the_reason(tiny_ckpt, tmp_
     with pytest.raises(CheckpointError, match="int8 export"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_prune_command_line_runs(tiny_ckpt, tmp_path):
+    """The CLI path (flags -> prune()), not only the function: every flag the command reads must exist."""
+    from owngpt.checkpoint import is_checkpoint
+    from owngpt.cli import main
+
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_ckpt),
+                "--out",
+                str(tmp_path / "p"),
+                "--sparsity",
+                "0.5",
+                "--structured",
+                "mlp",
+                "--no-measure",
+            ]
+        )
+        == 0
+    )
+    assert is_checkpoint(tmp_path / "p")

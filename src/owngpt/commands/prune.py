@@ -52,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="learning rate of the recovery fine-tune")
     p.add_argument(
+        "--finetune-block-size",
+        type=int,
+        default=None,
+        help="tokens per sequence in the recovery fine-tune and perplexity windows (default: the block size the "
+        "checkpoint was trained with, from owngpt.json)",
+    )
+    p.add_argument(
         "--data",
         default=None,
         help="a language-modelling data dir with the checkpoint's tokenizer: fine-tune on its train "
