@@ -41,3 +41,18 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "missing" in r.stderr
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_flag_a_command_reads_is_defined(command):
+    """A command that reads args.X without defining --x fails only when run: catch it statically."""
+    import argparse
+    import importlib
+    import re
+
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    defined = {a.dest for a in parser._actions} | {"_run", "command"}
+    used = set(re.findall(r"\bargs\.([A-Za-z_][A-Za-z0-9_]*)", open(module.__file__, encoding="utf-8").read()))
+    assert used <= defined, f"owngpt {command} reads undefined flags: {sorted(used - defined)}"
