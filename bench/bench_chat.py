@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
 
+import _doc  # bench/ is on sys.path when a script runs
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,11 +111,7 @@ distinct-n is over answers sampled (temperature 0.8, top-p 0.9) for validation p
 These are tiny models trained from scratch on a few hundred to two thousand short dialogues: they learn the style
 and the common answers, not facts. Start from a pretrained checkpoint (`--model DIR`, see docs/models.md) for more.
 {"".join(s + chr(10) for s in samples)}"""
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Chat fine-tuning and MMI\n"
-    block = f"<!-- bench:chat -->\n{body.strip()}\n<!-- /bench:chat -->"
-    pattern = re.compile(r"<!-- bench:chat -->.*?<!-- /bench:chat -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    _doc.write_section("chat", body, doc=DOC, title="# Chat fine-tuning and MMI\n")
 
 
 def main() -> None:

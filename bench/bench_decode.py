@@ -26,6 +26,9 @@ DOC = ROOT / "docs" / "benchmarks.md"
 NAME = "decode"
 
 
+import _doc  # noqa: E402  (bench/ is on sys.path when a script runs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -142,19 +145,7 @@ def render(args: argparse.Namespace, rows: list[tuple[int, float, float, float]]
 
 
 def write_section(body: str) -> None:
-    """Replace (or append) this benchmark's section between its markers, leaving other sections untouched."""
-    start, end = f"<!-- bench:{NAME} -->", f"<!-- /bench:{NAME} -->"
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, DOC)
+    _doc.write_section(NAME, body)
 
 
 if __name__ == "__main__":

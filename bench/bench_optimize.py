@@ -36,6 +36,9 @@ CACHE = ROOT / "runs" / "bench_optimize"  # runs/ is git-ignored
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+import _doc  # noqa: E402  (bench/ is on sys.path when a script runs)
+
+
 def train_small(steps: int) -> tuple[Path, Path]:
     """Prepare Tiny Shakespeare (char) and train the `tiny` preset with owngpt's CLI; cached between runs."""
     data, run = CACHE / "shake_data", CACHE / f"shake_tiny_{steps}"
@@ -232,19 +235,7 @@ def render(rows, args, ckpt, data, n_tokens, minutes, load_start, load_end, thre
 
 
 def write_section(body: str) -> None:
-    """Replace (or append) this benchmark's section between its markers, leaving other sections untouched."""
-    start, end = f"<!-- bench:{NAME} -->", f"<!-- /bench:{NAME} -->"
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_suffix(".md.optimize.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, DOC)
+    _doc.write_section(NAME, body)
 
 
 if __name__ == "__main__":

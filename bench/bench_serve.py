@@ -32,6 +32,9 @@ NAME = "serve"
 TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\nFirst Citizen:\nBefore we proceed any further.\n"
 
 
+import _doc  # noqa: E402  (bench/ is on sys.path when a script runs)
+
+
 def build_checkpoint(out: Path, n_layer: int, n_embd: int, ctx: int) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -232,19 +235,7 @@ def report(args, results, load: float) -> str:
 
 
 def write_section(body: str) -> None:
-    """Replace (or append) this benchmark's section between its markers, leaving other sections untouched."""
-    start, end = f"<!-- bench:{NAME} -->", f"<!-- /bench:{NAME} -->"
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_suffix(f".md.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, DOC)
+    _doc.write_section(NAME, body)
 
 
 if __name__ == "__main__":

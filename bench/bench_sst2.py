@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 NAME = "sst2"
+
+
+import _doc  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
 def load_split(data: Path, n_train: int, n_test: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
@@ -165,18 +167,7 @@ def classify_run(name: str, w: Path, data: Path, model: str, steps: int, args, l
 
 
 def write_section(body: str) -> None:
-    start, end = f"<!-- bench:{NAME} -->", f"<!-- /bench:{NAME} -->"
-    text = (
-        DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\nEach section is written by its script.\n"
-    )
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = DOC.with_name(DOC.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, DOC)
+    _doc.write_section(NAME, body)
 
 
 def main() -> None:

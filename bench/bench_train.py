@@ -22,13 +22,13 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _doc  # bench/ is on sys.path when a script runs
 import numpy as np
 import torch
 
@@ -168,13 +168,7 @@ def flops_per_token(model, block: int) -> float:
 
 
 def write_section(name: str, body: str) -> None:
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    block = f"<!-- bench:{name} -->\n{body.strip()}\n<!-- /bench:{name} -->"
-    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, DOC)
+    _doc.write_section(name, body)
 
 
 def main() -> None:

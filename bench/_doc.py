@@ -1,0 +1,28 @@
+"""The one writer of docs/benchmarks.md sections, shared by every benchmark script.
+
+Each script owns the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; other sections stay untouched.
+The file is written aside and renamed, so an interrupted benchmark never leaves a half-written doc.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def write_section(name: str, body: str, doc: Path = DOC, title: str = "# Benchmarks\n") -> None:
+    """Replace (or append) section `name` of `doc` with `body`."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else title
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, doc)
