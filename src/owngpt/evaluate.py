@@ -60,7 +60,7 @@ def lm_stream_loss(
             att = torch.zeros(len(xs), width, dtype=torch.long)
             for r, (xa, ya) in enumerate(zip(xs, ys)):
                 x[r, : len(xa)], y[r, : len(ya)], att[r, : len(xa)] = torch.from_numpy(xa), torch.from_numpy(ya), 1
-            logits = model(input_ids=x, attention_mask=att).logits.float()
+            logits = model(input_ids=x, attention_mask=att, use_cache=False).logits.float()
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
             total += loss.item()
             count += int((y != -100).sum())
@@ -85,7 +85,7 @@ def masked_loss(model, examples: Sequence[tuple[list[int], list[int]]], batch_si
                 x[r, : len(ids)], att[r, : len(ids)] = t, 1
                 lab = torch.where(torch.tensor(mask, dtype=torch.bool), t, torch.tensor(-100))
                 y[r, : len(ids) - 1] = lab[1:]  # position t predicts token t+1
-            logits = model(input_ids=x, attention_mask=att).logits.float()
+            logits = model(input_ids=x, attention_mask=att, use_cache=False).logits.float()
             total += F.cross_entropy(
                 logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum"
             ).item()

@@ -52,7 +52,7 @@ def score_candidates(
         attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
         mask = torch.tensor([m + [0] * (width - len(m)) for _, m in chunk], dtype=torch.float32, device=device)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()  # (B, T, V)
         # token t is predicted from position t - 1
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"

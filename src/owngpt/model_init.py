@@ -94,6 +94,11 @@ def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any
             n_embd=source.preset["n_embd"],
             n_layer=source.preset["n_layer"],
             n_head=source.preset["n_head"],
+            # exact GELU (as nanoGPT and BERT) instead of GPT-2's tanh approximation `gelu_new`, which transformers
+            # computes in eight elementwise ops: on this CPU the fused exact kernel's forward + backward is 5x
+            # faster (0.8 vs 4.0 ms on a 12x64x512 activation), a 20% shorter training step at nanoGPT's CPU size.
+            # The two differ by < 5e-4 anywhere; checkpoints record it in config.json.
+            activation_function="gelu",
             resid_pdrop=p,
             embd_pdrop=p,
             attn_pdrop=p,

@@ -608,7 +608,10 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
 
     sharded = dist.world > 1 and cfg.fsdp
     groups, names = param_groups(raw, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    # the fused kernel (one pass over each tensor) on CPU too: 5-10% of a small model's step; FSDP's sharded
+    # DTensor parameters take the default (foreach) implementation
+    fused = device.type in ("cuda", "cpu") and not sharded
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
     # ---- length of the run ----------------------------------------------------------------------------------------
     rows_per_step = cfg.batch_size * cfg.grad_accum * dist.world  # the global batch

@@ -143,7 +143,11 @@ class CausalLMTask(Task):
 
         # Batches are right-padded, so in a causal model no real token attends to padding and the mask changes no
         # trained logit; it is passed anyway where there is padding, as transformers expects (and warns otherwise).
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
+        # use_cache=False: transformers otherwise builds a KV cache on every training forward, which nothing reads
+        # (about 15% of a small model's step here)
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        ).logits  # (B, T, V)
         labels = batch["labels"]  # (B, T), already shifted: labels[:, t] is the token after input_ids[:, t]
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 

@@ -101,7 +101,7 @@ def classifier_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     if left_padded and model_type not in _SELF_POSITIONED:
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits  # no KV cache
 
 
 # --- model surgery ------------------------------------------------------------------------------------------------
