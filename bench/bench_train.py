@@ -71,7 +71,9 @@ def lr_at(step: int, total: int, r: dict) -> float:
     return r["min_lr"] + 0.5 * (1 + math.cos(math.pi * p)) * (r["lr"] - r["min_lr"])
 
 
-def plain_loop(data_dir: Path, r: dict, steps: int, seed: int, preset: dict | None = None, activation: str = "gelu_new"):
+def plain_loop(
+    data_dir: Path, r: dict, steps: int, seed: int, preset: dict | None = None, activation: str = "gelu_new"
+):
     """The baseline: a straightforward transformers training loop. Returns (model, seconds, tokens/s per step).
 
     `activation` defaults to GPT2Config's own (`gelu_new`), what that script gets; "gelu" is the exact GELU that
@@ -221,9 +223,7 @@ def main() -> None:
         quality.append((seed, own_val, own_secs, plain_val, plain_secs))
         print(f"seed {seed}: owngpt {own_val:.4f} ({own_secs:.0f} s), plain {plain_val:.4f} ({plain_secs:.0f} s)")
     med = [statistics.median(q[i] for q in quality) for i in range(1, 5)]
-    seed_rows = "".join(
-        f"| seed {q[0]} | {q[1]:.4f} | {q[2]:.0f} | {q[3]:.4f} | {q[4]:.0f} |\n" for q in quality
-    )
+    seed_rows = "".join(f"| seed {q[0]} | {q[1]:.4f} | {q[2]:.0f} | {q[3]:.4f} | {q[4]:.0f} |\n" for q in quality)
 
     # --- gpt2 size: tokens/s and MFU -------------------------------------------------------------------------------
     gpt2_rows = ""
