@@ -5,7 +5,8 @@
 
 Data: /work/shared/data/sst2 (GLUE SST-2; or --data DIR with train.tsv and dev.tsv). The split is the one of
 /work/shared/smoke/classify.sh: the train rows shuffled with random.Random(0), the first --train-rows (8,000) for
-training, and the first 1,000 rows of dev.tsv as the test set. Every model sees only those training rows' labels;
+training; the test set is the whole dev.tsv (6,735 rows: one standard error of an accuracy near 0.8 is 0.5 points),
+or its first --test-rows (the smoke script takes 1,000). Every model sees only those training rows' labels;
 `owngpt prepare` holds 10% of them out as the validation split that picks checkpoints/best. The pre-trained variant
 additionally reads the *text* (no labels) of the whole SST-2 train file to pre-train its language model first,
 which is the point of a GPT backbone: unlabelled text is cheap. No dev/test text is ever trained on.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import random
@@ -46,7 +48,8 @@ def load_split(data: Path, n_train: int, n_test: int) -> tuple[list[tuple[str, s
     train_all = read(data / "train.tsv")
     shuffled = list(train_all)
     random.Random(0).shuffle(shuffled)
-    return shuffled[:n_train], read(data / "dev.tsv")[:n_test], [t for t, _ in train_all]
+    test = read(data / "dev.tsv")
+    return shuffled[:n_train], test[:n_test] if n_test else test, [t for t, _ in train_all]
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -74,7 +77,7 @@ def accuracy_of_predictions(pred_file: Path, gold: list[str]) -> float:
     return sum(p == g for p, g in zip(pred, gold)) / len(gold)
 
 
-def baseline(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[float, float]:
+def baseline(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[float, float, list[str]]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -82,7 +85,25 @@ def baseline(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple
     vec = TfidfVectorizer(ngram_range=(1, 2))
     clf = LogisticRegression(max_iter=2000).fit(vec.fit_transform([t for t, _ in train]), [lab for _, lab in train])
     pred = clf.predict(vec.transform([t for t, _ in test]))
-    return float((pred == [lab for _, lab in test]).mean()), time.perf_counter() - t0
+    return float((pred == [lab for _, lab in test]).mean()), time.perf_counter() - t0, [str(p) for p in pred]
+
+
+def predictions(pred_file: Path) -> list[str]:
+    return [json.loads(line)["label"] for line in open(pred_file, encoding="utf-8") if line.strip()]
+
+
+def mcnemar(ours: list[str], theirs: list[str], gold: list[str]) -> tuple[int, int, float]:
+    """Paired test on the same test rows: (rows only we get right, rows only they get right, two-sided p-value).
+
+    The normal approximation of McNemar's test with continuity correction; fine when the discordant counts are in
+    the tens or more, as here.
+    """
+    b = sum(o == g != t for o, t, g in zip(ours, theirs, gold))
+    c = sum(t == g != o for o, t, g in zip(ours, theirs, gold))
+    if b + c == 0:
+        return b, c, 1.0
+    z = max(0.0, abs(b - c) - 1) / math.sqrt(b + c)
+    return b, c, math.erfc(z / math.sqrt(2))
 
 
 def params_of(ckpt: Path) -> int:
@@ -113,7 +134,9 @@ def save_result(w: Path, r: dict) -> None:
     (w / f"{r['name']}.result.json").write_text(json.dumps({**r, "pred": str(r["pred"])}, indent=2), encoding="utf-8")
 
 
-def classify_run(name: str, w: Path, data: Path, model: str, steps: int, args, log: Path, extra: list[str]) -> dict:
+def classify_run(
+    name: str, w: Path, data: Path, model: str, steps: int, args, log: Path, extra: list[str], seed: int | None = None
+) -> dict:
     out = w / name
     train_s = run(
         [
@@ -138,7 +161,7 @@ def classify_run(name: str, w: Path, data: Path, model: str, steps: int, args, l
             "--warmup-steps",
             str(min(100, steps // 10)),
             "--seed",
-            str(args.seed),
+            str(args.seed if seed is None else seed),
             "--out",
             str(out),
             "eval_batches=0",
@@ -174,10 +197,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/work/shared/data/sst2")
     ap.add_argument("--train-rows", type=int, default=8000)
-    ap.add_argument("--test-rows", type=int, default=1000)
+    ap.add_argument("--test-rows", type=int, default=0, help="first N rows of dev.tsv as the test set (0: all)")
     ap.add_argument("--model", default="tiny", help="preset for both owngpt models (default tiny)")
     ap.add_argument("--steps", type=int, default=600, help="classifier fine-tuning steps")
     ap.add_argument("--pretrain-steps", type=int, default=1500, help="LM pre-training steps (0 skips that variant)")
+    ap.add_argument(
+        "--finetune-seeds",
+        type=int,
+        default=3,
+        help="classifiers fine-tuned from the one pre-trained LM, seeds --seed, --seed+1, ... (ensembled)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--pretrain-batch-size", type=int, default=16)
     ap.add_argument("--parallel", action="store_true", help="run the two owngpt pipelines side by side")
@@ -196,12 +225,14 @@ def main() -> None:
     w.mkdir(parents=True, exist_ok=True)
     log = w / "log.txt"
     train, test, all_train_text = load_split(Path(args.data), args.train_rows, args.test_rows)
+    args.n_lm_rows = len(all_train_text)
     write_csv(w / "train.csv", train)
     write_csv(w / "test.csv", test)
     gold = [lab for _, lab in test]
     t_start = time.perf_counter()
 
-    base_acc, base_s = baseline(train, test)
+    base_acc, base_s, base_pred = baseline(train, test)
+    args.base_pred = base_pred
     print(f"TF-IDF + LR: {base_acc:.3f} ({base_s:.1f} s)", flush=True)
 
     results: list[dict] = []
@@ -226,64 +257,88 @@ def main() -> None:
         done(r)
 
     def pretrained() -> None:
-        if (r := cached(w, "pretrained", args)) is not None:
-            return done(r)
-        # The language model reads the text of the whole SST-2 train file (no labels), one sentence per line.
-        (w / "lm.txt").write_text("\n".join(all_train_text) + "\n", encoding="utf-8")
-        prep = ["owngpt", "prepare", str(w / "lm.txt"), "--task", "lm", "--doc-sep", "line", "--tokenizer", "bpe"]
-        prep_s = run([*prep, "--vocab-size", str(args.vocab_size), "--out", str(w / "lm_data"), "--overwrite"], log)
-        lm_s = run(
-            [
-                "owngpt",
-                "train",
-                "--task",
-                "lm",
-                "--data",
-                str(w / "lm_data"),
-                "--model",
-                args.model,
-                "--max-steps",
-                str(args.pretrain_steps),
-                "--eval-every",
-                str(max(1, args.pretrain_steps // 2)),
-                "--batch-size",
-                str(args.pretrain_batch_size),
-                "--block-size",
-                str(args.block_size),
-                "--lr",
-                "2e-3",
-                "--warmup-steps",
-                str(min(100, args.pretrain_steps // 10)),
-                "--seed",
-                str(args.seed),
-                "--out",
-                str(w / "lm"),
-            ],
-            log,
-        )
+        seeds = [args.seed + i for i in range(args.finetune_seeds)]
+        names = ["pretrained" if i == 0 else f"pretrained_seed{sd}" for i, sd in enumerate(seeds)]
+        todo = []
+        for i, (name, sd) in enumerate(zip(names, seeds)):
+            if (r := cached(w, name, args)) is not None:
+                done(r)
+            else:
+                todo.append((i, name, sd))
+        if not todo:
+            return
         lm_ckpt = w / "lm" / "checkpoints" / "last"
-        prep = ["owngpt", "prepare", str(w / "train.csv"), "--task", "classify", "--tokenizer", str(lm_ckpt)]
-        prep_s += run([*prep, "--out", str(w / "data_lm"), "--overwrite"], log)
-        r = classify_run("pretrained", w, w / "data_lm", str(lm_ckpt), args.steps, args, log, ["dropout=0.1"])
-        r.update(
-            label=f"`{args.model}` LM pre-trained {args.pretrain_steps} steps (batch {args.pretrain_batch_size}) "
-            f"on SST-2 text, then {args.steps} steps",
-            prep_s=prep_s,
-            pretrain_s=lm_s,
-            order=1,
-        )
-        save_result(w, r)
-        done(r)
+        prev = cached(w, "pretrained", args)
+        if prev is not None and lm_ckpt.is_dir() and (w / "data_lm").is_dir():
+            prep_s, lm_s = prev["prep_s"], prev["pretrain_s"]  # the language model of an earlier invocation
+        else:
+            # The language model reads the text of the whole SST-2 train file (no labels), one sentence per line.
+            (w / "lm.txt").write_text("\n".join(all_train_text) + "\n", encoding="utf-8")
+            prep = ["owngpt", "prepare", str(w / "lm.txt"), "--task", "lm", "--doc-sep", "line", "--tokenizer", "bpe"]
+            prep_s = run([*prep, "--vocab-size", str(args.vocab_size), "--out", str(w / "lm_data"), "--overwrite"], log)
+            lm_s = run(
+                [
+                    "owngpt",
+                    "train",
+                    "--task",
+                    "lm",
+                    "--data",
+                    str(w / "lm_data"),
+                    "--model",
+                    args.model,
+                    "--max-steps",
+                    str(args.pretrain_steps),
+                    "--eval-every",
+                    str(max(1, args.pretrain_steps // 2)),
+                    "--batch-size",
+                    str(args.pretrain_batch_size),
+                    "--block-size",
+                    str(args.block_size),
+                    "--lr",
+                    "2e-3",
+                    "--warmup-steps",
+                    str(min(100, args.pretrain_steps // 10)),
+                    "--seed",
+                    str(args.seed),
+                    "--out",
+                    str(w / "lm"),
+                    "--overwrite",
+                ],
+                log,
+            )
+            prep = ["owngpt", "prepare", str(w / "train.csv"), "--task", "classify", "--tokenizer", str(lm_ckpt)]
+            prep_s += run([*prep, "--out", str(w / "data_lm"), "--overwrite"], log)
+        for i, name, sd in todo:
+            r = classify_run(name, w, w / "data_lm", str(lm_ckpt), args.steps, args, log, ["dropout=0.1"], seed=sd)
+            r.update(
+                label=f"`{args.model}` LM pre-trained {args.pretrain_steps} steps (batch {args.pretrain_batch_size}) "
+                f"on SST-2 text, then {args.steps} steps, seed {sd}",
+                prep_s=prep_s,
+                # the language model is trained once and shared: its time is counted on the first fine-tune
+                pretrain_s=lm_s if i == 0 else 0.0,
+                order=1 + i,
+                seed=sd,
+                pretrained=True,
+            )
+            save_result(w, r)
+            done(r)
 
     jobs = [scratch] + ([pretrained] if args.pretrain_steps else [])
     # The two pipelines are independent; --parallel runs them side by side (each then gets part of the CPU).
     with ThreadPoolExecutor(max_workers=len(jobs) if args.parallel else 1) as ex:
         for f in [ex.submit(j) for j in jobs]:
             f.result()
-    if len(results) == 2:
-        # Soft voting: `owngpt predict --models` averages the two classifiers' probabilities.
-        pred = w / "ensemble.jsonl"
-        models = [str(w / r["name"] / "checkpoints" / "best") for r in results]
+    # Soft voting: `owngpt predict --models` averages the classifiers' probabilities.
+    singles = list(results)
+    ensembles = []
+    pre = [r for r in singles if r.get("pretrained")]
+    if len(pre) > 1:
+        ensembles.append(("ensemble_pretrained", f"ensemble of the {len(pre)} pre-trained fine-tunes above", pre))
+    if len(singles) > 1 and len(singles) != len(pre):
+        ensembles.append(("ensemble", f"ensemble of all {len(singles)} models above", singles))
+    for k, (name, label, members) in enumerate(ensembles):
+        pred = w / f"{name}.jsonl"
+        models = [str(w / r["name"] / "checkpoints" / "best") for r in members]
         t0 = time.perf_counter()
         with open(pred, "w", encoding="utf-8") as f, open(log, "a", encoding="utf-8") as err:
             res = subprocess.run(
@@ -293,16 +348,17 @@ def main() -> None:
             sys.exit(f"ensemble predict failed; see {log}")
         results.append(
             {
-                "name": "ensemble",
-                "label": "ensemble of the two above (`owngpt predict --models`)",
+                "name": name,
+                "label": f"{label} (`owngpt predict --models`)",
+                "ensemble": True,
                 "train_s": 0.0,
                 "predict_s": time.perf_counter() - t0,
                 "pred": pred,
-                "order": 2,
-                "params": sum(r["params"] for r in results),
+                "order": 100 + k,
+                "params": sum(r["params"] for r in members),
             }
         )
-        print(f"ensemble: {accuracy_of_predictions(pred, gold):.3f}", flush=True)
+        print(f"{name}: {accuracy_of_predictions(pred, gold):.3f}", flush=True)
 
     report(args, train, test, gold, base_acc, base_s, results, t_start, final=True)
 
@@ -314,7 +370,7 @@ def report(args, train, test, gold, base_acc, base_s, results, t_start, final: b
     for r in results:
         acc = accuracy_of_predictions(r["pred"], gold)
         t = r["train_s"] + r.get("pretrain_s", 0)
-        if r["name"] == "ensemble":
+        if r.get("ensemble"):
             rows.append(
                 f"| owngpt: {r['label']} | **{acc:.3f}** ({acc - base_acc:+.3f}) | {r['params'] / 1e6:.2f} M "
                 f"| {r['predict_s']:.0f} s predict |"
@@ -326,13 +382,23 @@ def report(args, train, test, gold, base_acc, base_s, results, t_start, final: b
         )
     accs = {r["label"]: accuracy_of_predictions(r["pred"], gold) for r in results}
     best_label, best_acc = max(accs.items(), key=lambda kv: kv[1]) if accs else ("", 0.0)
+    best = next((r for r in results if r["label"] == best_label), None)
+    b, c, p = mcnemar(predictions(best["pred"]), args.base_pred, gold) if best else (0, 0, 1.0)
+    paired = (
+        f" On the same rows it is right where the baseline is wrong {b} times and wrong where the baseline is right "
+        f"{c} times (McNemar's paired test: p = {p:.2g}"
+    )
     if best_acc > base_acc:
         verdict = (
-            f"The best owngpt result, {best_label}, is {100 * (best_acc - base_acc):.1f} points above the baseline"
+            f"The best owngpt result, {best_label}, is {100 * (best_acc - base_acc):.1f} points above the baseline."
+            + paired
+            + ("; a real difference at the 5% level)." if p < 0.05 else "; not a significant difference).")
         )
     else:
-        verdict = f"No owngpt model beats the baseline here: the best, {best_label}, is {100 * (base_acc - best_acc):.1f} points below"
-    verdict += "; differences under about 2 points are within noise."
+        verdict = (
+            f"No owngpt model beats the baseline here: the best, {best_label}, is "
+            f"{100 * (base_acc - best_acc):.1f} points below." + paired + ")."
+        )
     rising = [r["label"] for r in results if r.get("best_step") is not None and r["best_step"] >= args.steps]
     if rising:
         verdict += (
@@ -344,7 +410,8 @@ def report(args, train, test, gold, base_acc, base_s, results, t_start, final: b
     threads = os.environ.get("OMP_NUM_THREADS")
     reproduce = (
         f"{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}python bench/bench_sst2.py --steps {args.steps} "
-        f"--pretrain-steps {args.pretrain_steps} --pretrain-batch-size {args.pretrain_batch_size}"
+        f"--pretrain-steps {args.pretrain_steps} --pretrain-batch-size {args.pretrain_batch_size} "
+        f"--finetune-seeds {args.finetune_seeds}"
         f"{' --parallel' if args.parallel else ''}"
     )
     threads_note = (
@@ -356,11 +423,12 @@ def report(args, train, test, gold, base_acc, base_s, results, t_start, final: b
     partial = "" if final else "\n**Partial run** (interrupted before every model was trained).\n"
     body = f"""## SST-2 sentiment: owngpt classifiers vs TF-IDF + logistic regression
 {partial}
-Test accuracy on the first {len(test):,} rows of SST-2 `dev.tsv`; training on {len(train):,} rows of `train.tsv`
+Test accuracy on {"all " if not args.test_rows else "the first "}{len(test):,} rows of SST-2 `dev.tsv`; training on {len(train):,} rows of `train.tsv`
 (shuffled with seed 0, as in `smoke/classify.sh`), of which `owngpt prepare` holds 10% out for validation
-(checkpoints/best is picked on it). The baseline is measured in the same run on the same rows. The pre-trained model
-starts from a language model trained on the text of the SST-2 train file (67,349 sentences, no labels, no dev text)
-for {args.pretrain_steps} steps of {args.pretrain_batch_size} x {args.block_size} tokens.
+(checkpoints/best is picked on it). The baseline is measured in the same run on the same rows. The pre-trained models
+start from one language model trained on the text of the SST-2 train file ({args.n_lm_rows:,} rows, no labels, no dev text)
+for {args.pretrain_steps} steps of {args.pretrain_batch_size} x {args.block_size} tokens (its time is counted on the
+first of them), then are fine-tuned on the labelled rows with different seeds.
 
 | model | test accuracy (vs baseline) | parameters | time on this CPU |
 |---|---|---|---|
@@ -369,8 +437,8 @@ for {args.pretrain_steps} steps of {args.pretrain_batch_size} x {args.block_size
 {verdict}
 
 Settings: batch {args.batch_size}, block {args.block_size}, lr {args.lr}, dropout 0.1, BPE vocabulary
-{args.vocab_size}, seed {args.seed}; one run per model (on 1,000 test examples one standard error of an accuracy near
-0.8 is 1.3 points, so smaller differences are noise). {"Model runs reused from an earlier invocation (times as measured then); this one: " if reused else "Whole benchmark: "}{total / 60:.1f} min on {os.cpu_count()} CPU
+{args.vocab_size}, seed {args.seed} unless given; one run per model (on {len(test):,} test examples one standard error of an accuracy near
+0.8 is {100 * (0.16 / len(test)) ** 0.5:.1f} points, so smaller differences are noise). {"Model runs reused from an earlier invocation (times as measured then); this one: " if reused else "Whole benchmark: "}{total / 60:.1f} min on {os.cpu_count()} CPU
 cores ({platform.processor() or platform.machine()}); load average at the end {load:.1f}: other work shared the CPU,
 so the times are upper bounds.{threads_note}
 
