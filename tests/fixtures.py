@@ -83,6 +83,29 @@ def save_tiny_checkpoint(path: Path, task: str = "lm", **kw) -> Path:
     return save_checkpoint(path, model, tok, meta)
 
 
+def write_meta(path: Path, task: str, tok, splits: dict, **extra) -> None:
+    """meta.json (format v1, char tokenizer) and an empty report.json: the one place the test data dirs write them."""
+    from owngpt.data import datadir
+
+    meta = {
+        "format": datadir.FORMAT,
+        "version": 1,
+        "task": task,
+        "dtype": "uint16",
+        "splits": splits,
+        **extra,
+        "tokenizer": {
+            "kind": "char",
+            "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        "inputs": [],
+    }
+    (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (path / "report.json").write_text("{}", encoding="utf-8")
+
+
 def write_lm_data_dir(path: Path, text: str = TEXT * 20, val_fraction: float = 0.1, tokenizer=None) -> Path:
     """A language-modelling data dir (format v1) with documents split on blank lines."""
     tok = tokenizer or char_tokenizer()
@@ -98,22 +121,7 @@ def write_lm_data_dir(path: Path, text: str = TEXT * 20, val_fraction: float = 0
             ids += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
         np.asarray(ids, dtype=dtype).tofile(path / f"{split}.bin")
         splits[split] = {"documents": len(part), "tokens": len(ids), "bytes": sum(len(d.encode()) for d in part)}
-    meta = {
-        "format": "owngpt-data",
-        "version": 1,
-        "task": "lm",
-        "dtype": "uint16",
-        "splits": splits,
-        "tokenizer": {
-            "kind": "char",
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
-        "inputs": [],
-    }
-    (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    (path / "report.json").write_text("{}", encoding="utf-8")
+    write_meta(path, "lm", tok, splits)
     return path
 
 
@@ -142,21 +150,5 @@ def write_classify_data_dir(
         np.save(path / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
         np.save(path / f"{split}.labels.npy", np.asarray([index[lab] for _, lab in rows], dtype=np.int64))
         splits[split] = {"examples": len(rows), "tokens": len(ids)}
-    meta = {
-        "format": "owngpt-data",
-        "version": 1,
-        "task": "classify",
-        "dtype": "uint16",
-        "splits": splits,
-        "labels": labels,
-        "tokenizer": {
-            "kind": "char",
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
-        "inputs": [],
-    }
-    (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    (path / "report.json").write_text("{}", encoding="utf-8")
+    write_meta(path, "classify", tok, splits, labels=labels)
     return path

@@ -43,22 +43,7 @@ def write_chat_data_dir(path: Path, n_train: int = 24, n_val: int = 3) -> Path:
         for c in convs:
             w.add(*render(tok, c))
         splits[split] = {"examples": w.close()}
-    meta = {
-        "format": "owngpt-data",
-        "version": 1,
-        "task": "chat",
-        "dtype": "uint16",
-        "splits": splits,
-        "tokenizer": {
-            "kind": "char",
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
-        "inputs": [],
-    }
-    (path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    (path / "report.json").write_text("{}", encoding="utf-8")
+    fixtures.write_meta(path, "chat", tok, splits)
     return path
 
 
