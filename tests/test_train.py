@@ -84,6 +84,23 @@ def test_from_scratch_preset_and_epochs(tiny_lm_data, tmp_path):
         "path": None,
         "preset": {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256},
     }
+    # presets use the exact GELU (a fused kernel, ~5x faster than gelu_new's formula on a CPU), recorded for transformers
+    assert json.loads((res.last_checkpoint / "config.json").read_text())["activation_function"] == "gelu"
+
+
+def test_training_and_evaluation_forwards_build_no_kv_cache(tiny_lm_data, tmp_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+
+    seen = []
+    forward = GPT2LMHeadModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("use_cache"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", spy)
+    train(quick_cfg(tiny_lm_data, tmp_path / "run", "tiny", max_steps=2, eval_every=1, block_size=16, batch_size=2))
+    assert len(seen) >= 4 and all(v is False for v in seen), seen
 
 
 def test_frozen_parameters_do_not_change(tiny_lm_data, tiny_ckpt, tmp_path):
