@@ -205,6 +205,8 @@ def main() -> None:
         "--finetune-seeds",
         type=int,
         default=3,
+        choices=range(1, 11),
+        metavar="1..10",
         help="classifiers fine-tuned from the one pre-trained LM, seeds --seed, --seed+1, ... (ensembled)",
     )
     ap.add_argument("--batch-size", type=int, default=32)

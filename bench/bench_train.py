@@ -186,7 +186,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs (for a check, not for the doc)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
-    ap.add_argument("--seeds", type=int, default=3, help="quality runs per side (one per seed), default 3")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        choices=range(1, len(SEEDS) + 1),
+        metavar=f"1..{len(SEEDS)}",
+        help="quality runs per side (one per seed), default 3",
+    )
     ap.add_argument("--skip-gpt2", action="store_true", help="skip the gpt2-size speed/MFU part")
     args = ap.parse_args()
     quality_steps = 300 if args.quick else 2000
