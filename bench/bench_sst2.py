@@ -120,17 +120,36 @@ def _prod(shape) -> int:
     return n
 
 
+# the arguments a saved model run depends on: --reuse takes a run only if all of them are unchanged
+RUN_SETTINGS = (
+    "data", "train_rows", "model", "steps", "pretrain_steps", "pretrain_batch_size", "batch_size", "block_size", "lr",
+    "vocab_size", "seed",
+)  # fmt: skip
+
+LM_SETTINGS = ("data", "model", "pretrain_steps", "pretrain_batch_size", "block_size", "vocab_size", "seed")
+
+
+def run_settings(args, name: str) -> dict:
+    # the model from scratch does not depend on the language model's settings
+    keys = RUN_SETTINGS if name.startswith("pretrained") else [k for k in RUN_SETTINGS if not k.startswith("pretrain")]
+    return {k: getattr(args, k) for k in keys}
+
+
 def cached(w: Path, name: str, args) -> dict | None:
-    """A model run saved by an earlier invocation with the same --work (only with --reuse)."""
+    """A model run saved by an earlier invocation with the same --work and settings (only with --reuse)."""
     f = w / f"{name}.result.json"
     if not args.reuse or not f.exists():
         return None
     r = json.loads(f.read_text(encoding="utf-8"))
+    if r.get("settings") != run_settings(args, name):
+        print(f"{name}: saved with other settings, training it again", file=sys.stderr)
+        return None
     r["pred"], r["reused"] = Path(r["pred"]), True
     return r
 
 
-def save_result(w: Path, r: dict) -> None:
+def save_result(w: Path, r: dict, args) -> None:
+    r["settings"] = run_settings(args, r["name"])
     (w / f"{r['name']}.result.json").write_text(json.dumps({**r, "pred": str(r["pred"])}, indent=2), encoding="utf-8")
 
 
@@ -164,6 +183,7 @@ def classify_run(
             str(args.seed if seed is None else seed),
             "--out",
             str(out),
+            "--overwrite",  # a run left by an earlier invocation with other settings (see cached())
             "eval_batches=0",
             *extra,
         ],
@@ -255,7 +275,7 @@ def main() -> None:
         prep_s = run([*prep, "--vocab-size", str(args.vocab_size), "--out", str(w / "data"), "--overwrite"], log)
         r = classify_run("scratch", w, w / "data", args.model, args.steps, args, log, ["dropout=0.1"])
         r.update(label=f"`{args.model}` from scratch, {args.steps} steps", prep_s=prep_s, order=0)
-        save_result(w, r)
+        save_result(w, r, args)
         done(r)
 
     def pretrained() -> None:
@@ -270,14 +290,19 @@ def main() -> None:
         if not todo:
             return
         lm_ckpt = w / "lm" / "checkpoints" / "last"
-        prev = cached(w, "pretrained", args)
-        if prev is not None and lm_ckpt.is_dir() and (w / "data_lm").is_dir():
-            prep_s, lm_s = prev["prep_s"], prev["pretrain_s"]  # the language model of an earlier invocation
+        lm_result = w / "lm.result.json"
+        # the language model depends on fewer settings than the fine-tunes: reuse it when only those changed
+        lm_settings = {k: getattr(args, k) for k in LM_SETTINGS}
+        prev = json.loads(lm_result.read_text(encoding="utf-8")) if args.reuse and lm_result.exists() else None
+        if prev is not None and prev.get("settings") == lm_settings and lm_ckpt.is_dir():
+            lm_prep_s, lm_s = prev["prep_s"], prev["pretrain_s"]  # the language model of an earlier invocation
         else:
             # The language model reads the text of the whole SST-2 train file (no labels), one sentence per line.
             (w / "lm.txt").write_text("\n".join(all_train_text) + "\n", encoding="utf-8")
             prep = ["owngpt", "prepare", str(w / "lm.txt"), "--task", "lm", "--doc-sep", "line", "--tokenizer", "bpe"]
-            prep_s = run([*prep, "--vocab-size", str(args.vocab_size), "--out", str(w / "lm_data"), "--overwrite"], log)
+            lm_prep_s = run(
+                [*prep, "--vocab-size", str(args.vocab_size), "--out", str(w / "lm_data"), "--overwrite"], log
+            )
             lm_s = run(
                 [
                     "owngpt",
@@ -308,8 +333,12 @@ def main() -> None:
                 ],
                 log,
             )
-            prep = ["owngpt", "prepare", str(w / "train.csv"), "--task", "classify", "--tokenizer", str(lm_ckpt)]
-            prep_s += run([*prep, "--out", str(w / "data_lm"), "--overwrite"], log)
+            lm_result.write_text(
+                json.dumps({"prep_s": lm_prep_s, "pretrain_s": lm_s, "settings": lm_settings}), encoding="utf-8"
+            )
+        # the labelled rows in the language model's tokenizer (cheap; redone so that --train-rows may change)
+        prep = ["owngpt", "prepare", str(w / "train.csv"), "--task", "classify", "--tokenizer", str(lm_ckpt)]
+        prep_s = lm_prep_s + run([*prep, "--out", str(w / "data_lm"), "--overwrite"], log)
         for i, name, sd in todo:
             r = classify_run(name, w, w / "data_lm", str(lm_ckpt), args.steps, args, log, ["dropout=0.1"], seed=sd)
             r.update(
@@ -322,7 +351,7 @@ def main() -> None:
                 seed=sd,
                 pretrained=True,
             )
-            save_result(w, r)
+            save_result(w, r, args)
             done(r)
 
     jobs = [scratch] + ([pretrained] if args.pretrain_steps else [])
