@@ -433,8 +433,10 @@ def report(args, train, test, gold, base_acc, base_s, results, t_start, final: b
     rising = [r["label"] for r in results if r.get("best_step") is not None and r["best_step"] >= args.steps]
     if rising:
         verdict += (
-            f" Still improving when training stopped (best validation accuracy at the last evaluation): "
-            f"{'; '.join(rising)}: more steps would help on a machine with CPU to spare."
+            f" Best validation accuracy at the last evaluation: {'; '.join(rising)}. The cosine schedule reaches its "
+            "lowest learning rate there, so this alone does not promise gains from more steps (a 3,000-step fine-tune "
+            "of the 6,000-step language model scored 0.782 at its last and 0.776 at its best checkpoint, against 0.794 "
+            "for 1,000 steps: it overfits the 7,200 labelled rows)."
         )
     reused = any(r.get("reused") for r in results)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
