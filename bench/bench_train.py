@@ -221,14 +221,15 @@ def main() -> None:
 
     # --- speed on the small config: A B A B ... --------------------------------------------------------------------
     own_rates, plain_rates, gelu_rates, comp_rates, comp_secs = [], [], [], [], []
-    window = 20 * r["batch"] * r["block"]  # tokens per logged window of 20 steps
+    log_every = 20
+    window = log_every * r["batch"] * r["block"]  # tokens per logged window
     for i in range(repeats):
-        _, _, rates = owngpt_loop(char_dir, work / f"speed_own_{i}", r, speed_steps, seed=i, log_every=20)
+        _, _, rates = owngpt_loop(char_dir, work / f"speed_own_{i}", r, speed_steps, seed=i, log_every=log_every)
         own_rates.append(statistics.median(rates[1:] or rates))
         # compile=true: steady-state rate after the first window, which holds the compilation; its extra time over
         # a steady window is the compile cost (the first repeat compiles cold, later ones hit inductor's cache)
         _, _, rates = owngpt_loop(
-            char_dir, work / f"speed_comp_{i}", r, speed_steps, seed=i, log_every=20, compile=True
+            char_dir, work / f"speed_comp_{i}", r, speed_steps, seed=i, log_every=log_every, compile=True
         )
         steady = statistics.median(rates[1:] or rates)
         comp_rates.append(steady)
@@ -237,6 +238,9 @@ def main() -> None:
         plain_rates.append(statistics.median(rates[10:] or rates))
         _, _, rates = plain_loop(char_dir, r, speed_steps, seed=i, activation="gelu")
         gelu_rates.append(statistics.median(rates[10:] or rates))
+    later_compiles = (
+        f" (later runs hit inductor's on-disk cache: {statistics.median(comp_secs[1:]):.0f} s)" if repeats > 1 else ""
+    )
     own_tps, plain_tps, gelu_tps, comp_tps = (
         statistics.median(x) for x in (own_rates, plain_rates, gelu_rates, comp_rates)
     )
@@ -315,7 +319,7 @@ The second row gives the plain loop that same activation: what is left is the lo
 matmuls plus a fixed few milliseconds of Python and autograd overhead in transformers' GPT-2 per forward/backward.
 `torch.compile` (`compile=true`, third row) fuses the elementwise work and cuts some of that overhead:
 {1000 * r["batch"] * r["block"] / comp_tps:.1f} vs {1000 * r["batch"] * r["block"] / own_tps:.1f} ms a step, after a
-first compile of {comp_secs[0]:.0f} s with an empty cache (later runs hit inductor's on-disk cache: {statistics.median(comp_secs[1:] or comp_secs):.0f} s).
+first compile of {comp_secs[0]:.0f} s with an empty cache{later_compiles}.
 It pays off on long runs only, so it stays opt-in; the quality runs above do not use it.
 """
     print(body)
