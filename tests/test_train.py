@@ -103,6 +103,71 @@ def test_training_and_evaluation_forwards_build_no_kv_cache(tiny_lm_data, tmp_pa
     assert len(seen) >= 4 and all(v is False for v in seen), seen
 
 
+def test_loop_equals_a_textbook_adamw_loop(tiny_lm_data, tiny_ckpt, tmp_path):
+    """Oracle for the loop's arithmetic: the same batches through torch's reference AdamW (single-tensor, not the
+    fused kernel owngpt uses), nanoGPT's decay groups and schedule, accumulation and clipping, all written out here.
+
+    A wrong decay group, schedule, loss normalisation or clip, or a fused kernel that drifts, moves the weights.
+    """
+    import math
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from owngpt.data.datadir import open_data_dir
+    from owngpt.tasks.base import get_task
+
+    steps, lr, warmup, micro, accum = 6, 1e-2, 2, 2, 2
+    cfg = quick_cfg(
+        tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=steps, eval_every=steps, batch_size=micro,
+        grad_accum=accum, lr=lr, warmup_steps=warmup, schedule="cosine", weight_decay=0.5, grad_clip=0.05, dropout=0.0,
+    )  # fmt: skip
+    res = train(cfg)
+    got = weights(res.last_checkpoint)
+
+    data = open_data_dir(tiny_lm_data)
+    task = get_task("lm")(data, data.load_tokenizer(), cfg, cfg.block_size)  # only for the same batches
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    model.eval()  # no dropout (owngpt's run had dropout=0); gradients flow the same
+    named = [(n, p) for n, p in model.named_parameters()]
+    assert any(p.dim() < 2 for _, p in named) and any("wpe" in n for n, _ in named)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.5},  # matmuls and embeddings
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},  # biases and norms
+        ],
+        lr=lr,
+        betas=(0.9, 0.99),
+        foreach=False,
+        fused=False,
+    )
+    for step in range(steps):
+        if step < warmup:
+            step_lr = lr * (step + 1) / (warmup + 1)
+        else:
+            ratio = (step - warmup) / (steps - warmup)
+            step_lr = lr / 10 + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - lr / 10)
+        for g in opt.param_groups:
+            g["lr"] = step_lr
+        rows = task.global_rows(step, micro * accum)
+        for i in range(accum):
+            b = task.collate(rows[i * micro : (i + 1) * micro])
+            logits = model(input_ids=b["input_ids"]).logits
+            # the mean over every token of the global batch, however it is split into micro-batches
+            loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="sum")
+            (loss / (micro * accum * cfg.block_size)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad()
+    want = model.state_dict()
+    start = weights(tiny_ckpt)
+    moved = 0
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5, msg=k)
+        moved += not torch.equal(v, start[k])
+    assert moved == len(got)  # every tensor trained (the test compares moving weights, not initial ones)
+
+
 def test_frozen_parameters_do_not_change(tiny_lm_data, tiny_ckpt, tmp_path):
     res = train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, freeze_embeddings=True, freeze_layers=1))
     before, after = weights(tiny_ckpt), weights(res.last_checkpoint)

@@ -39,7 +39,7 @@ class TrainConfig:
     min_lr: float | None = None  # floor of the cosine/linear decay; default lr / 10
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # not applied to biases, norms or embeddings' positions
+    weight_decay: float = 0.1  # on 2-D weights (matmuls, embeddings) only; not on biases or norms (nanoGPT)
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
