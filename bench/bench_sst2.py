@@ -123,11 +123,13 @@ def _prod(shape) -> int:
 
 # the arguments a saved model run depends on: --reuse takes a run only if all of them are unchanged
 RUN_SETTINGS = (
-    "data", "train_rows", "model", "steps", "pretrain_steps", "pretrain_batch_size", "batch_size", "block_size", "lr",
-    "vocab_size", "seed",
+    "data", "train_rows", "model", "steps", "pretrain_steps", "pretrain_batch_size", "pretrain_dropout", "batch_size",
+    "block_size", "lr", "vocab_size", "seed",
 )  # fmt: skip
 
-LM_SETTINGS = ("data", "model", "pretrain_steps", "pretrain_batch_size", "block_size", "vocab_size", "seed")
+LM_SETTINGS = (
+    "data", "model", "pretrain_steps", "pretrain_batch_size", "pretrain_dropout", "block_size", "vocab_size", "seed",
+)  # fmt: skip
 
 
 def run_settings(args, name: str) -> dict:
@@ -232,6 +234,12 @@ def main() -> None:
     )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--pretrain-batch-size", type=int, default=16)
+    ap.add_argument(
+        "--pretrain-dropout",
+        type=float,
+        default=0.0,
+        help="dropout while pre-training the language model (the SST-2 text is small: many epochs of it memorise)",
+    )
     ap.add_argument("--parallel", action="store_true", help="run the two owngpt pipelines side by side")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -331,6 +339,7 @@ def main() -> None:
                     "--out",
                     str(w / "lm"),
                     "--overwrite",
+                    f"dropout={args.pretrain_dropout}",
                 ],
                 log,
             )
@@ -343,7 +352,9 @@ def main() -> None:
         for i, name, sd in todo:
             r = classify_run(name, w, w / "data_lm", str(lm_ckpt), args.steps, args, log, ["dropout=0.1"], seed=sd)
             r.update(
-                label=f"`{args.model}` LM pre-trained {args.pretrain_steps} steps (batch {args.pretrain_batch_size}) "
+                label=f"`{args.model}` LM pre-trained {args.pretrain_steps} steps (batch {args.pretrain_batch_size}"
+                + (f", dropout {args.pretrain_dropout:g}" if args.pretrain_dropout else "")
+                + ") "
                 f"on SST-2 text, then {args.steps} steps, seed {sd}",
                 prep_s=prep_s,
                 # the language model is trained once and shared: its time is counted on the first fine-tune
