@@ -250,6 +250,16 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse model runs an earlier invocation saved in --work")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of updating the doc")
     args = ap.parse_args()
+    # the command that reproduces this run: every option given a non-default value (bookkeeping ones left out)
+    defaults = vars(ap.parse_args([]))
+    args.command = " ".join(
+        ["python bench/bench_sst2.py"]
+        + [
+            f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+            for k, v in vars(args).items()
+            if v != defaults[k] and k not in ("work", "reuse", "no_write")
+        ]
+    )
     if args.quick:
         args.steps, args.pretrain_steps = 60, 60
     w = Path(args.work or tempfile.mkdtemp(prefix="bench-sst2-"))
@@ -452,12 +462,7 @@ def report(args, train, test, gold, base_acc, base_s, results, t_start, final: b
     reused = any(r.get("reused") for r in results)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     threads = os.environ.get("OMP_NUM_THREADS")
-    reproduce = (
-        f"{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}python bench/bench_sst2.py --steps {args.steps} "
-        f"--pretrain-steps {args.pretrain_steps} --pretrain-batch-size {args.pretrain_batch_size} "
-        f"--finetune-seeds {args.finetune_seeds}"
-        f"{' --parallel' if args.parallel else ''}"
-    )
+    reproduce = f"{'OMP_NUM_THREADS=' + threads + ' ' if threads else ''}{args.command}"
     threads_note = (
         f" `OMP_NUM_THREADS={threads}`: with many processes on two cores, one thread per process made a training "
         "step 4-5x faster than torch's default of one thread per core (23 s vs 5 s measured here)."
@@ -471,7 +476,7 @@ Test accuracy on {"all " if not args.test_rows else "the first "}{len(test):,} r
 (shuffled with seed 0, as in `smoke/classify.sh`), of which `owngpt prepare` holds 10% out for validation
 (checkpoints/best is picked on it). The baseline is measured in the same run on the same rows. The pre-trained models
 start from one language model trained on the text of the SST-2 train file ({args.n_lm_rows:,} rows, no labels, no dev text)
-for {args.pretrain_steps} steps of {args.pretrain_batch_size} x {args.block_size} tokens (its time is counted on the
+for {args.pretrain_steps} steps of {args.pretrain_batch_size} x {args.block_size} tokens{f", dropout {args.pretrain_dropout:g}" if args.pretrain_dropout else ""} (its time is counted on the
 first of them), then are fine-tuned on the labelled rows with different seeds.
 
 | model | test accuracy (vs baseline) | parameters | time on this CPU |
