@@ -137,12 +137,14 @@ def test_incremental_decoder_with_gpt2_byte_level_bpe():
 
 def test_row_stream_of_byte_fallback_tokens_is_clean(lm):
     # A random model rarely emits a valid multi-byte sequence, so feed the ids of a known text through the per-row
-    # machinery generate_batch streams with (the same _Row its stopping criterion feeds every step).
-    from owngpt.generation import _Row
+    # machinery generate_batch streams with (the engine's Row, fed every step).
+    from owngpt.engine import Row, RowSettings
 
     tok = lm.tokenizer
     out: list[str] = []
-    row = _Row(0, 0, ids_of(lm, "x"), tok, {tok.eos_token_id}, [], lambda _i, t: out.append(t))
+    row = Row(ids_of(lm, "x"), RowSettings(max_tokens=100, stop_ids=frozenset({tok.eos_token_id})))
+    row.on_event = lambda _r, t, _fin: t and out.append(t)
+    row.begin(tok, tok.eos_token_id)
     for t in tok("好好好 and 🙂", add_special_tokens=False)["input_ids"]:
         row.feed(t)
     row.finish("length")
@@ -251,12 +253,12 @@ def test_unconditional_starts_from_end_of_text(lm):
     assert res.token_ids == ref
 
 
-def test_long_prompt_keeps_its_end_and_fits_the_context(lm):
+def test_long_prompt_is_read_through_the_last_context_tokens(lm):
     ids = ids_of(lm, "First Citizen:\n" * 20)
     assert len(ids) > 128
     (res,) = generate_batch(lm.model, lm.tokenizer, [ids], greedy(28), eos_token_ids=[])
-    (ref,) = generate_batch(lm.model, lm.tokenizer, [ids[-100:]], greedy(28), eos_token_ids=[])
-    assert res.token_ids == ref.token_ids and res.prompt_tokens == 100
+    (ref,) = generate_batch(lm.model, lm.tokenizer, [ids[-128:]], greedy(28), eos_token_ids=[])
+    assert res.token_ids == ref.token_ids and res.prompt_tokens == 128 and len(res.token_ids) == 28
 
 
 @pytest.mark.parametrize(
@@ -280,9 +282,11 @@ def test_out_of_range_settings_name_the_flag(field, value, flag):
         SamplingParams(**{field: value}).validate()
 
 
-def test_more_new_tokens_than_the_context_is_refused(lm):
-    with pytest.raises(ConfigError, match="context of 128"):
-        generate_batch(lm.model, lm.tokenizer, [[5]], greedy(128))
+def test_any_length_slides_the_window_and_beam_search_is_refused_past_the_context(lm):
+    (res,) = generate_batch(lm.model, lm.tokenizer, [[5]], greedy(300), eos_token_ids=[])
+    assert len(res.token_ids) == 300 and res.finish_reason == "length"
+    with pytest.raises(ConfigError, match="context of 128 tokens with beam search"):
+        generate_batch(lm.model, lm.tokenizer, [[5]], greedy(128, num_beams=2))
 
 
 def test_classify_checkpoint_is_refused_with_a_hint(tmp_path):

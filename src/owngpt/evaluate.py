@@ -25,6 +25,14 @@ def _context(model) -> int:
     return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024)
 
 
+def _trained(ckpt_path, model) -> int:
+    """The context the checkpoint was trained for (owngpt.generation.trained_context): the default window."""
+    from owngpt.checkpoint import read_meta
+    from owngpt.generation import trained_context
+
+    return trained_context(read_meta(ckpt_path), model.config)
+
+
 def check_same_tokenizer(ckpt_tok, data_tok, ckpt: Path, data: Path) -> None:
     """Refuse data tokenized with another vocabulary than the checkpoint's: the numbers would be meaningless."""
     if ckpt_tok.get_vocab() != data_tok.get_vocab():
@@ -156,7 +164,7 @@ def evaluate(
                 f"{data_path} has no '{split}' split: prepare with --val-fraction > 0 or pass --split train"
             )
         model = load_model(ckpt_path, task=read_meta(ckpt_path).get("task", "lm")).eval()
-        ctx = min(block_size or _context(model), _context(model))
+        ctx = min(block_size or _trained(ckpt_path, model), _context(model))
         if d.task == "lm":
             tokens = d.tokens(split)
             nll, count = lm_stream_loss(model, tokens, ctx, batch_size, max_tokens, progress)
@@ -190,7 +198,7 @@ def evaluate(
         ) from e
     ids = tok(text, add_special_tokens=False)["input_ids"]
     model = load_model(ckpt_path).eval()
-    ctx = min(block_size or _context(model), _context(model))
+    ctx = min(block_size or _trained(ckpt_path, model), _context(model))
     nll, count = lm_stream_loss(model, ids, ctx, batch_size, max_tokens, progress)
     return {
         "task": "lm",

@@ -1,16 +1,13 @@
-"""Text generation on top of transformers' `generate`: sampling settings, batching, streaming, stop strings, cancel.
-
-What this module owns is the pipeline *around* `model.generate` (KV cache, greedy/sampling/beam search, top-k/top-p,
-repetition penalty, no-repeat-ngram all come from transformers):
+"""Text generation: sampling settings, the trained context of a checkpoint, and `generate_batch`.
 
 - `SamplingParams`: the user's settings, validated with errors that name the flag and the accepted range;
-- `load_for_generation(spec)`: a checkpoint dir or Hub id -> model (eval mode), tokenizer and owngpt.json metadata;
-- `generate_batch(...)`: left-pads a batch of prompts, calls `model.generate` once, and turns each row's new tokens
-  into text incrementally (streamed per row through a callback, multi-byte characters never split), applies stop
-  strings and per-row cancellation, and reports per-row finish reason and token counts. The CLI (`owngpt generate`,
-  `owngpt chat`), the Python API (`owngpt.api`) and the server all go through it.
-
-It is not a sampler: no logits are touched here.
+- `trained_context(meta, config)`: how many tokens the model was trained to read (see docs/architecture.md);
+- `load_for_generation(spec)`: a checkpoint dir or Hub id -> model (eval mode), tokenizer and owngpt.json metadata,
+  loaded quietly (no progress bars), with the trained context attached;
+- `generate_batch(...)`: a batch of prompts through the one decode engine (`owngpt.engine`: KV cache, sliding window
+  past the context, per-row sampling, stop strings, streaming, cancel), reporting each row's finish reason and token
+  counts. Beam search alone goes through transformers' `generate`, inside the trained context.
+  The CLI (`owngpt generate`, `owngpt chat`), the Python API (`owngpt.api`) and the server all use the same engine.
 """
 
 from __future__ import annotations
@@ -21,11 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from owngpt.engine import Decoder, IncrementalDecoder, Row, RowSettings, run_to_end
 from owngpt.errors import CheckpointError, ConfigError
 
-# Prompt tokens kept as left context for incremental decoding, so that tokenizers whose decoding of a token depends
-# on its left neighbour (leading-space handling) decode the first new token as they would in the middle of the text.
-_DECODE_CONTEXT = 4
+__all__ = ["IncrementalDecoder"]  # re-exported: its home is owngpt.engine
 
 
 @dataclass
@@ -88,11 +84,12 @@ class SamplingParams:
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        if context_length is not None and self.max_new_tokens >= context_length:
+        if context_length is not None and self.num_beams > 1 and self.max_new_tokens >= context_length:
             raise bad(
                 "max_new_tokens",
                 self.max_new_tokens,
-                f"smaller than the model's context of {context_length} tokens (prompt included)",
+                f"smaller than the model's context of {context_length} tokens with beam search (which does not "
+                "slide its window); without --num-beams any length works",
             )
         if not is_num(self.temperature) or self.temperature < 0 or self.temperature > 100:
             raise bad("temperature", self.temperature, "between 0 (greedy) and 100")
@@ -159,14 +156,46 @@ class LoadedModel:
         return context_length(self.model)
 
 
-def context_length(model: Any) -> int:
-    """Tokens the model can attend to (prompt + generated)."""
-    cfg = model.config
+def position_table(config: Any) -> int | None:
+    """Positions the model's architecture has room for (not what it was trained on)."""
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, name, None)
+        v = getattr(config, name, None)
         if isinstance(v, int) and v > 0:
             return v
-    return 2048
+    return None
+
+
+def trained_context(meta: dict[str, Any], config: Any) -> int:
+    """The longest window the checkpoint was trained to read: what every loader lets the model see at once.
+
+    owngpt.json `trained_context` (written by `owngpt train`: the longest block this model or the checkpoint it
+    started from was trained on); for older owngpt checkpoints trained from a preset, their `block_size`; for a
+    Hugging Face directory (pretrained by someone else), its position table. Never more than the position table.
+    """
+    table = position_table(config)
+    ctx = meta.get("trained_context")
+    if not (isinstance(ctx, int) and ctx > 0):
+        block = meta.get("block_size")
+        from_preset = (meta.get("source") or {}).get("kind") == "preset"
+        ctx = block if from_preset and isinstance(block, int) and block > 0 else None
+    if ctx is None:
+        return table or 2048
+    return min(ctx, table) if table else ctx
+
+
+def context_length(model: Any) -> int:
+    """Tokens the model reads at once: the trained context set by the loader, else its position table."""
+    ctx = getattr(model, "owngpt_context", None)
+    if isinstance(ctx, int) and ctx > 0:
+        return ctx
+    return position_table(model.config) or 2048
+
+
+def quiet_loading() -> None:
+    """No "Loading weights" progress bars in generate/chat output (the weights load in well under a second)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def load_for_generation(spec: str, task: str | None = None) -> LoadedModel:
@@ -187,8 +216,10 @@ def load_for_generation(spec: str, task: str | None = None) -> LoadedModel:
             f"and cannot generate; use `owngpt predict {spec} --text ...`"
         )
     tokenizer = load_tokenizer(path)
+    quiet_loading()
     model = load_model(path, task=task or ckpt_task)
     model.eval()
+    model.owngpt_context = trained_context(meta, model.config)  # read by context_length(): every path uses it
     if tokenizer.pad_token_id is None:  # left padding of a batch needs a pad id; masked out, so any id works
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, path=Path(path), meta=meta)
@@ -203,157 +234,8 @@ def default_eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-class IncrementalDecoder:
-    """Turns a stream of token ids into text pieces that never split a character.
-
-    With byte fallback or byte-level BPE one character can span several tokens; decoding a partial sequence gives
-    U+FFFD. Like vLLM's and TGI's detokenizers, we decode a short window (a few tokens already emitted + the new ones)
-    and only release the new text once it no longer ends in U+FFFD. Concatenated pieces equal decoding the whole
-    for valid text. (Invalid byte sequences, from an untrained model, can differ: tokenizers' ByteFallback decoder
-    turns a whole run of byte tokens into U+FFFD when any byte is invalid, while the pieces keep the valid ones.)
-    """
-
-    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = list(context_ids[-_DECODE_CONTEXT:]) if _DECODE_CONTEXT else []
-        self.prefix = 0  # start of the window
-        self.read = len(self.ids)  # ids before this have been released as text
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        prefix_text = self._decode(self.ids[self.prefix : self.read])
-        new_text = self._decode(self.ids[self.prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text) :]
-            self.prefix, self.read = self.read, len(self.ids)
-            return piece
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is held back (an incomplete character at the very end decodes as U+FFFD, as in decode())."""
-        prefix_text = self._decode(self.ids[self.prefix : self.read])
-        new_text = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return new_text[len(prefix_text) :]
-
-
-class _Row:
-    """One output row: new token ids, the text released so far, stop strings, why it ended."""
-
-    def __init__(
-        self,
-        index: int,
-        prompt_index: int,
-        prompt: Sequence[int],
-        tokenizer: Any,
-        eos: set[int],
-        stops: Sequence[str],
-        on_text: Callable[[int, str], None] | None,
-    ) -> None:
-        self.index, self.prompt_index, self.prompt_tokens = index, prompt_index, len(prompt)
-        self.decoder = IncrementalDecoder(tokenizer, prompt)
-        self.eos, self.stops, self.on_text = eos, list(stops), on_text
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.pending = ""  # decoded text held back because it could be the start of a stop string
-        self.finish_reason: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def feed(self, token_id: int) -> None:
-        if self.finished:
-            return
-        if token_id in self.eos:
-            self.finish("stop")
-            return
-        self.token_ids.append(int(token_id))
-        self._add(self.decoder.push(token_id))
-
-    def finish(self, reason: str) -> None:
-        if self.finished:
-            return
-        self._add(self.decoder.flush(), final=True)
-        if not self.finished:  # _add may have found a stop string in the flushed text
-            self.finish_reason = reason
-
-    def _emit(self, piece: str) -> None:
-        if piece:
-            self.text += piece
-            if self.on_text is not None:
-                self.on_text(self.index, piece)
-
-    def _add(self, piece: str, final: bool = False) -> None:
-        if not self.stops:
-            self._emit(piece)
-            return
-        buf = self.pending + piece
-        # Released text never ends with a prefix of a stop string, so a stop string can only start inside `buf`.
-        hits = [p for p in (buf.find(s) for s in self.stops) if p >= 0]
-        if hits:
-            self.pending = ""
-            self._emit(buf[: min(hits)])
-            self.finish_reason = "stop"
-            return
-        keep = 0 if final else _held_back(buf, self.stops)
-        self.pending = buf[len(buf) - keep :]
-        self._emit(buf[: len(buf) - keep])
-
-    def result(self) -> GenerationResult:
-        return GenerationResult(
-            index=self.index,
-            prompt_index=self.prompt_index,
-            token_ids=self.token_ids,
-            text=self.text,
-            finish_reason=self.finish_reason or "length",
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=len(self.token_ids),
-        )
-
-
-def _held_back(buf: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(buf)), best, -1):
-            if buf.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 def _is_set(flag: Any) -> bool:
     return flag.is_set() if hasattr(flag, "is_set") else bool(flag)
-
-
-def _make_observer(rows: list[_Row], nrs: int, stop_flags: Sequence[Any] | None):
-    """A StoppingCriteria that feeds each row's newest token to its decoder and reports which rows are done.
-
-    Why a stopping criterion and not a BaseStreamer: in transformers 5 the streamer receives step t's tokens *after*
-    the stopping criteria of step t ran, so a stop string (or a cancel) seen in streamed text would stop a step late
-    and leak one token. Decoding here keeps the text, stop strings, cancellation and transformers' notion of which
-    rows are finished in the same step. (End-of-text ids are also stopped by transformers' own EOS criterion.)
-    """
-    import torch
-    from transformers import StoppingCriteria
-
-    class _Observer(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-            last = input_ids[:, -1].tolist()
-            done = []
-            for row, tok in zip(rows, last, strict=True):
-                if not row.finished:
-                    row.feed(tok)
-                    if not row.finished and stop_flags is not None and _is_set(stop_flags[row.prompt_index]):
-                        row.finish("cancelled")
-                done.append(row.finished)
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return _Observer()
 
 
 def generation_config(model: Any, tokenizer: Any, params: SamplingParams, eos_ids: Sequence[int]):
@@ -383,6 +265,22 @@ def generation_config(model: Any, tokenizer: Any, params: SamplingParams, eos_id
     return GenerationConfig(**kw)
 
 
+def row_settings(params: SamplingParams, eos: Sequence[int], seed: int | None, slide: bool = True) -> RowSettings:
+    """The engine's settings for one row sampled with `params`."""
+    return RowSettings(
+        max_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        repetition_penalty=params.repetition_penalty,
+        no_repeat_ngram_size=params.no_repeat_ngram_size,
+        stop=tuple(params.stop),
+        stop_ids=frozenset(eos),
+        seed=seed,
+        slide=slide,
+    )
+
+
 def generate_batch(
     model: Any,
     tokenizer: Any,
@@ -391,33 +289,81 @@ def generate_batch(
     streamer_callback: Callable[[int, str], None] | None = None,
     stop_flags: Sequence[Any] | None = None,
     eos_token_ids: Sequence[int] | None = None,
+    *,
+    slide: bool = True,
+    context: int | None = None,
+    shift: int | None = None,
 ) -> list[GenerationResult]:
-    """Generate for a batch of prompts with one `model.generate` call.
+    """Generate for a batch of prompts, all rows decoding together in the engine (owngpt.engine).
 
     - `prompt_ids`: one list of ids per prompt; an empty prompt starts from the end-of-text token (unconditional
-      sampling, as GPT-2's generate_unconditional_samples). Prompts longer than the context allows for
-      `max_new_tokens` keep their last tokens.
+      sampling, as GPT-2's generate_unconditional_samples). A prompt longer than the context is read through its
+      last `context` tokens.
+    - Any `max_new_tokens`: past the context the window slides (`slide=True`, nanoGPT's semantics); with
+      `slide=False` (chat replies) a row that reaches the context ends with finish_reason "length".
     - `streamer_callback(row, text_piece)`: called as text becomes available (rows ordered prompt by prompt, then
       sample by sample). Pieces never split a character and never include (part of) a stop string. Beam search
-      cannot stream (transformers forbids it): each row's text then arrives in one piece at the end.
+      cannot stream: each row's text then arrives in one piece at the end.
     - `stop_flags[prompt_index]`: a bool (in a list the caller mutates) or an object with `is_set()`
       (threading.Event); once set, that prompt's rows stop at the next token with finish_reason "cancelled".
     - `eos_token_ids`: ids that end a row (default: the model's / tokenizer's end-of-text). Pass `[]` to never stop
       before max_new_tokens (benchmarks).
+    - `seed`: sample j of every prompt uses seed + j, so a prompt's samples do not depend on what shares the batch.
     """
+    ctx = context or context_length(model)
+    params.validate(ctx)
+    if not prompt_ids:
+        return []
+    if stop_flags is not None and len(stop_flags) != len(prompt_ids):
+        raise ValueError(f"stop_flags has {len(stop_flags)} entries for {len(prompt_ids)} prompts")
+    eos = list(default_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
+    if params.num_beams > 1:
+        return _beam_search(model, tokenizer, prompt_ids, params, streamer_callback, stop_flags, eos, ctx)
+
+    nrs = params.num_return_sequences
+    rows, results = [], []
+    for i in range(len(prompt_ids) * nrs):
+        p, j = i // nrs, i % nrs
+        seed = None if params.seed is None else (params.seed + j) % 2**63
+        on_event = None
+        if streamer_callback is not None:
+            on_event = lambda _row, piece, _fin, i=i: piece and streamer_callback(i, piece)  # noqa: E731
+        flag = (lambda p=p: _is_set(stop_flags[p])) if stop_flags is not None else None
+        rows.append(Row(prompt_ids[p], row_settings(params, eos, seed, slide), on_event, cancel_flag=flag))
+    run_to_end(Decoder(model, tokenizer, ctx, shift=shift), rows)
+    for i, r in enumerate(rows):
+        results.append(
+            GenerationResult(
+                index=i,
+                prompt_index=i // nrs,
+                token_ids=r.token_ids,
+                text=r.text,
+                finish_reason=r.finish_reason or "length",
+                prompt_tokens=min(len(prompt_ids[i // nrs]) or 1, ctx),
+                completion_tokens=len(r.token_ids),
+            )
+        )
+    return results
+
+
+def _beam_search(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    params: SamplingParams,
+    streamer_callback: Callable[[int, str], None] | None,
+    stop_flags: Sequence[Any] | None,
+    eos: list[int],
+    ctx: int,
+) -> list[GenerationResult]:
+    """Beam search with transformers' `generate`, inside the trained context (its hypotheses are reordered every
+    step, which a sliding window with per-row caches cannot follow)."""
     import torch
     from transformers import StoppingCriteriaList
 
-    params.validate(context_length(model))
-    if not prompt_ids:
-        return []
-    eos = list(default_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
     start_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (eos or [0])[0]
-    max_prompt = context_length(model) - params.max_new_tokens
+    max_prompt = ctx - params.max_new_tokens
     prompts = [list(p)[-max_prompt:] if len(p) else [start_id] for p in prompt_ids]
-    if stop_flags is not None and len(stop_flags) != len(prompts):
-        raise ValueError(f"stop_flags has {len(stop_flags)} entries for {len(prompts)} prompts")
-
     cfg = generation_config(model, tokenizer, params, eos)
     nrs = params.num_return_sequences
     width = max(len(p) for p in prompts)
@@ -428,40 +374,39 @@ def generate_batch(
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-
-    rows = [
-        _Row(i, i // nrs, prompts[i // nrs], tokenizer, set(eos), params.stop, streamer_callback)
-        for i in range(len(prompts) * nrs)
-    ]
     kwargs: dict[str, Any] = {}
-    beam = params.num_beams > 1
-    if beam:
-        # Beam hypotheses are reordered every step, so rows cannot be followed token by token: transformers' own
-        # stop-string criterion stops the beams and each row's text is cut afterwards.
-        if params.stop:
-            cfg.stop_strings = list(params.stop)
-            kwargs["tokenizer"] = tokenizer
-        if stop_flags is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_make_beam_cancel(stop_flags)])
-    else:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_make_observer(rows, nrs, stop_flags)])
-
+    # Beam hypotheses are reordered every step, so rows cannot be followed token by token: transformers' own
+    # stop-string criterion stops the beams and each row's text is cut afterwards.
+    if params.stop:
+        cfg.stop_strings = list(params.stop)
+        kwargs["tokenizer"] = tokenizer
+    if stop_flags is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_make_beam_cancel(stop_flags)])
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         if params.seed is not None:
             torch.manual_seed(params.seed)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=cfg, **kwargs)
 
-    new_tokens = out[:, width:].tolist()
-    for row, toks in zip(rows, new_tokens, strict=True):
-        if beam:
-            for t in toks:
-                row.feed(t)
-                if row.finished:
-                    break
-            if not row.finished and stop_flags is not None and _is_set(stop_flags[row.prompt_index]):
-                row.finish("cancelled")
+    results = []
+    for i, toks in enumerate(out[:, width:].tolist()):
+        p = i // nrs
+        on_event = None
+        if streamer_callback is not None:
+            on_event = lambda _row, piece, _fin, i=i: piece and streamer_callback(i, piece)  # noqa: E731
+        row = Row(prompts[p], row_settings(params, eos, None), on_event)
+        row.begin(tokenizer, start_id)
+        for t in toks:
+            row.feed(t)
+            if row.finished:
+                break
+        if not row.finished and stop_flags is not None and _is_set(stop_flags[p]):
+            row.finish("cancelled")
         row.finish("length")  # no-op for rows that already ended
-    return [r.result() for r in rows]
+        results.append(
+            GenerationResult(i, p, row.token_ids, row.text, row.finish_reason or "length", len(prompts[p]),
+                             len(row.token_ids))
+        )  # fmt: skip
+    return results
 
 
 def _make_beam_cancel(stop_flags: Sequence[Any]):

@@ -460,6 +460,17 @@ def _resolve_block_size(cfg: TrainConfig, source: Any) -> int:
     return block
 
 
+def _trained_context(source: Any, block_size: int) -> int:
+    """The longest window this model has been trained on: this run's block, or more if it started from a checkpoint
+    trained on longer ones (fine-tuning GPT-2 on blocks of 256 keeps its 1024 trained positions)."""
+    if source.kind == "preset":
+        return block_size
+    from owngpt.checkpoint import load_config, read_meta
+    from owngpt.generation import trained_context
+
+    return max(block_size, trained_context(read_meta(source.path), load_config(source.path)))
+
+
 def _model_vocab(source: Any, tokenizer: Any) -> int:
     from owngpt.checkpoint import load_config
 
@@ -528,6 +539,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
     source = resolve_model_source(cfg.model)
     block_size = _resolve_block_size(cfg, source)
     cfg.block_size = block_size
+    trained_ctx = _trained_context(source, block_size)
     check_tokenizer(tokenizer, data.path, source, _model_vocab(source, tokenizer))
     task = task_cls(data, tokenizer, cfg, block_size)
     metric = cfg.metric or task.metric
@@ -680,6 +692,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
         if gen is not None and eos:
             gen.eos_token_id = eos if len(eos) > 1 else eos[0]
             gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        if gen is not None:  # transformers' own generate stops at the trained context (docs/architecture.md)
+            gen.max_length = trained_ctx
         meta = {
             "task": cfg.task,
             "source": source.to_dict(),
@@ -687,6 +701,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
             "step": step,
             "metrics": metrics,
             "block_size": block_size,
+            "trained_context": trained_ctx,
             "lora": cfg.lora,
             "data": data_summary,
             **task.checkpoint_meta(),

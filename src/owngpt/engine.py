@@ -1,0 +1,473 @@
+"""The one decode engine behind `owngpt generate`, `owngpt chat`, the Python API and `owngpt serve`.
+
+A *row* is one sequence being generated, with its own sampling settings, stop strings, end tokens, length limit,
+random generator and cancel flag. A `Decoder` holds the rows decoding together and advances all of them by one token
+per `step()`; rows can join (`add`) and leave between any two steps, which is what continuous batching in the
+server is built on, and what `run_to_end` (the CLI, the API) uses with a fixed set of rows.
+
+The window. A model sees at most `context` tokens: the context it was *trained* for (owngpt.json `trained_context`,
+see docs/architecture.md), not the size of its position table. Past it, the window slides as in nanoGPT's
+`generate` (the model sees the last tokens of the text). Keeping the KV cache valid while the window slides is not
+possible for absolute position embeddings (every position changes when the window moves by one token), so:
+
+- inside the window, decoding uses a KV cache (one token through the model per step);
+- when the next token would not fit, the window jumps forward to the last `context - shift + 1` tokens and is
+  re-filled (one forward over those tokens, batch 1); decoding with the cache then resumes for `shift` more steps.
+
+`shift` (default a quarter of the context) trades exactness for speed: with `shift=1` the model sees exactly the
+last `context` tokens at every step (nanoGPT's semantics) and each step is a re-fill; with shift = C/4 it sees
+between 3/4 C and C tokens and re-fills every C/4 tokens, so the cost past the context is about one window forward
+per C/4 tokens on top of cached decoding. Every step records the window it used (`Row.window`), and the tests check
+that the logits equal a fresh forward pass over exactly that window.
+
+Rows of different lengths share one batched KV cache, padded on the left with zeros and masked; position ids are
+given explicitly (position 0 is the window's first token), so a row in a batch computes what it would alone.
+
+Sampling uses transformers' logits processors (repetition penalty, no-repeat n-grams, temperature, top-k, top-p)
+row by row, and each row draws from its own `torch.Generator` (a seeded row gives the same text whatever shares its
+batch). Beam search is not here: it stays with transformers' `generate`, inside the trained context
+(owngpt.generation).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("owngpt.engine")
+
+# Prompt tokens kept as left context for incremental decoding, so that tokenizers whose decoding of a token depends
+# on its left neighbour (leading-space handling) decode the first new token as they would in the middle of the text.
+_DECODE_CONTEXT = 4
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """How one row is generated."""
+
+    max_tokens: int  # new tokens at most
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    stop_ids: frozenset[int] = frozenset()  # token ids that end the row (end-of-text, end-of-turn)
+    seed: int | None = None
+    # Past the context: True = the window slides (plain text continues); False = the row ends with
+    # finish_reason "length" (a chat reply must not lose the start of its own conversation).
+    slide: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.greedy and self.repetition_penalty == 1.0 and self.no_repeat_ngram_size == 0
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces that never split a character.
+
+    With byte fallback or byte-level BPE one character can span several tokens; decoding a partial sequence gives
+    U+FFFD. Like vLLM's and TGI's detokenizers, we decode a short window (a few tokens already emitted + the new ones)
+    and only release the new text once it no longer ends in U+FFFD. Concatenated pieces equal decoding the whole
+    for valid text. At the end (`flush`), an incomplete character is dropped rather than shown as U+FFFD: it is a
+    reply cut by a length limit, not text. (Invalid byte sequences mid-text, from an untrained model, still show.)
+    """
+
+    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(context_ids[-_DECODE_CONTEXT:]) if _DECODE_CONTEXT else []
+        self.prefix = 0  # start of the window
+        self.read = len(self.ids)  # ids before this have been released as text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            piece = new_text[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back, without the U+FFFD of an incomplete character at the very end."""
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
+        if new_text.endswith("\ufffd"):
+            # An incomplete character is at most 3 held-back byte tokens that decode cleanly once removed; a longer
+            # run of invalid bytes (the model really wrote them) stays as it is, as decode() shows it.
+            for k in range(1, 4):
+                if len(self.ids) - k < self.read:
+                    break
+                shorter = self._decode(self.ids[self.prefix : len(self.ids) - k])
+                if not shorter.endswith("\ufffd"):
+                    new_text = shorter
+                    break
+        self.prefix = self.read = len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+def held_back(buf: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `buf` that is a proper prefix of a stop string (it may still become one)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(buf)), best, -1):
+            if buf.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+# on_event(row, text_piece, finished): called from the decoding thread as text arrives and once when the row ends.
+EventCallback = Callable[["Row", str, bool], None]
+
+
+class Row:
+    """One sequence being generated: prompt, settings, tokens and text so far, the window, why it ended."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        settings: RowSettings,
+        on_event: EventCallback | None = None,
+        cancel_flag: Any = None,
+    ) -> None:
+        import torch
+
+        self.prompt_ids = list(prompt_ids)
+        self.settings = settings
+        self.on_event = on_event
+        self.cancel_flag = cancel_flag  # a threading.Event (is_set()) or a callable, checked every step
+        seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.token_ids: list[int] = []  # new tokens (an end token excluded)
+        self.text = ""
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+        self.error: str | None = None
+        self.cancelled = False
+        self.window: tuple[int, int] = (0, 0)  # ids[start:end] the last step's logits were computed from
+        self.trace: list[tuple[int, int, Any]] | None = None  # set to [] to record (start, end, logits) every step
+        self._pending = ""  # decoded text held back because it may be the start of a stop string
+        self._decoder: IncrementalDecoder | None = None
+        self._processors: Any = None
+        # decoding state, owned by the Decoder
+        self.ids: list[int] = []  # prompt + new tokens (what the window reads)
+        self.start = 0  # first id of the window
+        self.cached = 0  # ids[start : start + cached] are in the KV cache
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Ask the decoder to drop this row at its next step (a plain attribute write, safe from any thread)."""
+        self.cancelled = True
+
+    def is_cancelled(self) -> bool:
+        if self.cancelled:
+            return True
+        f = self.cancel_flag
+        if f is None:
+            return False
+        return bool(f.is_set() if hasattr(f, "is_set") else f() if callable(f) else f)
+
+    # --- called from the decoding thread only ---------------------------------------------------------------
+    def begin(self, tokenizer: Any, start_id: int) -> None:
+        self.ids = list(self.prompt_ids) or [start_id]  # an empty prompt starts a document: end-of-text
+        self._decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
+        self._processors = _processors(self.settings)
+
+    def feed(self, token_id: int) -> None:
+        if self.finished:
+            return
+        if token_id in self.settings.stop_ids:
+            self.finish("stop")
+            return
+        self.token_ids.append(int(token_id))
+        self.ids.append(int(token_id))
+        self._add(self._decoder.push(token_id) if self._decoder is not None else "")
+        if not self.finished and len(self.token_ids) >= self.settings.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.finished:
+            return
+        if self._decoder is not None and reason != "error":
+            self._add(self._decoder.flush(), final=True)
+        if self.finish_reason is None:  # _add may have ended the row on a stop string already
+            self.finish_reason, self.error = reason, error
+            self._notify("", True)
+
+    def _notify(self, piece: str, finished: bool) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(self, piece, finished)
+            except Exception:  # a broken consumer must never take the batch down with it
+                log.exception("row event callback failed")
+
+    def _add(self, piece: str, final: bool = False) -> None:
+        buf = self._pending + piece
+        stops = self.settings.stop
+        hits = [p for p in (buf.find(s) for s in stops) if p >= 0]
+        if hits:
+            self._pending = ""
+            self._emit(buf[: min(hits)])
+            self.finish_reason = "stop"
+            self._notify("", True)
+            return
+        keep = 0 if final else held_back(buf, stops)
+        self._pending = buf[len(buf) - keep :]
+        self._emit(buf[: len(buf) - keep])
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self._notify(piece, False)
+
+    def choose(self, logits: Any) -> int:
+        """The next token from this row's logits (V,), with its settings and its own generator."""
+        import torch
+
+        s = self.settings
+        if s.plain_greedy:
+            return int(logits.argmax())
+        scores = logits.unsqueeze(0)  # (1, V)
+        hist = torch.tensor([self.ids], dtype=torch.long)
+        for p in self._processors:
+            scores = p(hist, scores)
+        if s.greedy:
+            return int(scores[0].argmax())
+        probs = torch.softmax(scores[0].float(), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def _processors(s: RowSettings) -> list[Any]:
+    """transformers' logits processors for one row, in the order its `generate` applies them."""
+    from transformers import (
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    out: list[Any] = []
+    if s.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+    if s.no_repeat_ngram_size > 0:
+        out.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
+    if not s.greedy:
+        if s.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(s.temperature))
+        if s.top_k > 0:
+            out.append(TopKLogitsWarper(s.top_k))
+        if s.top_p < 1.0:
+            out.append(TopPLogitsWarper(s.top_p))
+    return out
+
+
+def default_shift(context: int) -> int:
+    """How far the window jumps when it moves (see the module docstring): a quarter of the context."""
+    return max(1, context // 4)
+
+
+class Decoder:
+    """Rows decoding together over one batched KV cache; `step()` advances every row by one token."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        context: int,
+        *,
+        shift: int | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.context = int(context)
+        self.shift = min(max(1, shift or default_shift(self.context)), self.context)
+        self.use_cache = use_cache
+        eos = tokenizer.eos_token_id
+        self.start_id = eos if eos is not None else 0
+        self.rows: list[Row] = []  # aligned with the batch dimension of the cache
+        self._kv: list[tuple[Any, Any]] | None = None  # per layer (B, H, L, D) keys and values
+        self._new: list[Row] = []  # added, not yet prefilled
+        self.device = next(model.parameters()).device
+        self._cache_kw = _cache_arg(model)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) + len(self._new)
+
+    def add(self, row: Row) -> None:
+        """Admit a row; it is prefilled at the next step."""
+        row.begin(self.tokenizer, self.start_id)
+        self._new.append(row)
+
+    # --- the KV cache of the batch ----------------------------------------------------------------------------
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the rows at batch positions `keep` (in this order)."""
+        self.rows = [self.rows[i] for i in keep]
+        if self._kv is None:
+            return
+        if not keep:
+            self._kv = None
+            return
+        if len(keep) == self._kv[0][0].shape[0] and keep == sorted(keep):
+            return
+        idx = __import__("torch").tensor(keep, device=self.device)
+        self._kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self._kv]
+
+    def _append(self, row: Row, kv: list[tuple[Any, Any]]) -> None:
+        """Add a row whose window cache is `kv` (per layer (1, H, n, D)), left-padding whichever side is shorter."""
+        import torch
+
+        self.rows.append(row)
+        if self._kv is None:
+            self._kv = [(k, v) for k, v in kv]
+            return
+        L, n = self._kv[0][0].shape[2], kv[0][0].shape[2]
+
+        def pad(t: Any, width: int) -> Any:  # zeros on the left of the sequence dim; masked, never attended
+            if width == 0:
+                return t
+            z = t.new_zeros(t.shape[0], t.shape[1], width, t.shape[3])
+            return torch.cat([z, t], dim=2)
+
+        self._kv = [
+            (torch.cat([pad(bk, max(0, n - L)), pad(k, max(0, L - n))], 0),
+             torch.cat([pad(bv, max(0, n - L)), pad(v, max(0, L - n))], 0))
+            for (bk, bv), (k, v) in zip(self._kv, kv, strict=True)
+        ]  # fmt: skip
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding for every row (the batch cache never outgrows the longest row)."""
+        if self._kv is None or not self.rows:
+            return
+        L = self._kv[0][0].shape[2]
+        drop = L - max(r.cached for r in self.rows)
+        if drop > 0:
+            self._kv = [(k[:, :, drop:], v[:, :, drop:]) for k, v in self._kv]
+
+    # --- forward passes ---------------------------------------------------------------------------------------
+    def _prefill(self, row: Row) -> Any:
+        """One forward over the row's window (batch 1, positions from 0); returns the last logits and its cache."""
+        import torch
+
+        window = row.ids[row.start :]
+        x = torch.tensor([window], dtype=torch.long, device=self.device)
+        pos = torch.arange(len(window), device=self.device).unsqueeze(0)
+        out = self.model(input_ids=x, position_ids=pos, use_cache=self.use_cache)
+        row.cached = len(window)
+        row.window = (row.start, len(row.ids))
+        kv = None
+        if self.use_cache:
+            kv = [(layer.keys, layer.values) for layer in _out_cache(out).layers]
+        return out.logits[0, -1], kv
+
+    def _decode(self) -> Any:
+        """One token through the model for every row in the batch cache; returns logits (B, V)."""
+        import torch
+        from transformers import DynamicCache
+
+        rows = self.rows
+        L = self._kv[0][0].shape[2]
+        x = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
+        pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
+        mask = torch.zeros(len(rows), L + 1, dtype=torch.long, device=self.device)  # (B, L + 1)
+        for i, r in enumerate(rows):
+            mask[i, L - r.cached :] = 1
+        cache = DynamicCache(ddp_cache_data=self._kv)
+        kw = {self._cache_kw: cache}
+        out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        self._kv = [(layer.keys, layer.values) for layer in _out_cache(out).layers]
+        for r in rows:
+            r.cached += 1
+            r.window = (r.start, len(r.ids))
+        return out.logits[:, -1]
+
+    def _needs_refill(self, row: Row) -> bool:
+        """Whether the next step cannot extend the row's cache: the window must move (or there is no cache)."""
+        return not self.use_cache or len(row.ids) - row.start > self.context
+
+    def step(self) -> list[Row]:
+        """Advance every row by one token; return the rows that finished (they have left the batch)."""
+        import torch
+
+        everyone = self.rows + self._new
+        with torch.no_grad():
+            # 1. Rows that cannot continue: cancelled, or at the context without sliding.
+            for r in self.rows + self._new:
+                if r.is_cancelled():
+                    r.finish("cancelled")
+                elif len(r.ids) - r.start > self.context and not r.settings.slide:
+                    r.finish("length")
+            # 2. Rows whose window moves leave the batch cache and are re-filled with the new rows.
+            refill = [r for r in self.rows if not r.finished and self._needs_refill(r)]
+            self._keep([i for i, r in enumerate(self.rows) if not r.finished and not self._needs_refill(r)])
+            new = [r for r in self._new if not r.finished]
+            self._new = []
+            logits: dict[int, Any] = {}
+            if self.rows:
+                for r, lg in zip(self.rows, self._decode(), strict=True):
+                    logits[id(r)] = lg
+            for r in refill + new:
+                if len(r.ids) - r.start > self.context:
+                    # the window jumps to the last context - shift + 1 tokens (all of them for a new prompt)
+                    keep = self.context if r in new else self.context - self.shift + 1
+                    r.start = len(r.ids) - keep
+                lg, kv = self._prefill(r)
+                logits[id(r)] = lg
+                if kv is not None:
+                    self._append(r, kv)
+                else:
+                    self.rows.append(r)
+            # 3. Sample, feed, stream.
+            for r in self.rows:
+                lg = logits[id(r)]
+                if r.trace is not None:
+                    r.trace.append((r.window[0], r.window[1], lg.detach().clone()))
+                r.feed(r.choose(lg))
+            self._keep([i for i, r in enumerate(self.rows) if not r.finished])
+            if not self.use_cache:
+                self._kv = None
+            self._trim()
+        return [r for r in everyone if r.finished]
+
+    def fail(self, message: str) -> list[Row]:
+        """End every row with an error (the caller reports it); the decoder is empty afterwards."""
+        rows = self.rows + self._new
+        for r in rows:
+            r.finish("error", error=message)
+        self.rows, self._new, self._kv = [], [], None
+        return rows
+
+
+def _cache_arg(model: Any) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); older 5.x know only the old."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    c = out.get("cache") if hasattr(out, "get") else None
+    return c if c is not None else out.past_key_values
+
+
+def run_to_end(decoder: Decoder, rows: Sequence[Row]) -> None:
+    """Add `rows` and step until every one has finished (the CLI and the Python API)."""
+    for r in rows:
+        decoder.add(r)
+    while decoder.active:
+        decoder.step()
