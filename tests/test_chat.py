@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from owngpt import chat as chat_mod
-from owngpt.chat import ChatREPL, ChatSettings, is_chat_model, plain_prompt_ids, plain_transcript, reply
+from owngpt.chat import ChatREPL, ChatSettings, is_chat_model, plain_transcript, reply
 from owngpt.chat_format import IM_END, prompt_ids
+from owngpt.conversation import conversation_prompt
 from owngpt.errors import ConfigError
 from owngpt.generation import SamplingParams, load_for_generation
 
@@ -42,9 +43,11 @@ CONV = [
 def test_plain_transcript_and_dropping_oldest_turns(lm):
     assert plain_transcript(CONV) == "Be brief.\nUser: Hello there\nBot: Speak, speak.\nUser: And then?\nBot:"
     tok = lm.tokenizer
-    full = plain_prompt_ids(tok, CONV, 1000)
+    full = conversation_prompt(tok, CONV, chat=False, max_tokens=1000, eos_ids=[0]).ids
     assert tok.decode(full) == plain_transcript(CONV)
-    short = plain_prompt_ids(tok, CONV, len(full) - 5)  # one turn too many: the oldest goes, the system line stays
+    short = conversation_prompt(
+        tok, CONV, chat=False, max_tokens=len(full) - 5, eos_ids=[0]
+    ).ids  # one turn too many: the oldest goes, the system line stays
     assert tok.decode(short) == "Be brief.\nUser: And then?\nBot:"
 
 
@@ -59,11 +62,11 @@ def test_chat_model_detection(lm):
 def test_template_mode_prompts_with_the_template_and_stops_at_end_of_turn(lm, monkeypatch):
     seen = {}
 
-    def fake_generate(model, tok, ids, params, streamer_callback=None, stop_flags=None, eos_token_ids=None):
-        seen.update(ids=ids, eos=eos_token_ids, stop=params.stop)
+    def fake_generate(model, tok, ids, params, streamer_callback=None, stop_flags=None, eos_token_ids=None, **kw):
+        seen.update(ids=ids, eos=eos_token_ids, stop=params.stop, **kw)
         from owngpt.generation import GenerationResult
 
-        return [GenerationResult(0, 0, [], " hi ", "stop", len(ids[0]), 0)]
+        return [GenerationResult(0, 0, [], "hi", "stop", len(ids[0]), 0)]
 
     monkeypatch.setattr(chat_mod, "generate_batch", fake_generate)
     params = SamplingParams(max_new_tokens=20)
@@ -71,7 +74,7 @@ def test_template_mode_prompts_with_the_template_and_stops_at_end_of_turn(lm, mo
     assert r.text == "hi"
     assert seen["ids"] == [prompt_ids(lm.tokenizer, CONV, max_tokens=128 - 20)]
     assert lm.tokenizer.convert_tokens_to_ids(IM_END) in seen["eos"]
-    assert seen["stop"] == []
+    assert seen["stop"] == [] and seen["slide"] is False and seen["lstrip"] is True
     reply(lm, CONV, params, ChatSettings(use_template=False))
     assert seen["stop"] == ["\nUser:", "\n\n"] and seen["eos"] == [lm.tokenizer.eos_token_id]
 
@@ -81,7 +84,7 @@ def test_reply_streams_what_it_returns(lm):
     r = reply(
         lm, CONV, SamplingParams(max_new_tokens=30, seed=1), ChatSettings(use_template=True), on_text=pieces.append
     )
-    assert "".join(pieces).strip() == r.text
+    assert "".join(pieces) == r.text and r.text == r.text.lstrip()
 
 
 def repl(lm, lines, tmp_path=None, **kw):

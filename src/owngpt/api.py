@@ -66,9 +66,10 @@ class Model:
         """owngpt.json of the checkpoint (task, source, step...); {} for a plain Hugging Face dir."""
         return self._lm.meta
 
-    def _params(self, sampling: dict[str, Any]) -> SamplingParams:
+    def _params(self, sampling: dict[str, Any], fit: bool = True) -> SamplingParams:
         params = self.defaults.replace(**sampling)
-        if "max_new_tokens" not in sampling and not self._explicit_length:  # the default leaves room for the prompt
+        if fit and "max_new_tokens" not in sampling and not self._explicit_length:
+            # a chat reply's default length leaves room for the conversation (plain text slides: any length)
             params = params.replace(
                 max_new_tokens=fit_max_new_tokens(params.max_new_tokens, context_length(self.model))
             )
@@ -82,7 +83,7 @@ class Model:
         A list of prompts (or num_return_sequences > 1) returns a list of texts, generated as one batch.
         `stream=True` (one prompt, one sample) returns an iterator of text pieces as they are generated.
         """
-        params = self._params(sampling)
+        params = self._params(sampling, fit=False)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [encode_prompt(self.tokenizer, p) if p else [] for p in prompts]
         if stream:
@@ -115,7 +116,8 @@ class Model:
     ) -> str | Iterator[str]:
         """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": ...}], ending with
         the user's turn). A chat-tuned checkpoint uses its chat template; a plain model continues `User:`/`Bot:`
-        lines. `mmi=owngpt.load(BACKWARD_CKPT)` samples `candidates` replies and returns the one it ranks best."""
+        lines (owngpt.conversation: the same prompt as the REPL and the server). A long conversation keeps the
+        system message and the latest turns; a reply reaching the trained context ends there. `mmi=owngpt.load(BACKWARD_CKPT)` samples `candidates` replies and returns the one it ranks best."""
         params = self._params(sampling)
         settings = ChatSettings(
             use_template=self.uses_chat_template, mmi=mmi._lm if mmi else None, candidates=candidates

@@ -1,14 +1,11 @@
-"""Multi-turn chat: prompt building for chat-tuned and plain models, MMI reranking, and the terminal REPL.
+"""Multi-turn chat: replies for the REPL and the Python API, MMI reranking, and the terminal REPL.
 
-Two ways to talk to a model:
-- a chat-tuned checkpoint (owngpt.json task `chat`, or a Hugging Face dir without owngpt.json whose tokenizer has
-  a chat template) gets the conversation rendered with its chat template (owngpt.chat_format.prompt_ids) and its reply
-  ends at the end-of-turn token;
-- a plain language model continues a transcript written as text lines, `User: ...` / `Bot: ...`, and its reply
-  ends at the next `\\nUser:` or a blank line.
-Either way the oldest turns are dropped first so that prompt + reply fit the context.
+The conversation becomes a prompt in owngpt.conversation (the one function the server uses too): a chat-tuned model
+gets its chat template, a plain language model continues `User:` / `Bot:` lines (it continues text, and the REPL
+says so). The prompt keeps the system message and the latest turns that fit; the reply is decoded by the one engine
+(owngpt.engine) and ends with finish_reason "length" if it would run past the model's trained context.
 
-`reply()` is the engine (the Python API and the REPL share it); `run_repl()` is `owngpt chat`: plain `input()` with
+`reply()` is what the Python API and the REPL share; `run_repl()` is `owngpt chat`: plain `input()` with
 readline editing/history when available, so it works on a terminal, a pipe or a pseudo-terminal alike.
 """
 
@@ -25,50 +22,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from owngpt.chat_format import Message, prompt_ids, stop_token_ids, validate_messages
+from owngpt import conversation
+from owngpt.chat_format import Message, validate_messages
+from owngpt.conversation import PLAIN_BOT, PLAIN_STOPS, PLAIN_USER, plain_transcript  # noqa: F401  (re-exported)
 from owngpt.errors import ConfigError, OwnGPTError
 from owngpt.generation import LoadedModel, SamplingParams, context_length, default_eos_ids, generate_batch
 
-PLAIN_USER = "User:"
-PLAIN_BOT = "Bot:"
-# A plain model's reply ends where it starts writing the user's next line, or at a blank line (a paragraph break in
-# most training text, e.g. between speeches in Tiny Shakespeare).
-PLAIN_STOPS = ["\n" + PLAIN_USER, "\n\n"]
-
 
 def is_chat_model(lm: LoadedModel) -> bool:
-    """Whether to use the chat template: task `chat`; or a non-owngpt dir whose tokenizer brings a template.
-
-    Every tokenizer owngpt builds carries owngpt's template, so for owngpt checkpoints only the task counts.
-    """
-    if lm.meta:
-        return lm.meta.get("task") == "chat"
-    return bool(getattr(lm.tokenizer, "chat_template", None))
+    """Whether to use the chat template (owngpt.conversation.is_chat_model: the rule every front end uses)."""
+    return conversation.is_chat_model(lm.meta, lm.tokenizer)
 
 
-def plain_transcript(messages: Sequence[Message]) -> str:
-    """The plain-text rendering a plain language model continues (ends with `Bot:`)."""
-    lines = []
-    for m in messages:
-        if m["role"] == "system":
-            lines.append(m["content"])
-        else:
-            lines.append(f"{PLAIN_USER if m['role'] == 'user' else PLAIN_BOT} {m['content']}")
-    return "\n".join(lines + [PLAIN_BOT])
-
-
-def plain_prompt_ids(tokenizer: Any, messages: Sequence[Message], max_tokens: int) -> list[int]:
-    """Ids of the plain transcript, dropping the oldest turns (never the system line or the latest turn) to fit."""
-    messages = list(messages)
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system) :]
-    while True:
-        ids = tokenizer(plain_transcript(system + turns), add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens or len(turns) <= 1:
-            return list(ids)[-max_tokens:]
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] == "assistant":  # the kept history opens with the user
-            turns = turns[1:]
+def chat_prompt(lm: LoadedModel, messages: Sequence[Message], use_template: bool, max_new_tokens: int):
+    """The prompt for the next reply (owngpt.conversation.conversation_prompt with this model's budget)."""
+    ctx = context_length(lm.model)
+    return conversation.conversation_prompt(
+        lm.tokenizer,
+        messages,
+        chat=use_template,
+        max_tokens=conversation.reply_budget(ctx, max_new_tokens),
+        eos_ids=default_eos_ids(lm.model, lm.tokenizer),
+    )
 
 
 @dataclass
@@ -104,31 +79,25 @@ def reply(
     """
     messages = validate_messages(list(messages), "messages")
     tok = lm.tokenizer
-    ctx = context_length(lm.model)
-    params.validate(ctx)
-    room = ctx - params.max_new_tokens
-    if settings.use_template:
-        ids = prompt_ids(tok, messages, max_tokens=room)
-        eos = stop_token_ids(tok)
-        stop = list(params.stop)
-    else:
-        ids = plain_prompt_ids(tok, messages, room)
-        eos = default_eos_ids(lm.model, tok)
-        stop = list(params.stop) + [s for s in PLAIN_STOPS if s not in params.stop]
+    params.validate(context_length(lm.model))
+    prompt = chat_prompt(lm, messages, settings.use_template, params.max_new_tokens)
+    ids, eos = prompt.ids, prompt.stop_ids
+    stop = list(params.stop) + [s for s in prompt.stop if s not in params.stop]
     flags = [stop_flag] if stop_flag is not None else None
 
     if settings.mmi is None:
-        strip = _LeadingSpaceStripper(on_text) if on_text is not None else None
         res = generate_batch(
             lm.model,
             tok,
             [ids],
-            params.replace(stop=stop, num_return_sequences=1),
-            streamer_callback=(lambda _row, piece: strip(piece)) if strip else None,
+            params.replace(stop=stop, num_return_sequences=1, num_beams=1),
+            streamer_callback=(lambda _row, piece: on_text(piece)) if on_text else None,
             stop_flags=flags,
             eos_token_ids=eos,
+            slide=False,
+            lstrip=True,
         )[0]
-        return Reply(text=res.text.strip(), finish_reason=res.finish_reason)
+        return Reply(text=res.text, finish_reason=res.finish_reason)
 
     from owngpt.mmi import history_latest_first, rerank
 
@@ -143,27 +112,15 @@ def reply(
         params.replace(stop=stop, num_return_sequences=settings.candidates, num_beams=1),
         stop_flags=flags,
         eos_token_ids=eos,
+        slide=False,
+        lstrip=True,
     )
-    candidates = [r.text.strip() for r in results]
+    candidates = [r.text for r in results]
     ranked = rerank(settings.mmi.model, settings.mmi.tokenizer, candidates, history_latest_first(messages))
     chosen = results[ranked.best]
     if on_text is not None and ranked.text:
         on_text(ranked.text)
     return Reply(text=ranked.text, finish_reason=chosen.finish_reason, candidates=candidates, scores=ranked.scores)
-
-
-class _LeadingSpaceStripper:
-    """Drops whitespace at the start of a streamed reply (a plain model writes `Bot: hello`; the space is markup)."""
-
-    def __init__(self, out: Callable[[str], None]) -> None:
-        self.out, self.started = out, False
-
-    def __call__(self, piece: str) -> None:
-        if not self.started:
-            piece = piece.lstrip()
-            self.started = bool(piece)
-        if piece:
-            self.out(piece)
 
 
 # --- the REPL ------------------------------------------------------------------------------------------------
@@ -311,6 +268,8 @@ class ChatREPL:
             self.out.write("\n")
         if r.finish_reason == "cancelled":
             print("(stopped)", file=self.out)
+        elif r.finish_reason == "length" and self._reached_context(r):
+            print(f"(the reply reached the model's context of {context_length(self.lm.model)} tokens)", file=self.out)
         if self.debug and r.candidates:
             for i, (c, s) in enumerate(zip(r.candidates, r.scores, strict=True)):
                 mark = "*" if c == r.text else " "
@@ -319,6 +278,9 @@ class ChatREPL:
         if self.transcript:
             self.save(self.transcript)
         return r
+
+    def _reached_context(self, r: Reply) -> bool:
+        return len(self.lm.tokenizer(r.text, add_special_tokens=False)["input_ids"]) < self.params.max_new_tokens
 
     def run(self, stdin: TextIO | None = None) -> int:
         interactive = (stdin or sys.stdin).isatty()

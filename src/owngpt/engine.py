@@ -60,6 +60,7 @@ class RowSettings:
     # Past the context: True = the window slides (plain text continues); False = the row ends with
     # finish_reason "length" (a chat reply must not lose the start of its own conversation).
     slide: bool = True
+    lstrip: bool = False  # drop whitespace at the start of the text (a chat reply after `Bot:` or a template)
 
     @property
     def greedy(self) -> bool:
@@ -230,6 +231,8 @@ class Row:
         self._emit(buf[: len(buf) - keep])
 
     def _emit(self, piece: str) -> None:
+        if self.settings.lstrip and not self.text:
+            piece = piece.lstrip()
         if piece:
             self.text += piece
             self._notify(piece, False)

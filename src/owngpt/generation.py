@@ -265,7 +265,9 @@ def generation_config(model: Any, tokenizer: Any, params: SamplingParams, eos_id
     return GenerationConfig(**kw)
 
 
-def row_settings(params: SamplingParams, eos: Sequence[int], seed: int | None, slide: bool = True) -> RowSettings:
+def row_settings(
+    params: SamplingParams, eos: Sequence[int], seed: int | None, slide: bool = True, lstrip: bool = False
+) -> RowSettings:
     """The engine's settings for one row sampled with `params`."""
     return RowSettings(
         max_tokens=params.max_new_tokens,
@@ -278,6 +280,7 @@ def row_settings(params: SamplingParams, eos: Sequence[int], seed: int | None, s
         stop_ids=frozenset(eos),
         seed=seed,
         slide=slide,
+        lstrip=lstrip,
     )
 
 
@@ -291,6 +294,7 @@ def generate_batch(
     eos_token_ids: Sequence[int] | None = None,
     *,
     slide: bool = True,
+    lstrip: bool = False,
     context: int | None = None,
     shift: int | None = None,
 ) -> list[GenerationResult]:
@@ -329,7 +333,7 @@ def generate_batch(
         if streamer_callback is not None:
             on_event = lambda _row, piece, _fin, i=i: piece and streamer_callback(i, piece)  # noqa: E731
         flag = (lambda p=p: _is_set(stop_flags[p])) if stop_flags is not None else None
-        rows.append(Row(prompt_ids[p], row_settings(params, eos, seed, slide), on_event, cancel_flag=flag))
+        rows.append(Row(prompt_ids[p], row_settings(params, eos, seed, slide, lstrip), on_event, cancel_flag=flag))
     run_to_end(Decoder(model, tokenizer, ctx, shift=shift), rows)
     for i, r in enumerate(rows):
         results.append(
@@ -440,7 +444,8 @@ def add_sampling_arguments(parser: Any, defaults: SamplingParams | None = None) 
         type=int,
         default=None,
         metavar="N",
-        help=f"tokens to generate at most (default {d.max_new_tokens}, or half the model's context if smaller)",
+        help=f"tokens to generate at most (default {d.max_new_tokens}); any length: past the model's trained "
+        "context the model reads the last tokens (a chat reply ends at the context instead)",
     )
     g.add_argument(
         "--temperature",

@@ -102,5 +102,12 @@ def run(args: argparse.Namespace) -> int:
         "to quit.",
         file=sys.stderr,
     )
+    if not use_template:
+        print(
+            f"note: this is a plain language model (task '{lm.task}'), not chat-tuned: it continues text. Your line "
+            "becomes 'User: ...' in a transcript and it writes the next 'Bot:' line in the style of its training "
+            f"text. It reads the last {lm.context_length} tokens at most.",
+            file=sys.stderr,
+        )
     repl = ChatREPL(lm, params, settings, system=args.system, transcript=args.transcript, debug=args.debug)
     return repl.run()

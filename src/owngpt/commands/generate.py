@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         )
     params_from_args(args, num_return_sequences=args.num_samples)  # bad flags fail before the model loads
     lm = load_for_generation(args.checkpoint)
-    params = params_from_args(args, context=lm.context_length, num_return_sequences=args.num_samples)
+    # any length: past the model's trained context the window slides (owngpt.engine)
+    params = params_from_args(args, num_return_sequences=args.num_samples).validate(lm.context_length)
     use_one_thread_for_small_models(lm.model)
     # generate() drops an all-ones attention mask, and GPT-2 then warns "passing an attention_mask" whenever a
     # sampled token equals the pad id: a false alarm on the terminal (our batches always carry their mask). Set
