@@ -63,8 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-wait-ms",
         type=float,
         default=20.0,
-        help="longest a queued request waits for the clients of the previous batch to send their next requests "
-        "and share its batch (default 20 ms; a lone client never waits)",
+        help="with --scheduler dynamic: longest a queued request waits for the clients of the previous batch to "
+        "send their next requests and share its batch (default 20 ms; a lone client never waits)",
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=("continuous", "dynamic"),
+        default="continuous",
+        help="continuous (default): a request joins the running batch at its next decode step; dynamic: a batch "
+        "runs to its end before the next one starts (the older scheduler, kept for comparison)",
     )
     p.add_argument(
         "--threads",
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         batch_wait_ms=args.batch_wait_ms,
         model_name=args.model_name,
+        continuous=args.scheduler == "continuous",
     )
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(

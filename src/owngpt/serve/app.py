@@ -9,7 +9,10 @@ Every error is `{"error": {"message", "type", "param", "code"}}` with a 4xx stat
 validation errors (400 naming the field instead of its default 422) and invalid JSON; an unexpected failure is a
 500 in the same shape without a traceback. The API key is compared in constant time (`hmac.compare_digest`).
 
-Generation itself is `owngpt.serve.engine`: requests become rows on a bounded queue, batched by a worker thread.
+Generation itself is `owngpt.serve.engine`: requests become rows on a bounded queue, decoded by a worker thread with
+continuous batching. A conversation becomes a prompt in `owngpt.conversation` (the same function as `owngpt chat` and
+`Model.chat`): a long one keeps its system message and latest turns, and a reply ends with finish_reason "length" at
+the model's trained context. /v1/completions continues text of any length (the window slides past the context).
 """
 
 from __future__ import annotations
@@ -33,14 +36,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from owngpt import chat_format
+from owngpt import conversation
 from owngpt.serve import schemas as S
 from owngpt.serve.engine import Loaded, QueueFull, Row, RowSettings, load
 
 log = logging.getLogger("owngpt.serve")
 STATIC = Path(__file__).parent / "static"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-PLAIN_CHAT_STOP = "\nUser:"  # a plain LM continuing a rendered conversation would otherwise write the user's turn
 
 
 class APIError(Exception):
@@ -89,12 +91,6 @@ def model_id_for(path: Path) -> str:
     return path.name
 
 
-def render_plain(messages: Sequence[dict[str, str]]) -> str:
-    """A conversation as text a plain language model can continue (it was never trained on a chat template)."""
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
 def create_app(
     ckpt: str | Path | None = None,
     api_key: str | None = None,
@@ -104,12 +100,19 @@ def create_app(
     batch_wait_ms: float = 20.0,
     model_name: str | None = None,
     loaded: Loaded | None = None,
+    continuous: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving checkpoint `ckpt` (or an already `loaded` one). `api_key=None` disables the check."""
     if loaded is None:
         if ckpt is None:
             raise ValueError("create_app needs a checkpoint path or a loaded model")
-        loaded = load(ckpt, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_ms=batch_wait_ms)
+        loaded = load(
+            ckpt,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            batch_wait_ms=batch_wait_ms,
+            continuous=continuous,
+        )
     model_id = model_name or model_id_for(loaded.path)
     created = int(time.time())
     tok = loaded.tokenizer
@@ -180,6 +183,8 @@ def create_app(
             "status": "ok",
             "model": model_id,
             "task": loaded.task,
+            "mode": loaded.mode,
+            "context": engine.context_length if engine is not None else None,
             "queued": st.queued if st else 0,
             "running": st.running if st else 0,
             "batches": st.batches if st else 0,
@@ -244,14 +249,18 @@ def create_app(
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        if loaded.chat_template:
-            ids = chat_format.prompt_ids(tok, messages)
-            stop_ids, extra_stop = chat_format.stop_token_ids(tok), ()
-        else:
-            ids = encode(render_plain(messages))
-            stop_ids, extra_stop = eos_ids(), (PLAIN_CHAT_STOP,)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        settings = row_settings(req, len(ids), max_tokens, None, "messages", stop_ids, extra_stop)
+        ctx = engine.context_length
+        # One conversation-to-prompt function for every front end; the reply never slides past the context.
+        prompt = conversation.conversation_prompt(
+            tok,
+            messages,
+            chat=loaded.chat_template,
+            max_tokens=conversation.reply_budget(ctx, max_tokens or ctx),
+            eos_ids=eos_ids(),
+        )
+        ids = prompt.ids
+        settings = row_settings(req, max_tokens, None, prompt.stop_ids, prompt.stop, slide=False)
         rows = [Row(ids, s) for s in per_choice(settings, req.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         usage_prompt = len(ids)
@@ -296,9 +305,7 @@ def create_app(
         for p in prompts:
             ids = encode(p) or [tok.eos_token_id]  # an empty prompt samples from the start of a document
             prompt_tokens += len(ids)
-            settings = row_settings(
-                req, len(ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt", eos_ids(), ()
-            )
+            settings = row_settings(req, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, eos_ids(), (), slide=True)
             rows += [Row(ids, s) for s in per_choice(settings, req.n)]
         echoes = [prompts[i // req.n] if req.echo else "" for i in range(len(rows))]
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
@@ -360,31 +367,14 @@ def create_app(
 
     def row_settings(
         req: S._Sampling,
-        n_prompt: int,
         max_tokens: int | None,
         default_max: int | None,
-        param: str,
         stop_ids: Sequence[int],
         extra_stop: Sequence[str],
+        slide: bool,
     ) -> RowSettings:
+        # Any length: a completion's window slides past the context; a chat reply ends at the context ("length").
         ctx = engine.context_length
-        if n_prompt >= ctx:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {ctx} tokens; your {param} has {n_prompt} "
-                "tokens. Shorten it (or drop older messages).",
-                param=param,
-                code="context_length_exceeded",
-            )
-        room = ctx - n_prompt
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {ctx} tokens; you asked for {n_prompt} in "
-                f"the {param} + {max_tokens} to generate. Lower max_tokens to at most {room}.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         if top_p == 0:  # the smallest set reaching p=0 is the single most likely token: greedy
@@ -392,12 +382,14 @@ def create_app(
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         stops = tuple(s for s in [*stops, *extra_stop] if s)
         return RowSettings(
-            max_tokens=max_tokens or min(room, default_max or room),
+            max_tokens=max_tokens or default_max or ctx,
             temperature=temperature,
             top_p=top_p if top_p > 0 else 1.0,
             stop=stops,
             stop_ids=frozenset() if req.ignore_eos else frozenset(stop_ids),
             seed=None if req.seed is None else req.seed % 2**63,
+            slide=slide,
+            lstrip=not slide,  # a chat reply (after `Bot:` or a template) starts with its first word
         )
 
     def per_choice(settings: RowSettings, n: int) -> list[RowSettings]:

@@ -1,39 +1,35 @@
-"""The serving engine: one loaded model, a bounded queue of rows, and a worker thread that batches them.
+"""The serving engine: one loaded model, a bounded queue of rows, and a worker thread running the decode engine.
 
-A *row* is one sequence to generate (a request with `n=3` is three rows). Requests put rows on the queue; the worker
-thread waits (a few milliseconds at most) for the clients of the previous batch to come back, takes up to
-`max_batch_size` rows and runs them through
-one `model.generate` call (left-padded, KV cache), streaming each row's text back as it is produced. Generation runs
-in that thread, so the asyncio event loop that serves HTTP stays responsive.
+A *row* is one sequence to generate (a request with `n=3` is three rows): `owngpt.engine.Row`, the same row the CLI
+and the Python API decode, with its own settings (temperature, top_p, max_tokens, stop strings, seed, whether its
+window slides). Requests put rows on the queue; the worker thread owns one `owngpt.engine.Decoder` and loops:
 
-Why this does not call `owngpt.generation.generate_batch`: that function runs one `SamplingParams` per batch and
-reports each row's end when the whole batch ends, which suits the CLI. A server wants to batch requests whose
-settings differ (every web-chat user picks a temperature, max_tokens, stop strings, seed) and to close each stream
-the moment its row ends. So here every row carries its own settings:
+- **continuous batching** (the default, vLLM's scheduling on a CPU): before every decode step, queued rows join the
+  running batch (up to `max_batch_size`), prefilled alone and merged into the batched KV cache; a row leaves the
+  batch the step it ends, and its stream closes at once. A request arriving mid-decode waits one step, not for the
+  running batch to finish.
+- `continuous=False` keeps the older **dynamic batching** for comparison (bench/bench_serve.py): rows join only when
+  the batch is empty, after a short wait for the previous batch's clients to come back.
 
-- `_PerRowSampler`, a transformers `LogitsProcessor`, draws each row's next token with that row's temperature and
-  top_p and its own `torch.Generator` (a seeded request gives the same text whatever else shares its batch), and
-  masks every other token to -inf, so `generate`'s greedy step selects exactly that token. transformers'
-  sampling uses one temperature/top_p and the global RNG for the whole batch, hence this small hand-written part.
-- `_RowObserver`, a `StoppingCriteria`, feeds each row its newest token, applies its end tokens, stop strings,
-  max_tokens and cancellation (a client that disconnected), and tells transformers which rows are done.
-Any mix of rows is therefore compatible and shares a batch. Text decoding reuses
-`owngpt.generation.IncrementalDecoder` (no character is ever split across two stream chunks).
+Generation runs in that thread, so the asyncio event loop that serves HTTP stays responsive. Text decoding, stop
+strings, hold-back of incomplete characters and cancellation are the engine's (owngpt.engine).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt.engine import Decoder, EventCallback, Row, RowSettings, run_to_end
 from owngpt.errors import CheckpointError
+
+__all__ = ["Engine", "EventCallback", "Loaded", "QueueFull", "Row", "RowSettings", "load"]
 
 log = logging.getLogger("owngpt.serve")
 # After this long with an empty queue the previous batch's clients are not about to return: do not wait for them.
@@ -44,189 +40,45 @@ class QueueFull(Exception):
     """The queue holds `max_queue` rows already: the caller answers 429."""
 
 
-@dataclass(frozen=True)
-class RowSettings:
-    """How one row is generated (the server maps the OpenAI request fields onto this)."""
-
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
-    stop_ids: frozenset[int] = frozenset()  # token ids that end the row (end-of-text, end-of-turn)
-    seed: int | None = None
-
-
-# on_event(row, text_piece, finished): called from the worker thread as text arrives and once when the row ends.
-EventCallback = Callable[["Row", str, bool], None]
-
-
-class Row:
-    """One sequence being generated: its prompt, settings, the tokens and text so far, and why it ended."""
-
-    def __init__(self, prompt_ids: Sequence[int], settings: RowSettings, on_event: EventCallback | None = None):
-        import torch
-
-        self.prompt_ids = list(prompt_ids)
-        self.settings = settings
-        self.on_event = on_event
-        seed = settings.seed if settings.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.token_ids: list[int] = []
-        self.text = ""
-        self._pending = ""  # decoded text held back because it may be the start of a stop string
-        self._decoder: Any = None
-        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-        self.error: str | None = None
-        self.cancelled = False
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """Ask the worker to drop this row (a plain attribute write, safe from any thread)."""
-        self.cancelled = True
-
-    # --- called from the worker thread only -------------------------------------------------------------------
-    def start(self, tokenizer: Any) -> None:
-        from owngpt.generation import IncrementalDecoder
-
-        self._decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
-
-    def feed(self, token_id: int) -> None:
-        if self.finished:
-            return
-        if self.cancelled:
-            self.finish("cancelled")
-            return
-        if token_id in self.settings.stop_ids:
-            self.finish("stop")
-            return
-        self.token_ids.append(token_id)
-        self._add(self._decoder.push(token_id))
-        if not self.finished and len(self.token_ids) >= self.settings.max_tokens:
-            self.finish("length")
-
-    def finish(self, reason: str, error: str | None = None) -> None:
-        if self.finished:
-            return
-        if self._decoder is not None and reason != "error":
-            self._add(self._decoder.flush(), final=True)
-        if self.finish_reason is None:  # _add may have ended the row on a stop string already
-            self.finish_reason, self.error = reason, error
-            self._notify("", True)
-
-    def _notify(self, piece: str, finished: bool) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(self, piece, finished)
-            except Exception:  # a broken consumer must never take the batch down with it
-                log.exception("row event callback failed")
-
-    def _add(self, piece: str, final: bool = False) -> None:
-        buf = self._pending + piece
-        stops = self.settings.stop
-        hits = [p for p in (buf.find(s) for s in stops) if p >= 0]
-        if hits:
-            self._pending = ""
-            self._emit(buf[: min(hits)])
-            self.finish_reason = "stop"
-            self._notify("", True)
-            return
-        keep = 0 if final else _held_back(buf, stops)
-        self._pending = buf[len(buf) - keep :]
-        self._emit(buf[: len(buf) - keep])
-
-    def _emit(self, piece: str) -> None:
-        if piece:
-            self.text += piece
-            self._notify(piece, False)
-
-
-def _held_back(buf: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `buf` that is a proper prefix of a stop string (it may still become one)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(buf)), best, -1):
-            if buf.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def _per_row_sampler(rows: Sequence[Row]):
-    import torch
-    from transformers import LogitsProcessor
-
-    temps = torch.tensor([max(r.settings.temperature, 1e-6) for r in rows]).unsqueeze(1)  # (B, 1)
-    top_p = torch.tensor([r.settings.top_p for r in rows]).unsqueeze(1)  # (B, 1)
-    sampled = [i for i, r in enumerate(rows) if r.settings.temperature > 0]
-
-    class _PerRowSampler(LogitsProcessor):
-        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-            chosen = scores.argmax(dim=-1)  # (B,) greedy rows keep this
-            if sampled:
-                idx = torch.tensor(sampled)
-                probs = torch.softmax(scores[idx] / temps[idx], dim=-1)  # (S, V)
-                # nucleus: keep the smallest set of most likely tokens whose probabilities reach top_p
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[idx]  # the top token is always kept
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                for j, i in enumerate(sampled):
-                    k = torch.multinomial(sorted_p[j], 1, generator=rows[i].generator)
-                    chosen[i] = order[j, k]
-            out = torch.full_like(scores, float("-inf"))
-            return out.scatter_(1, chosen.unsqueeze(1), 0.0)
-
-    return _PerRowSampler()
-
-
-def _row_observer(rows: Sequence[Row]):
-    import torch
-    from transformers import StoppingCriteria
-
-    class _RowObserver(StoppingCriteria):
-        # transformers calls the stopping criteria right after appending each step's tokens (before its
-        # streamer), so a row's stop string or cancel ends it in the same step, without leaking a token.
-        def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-            last = input_ids[:, -1].tolist()
-            for row, tok in zip(rows, last, strict=True):
-                row.feed(tok)
-            return torch.tensor([r.finished for r in rows], dtype=torch.bool, device=input_ids.device)
-
-    return _RowObserver()
-
-
 @dataclass
 class Stats:
     queued: int = 0  # rows waiting
     running: int = 0  # rows in the batch being generated
-    batches: int = 0
+    batches: int = 0  # decode steps (continuous) or batches run to the end (dynamic)
     rows_done: int = 0
     rows_cancelled: int = 0
     max_batch_seen: int = 0
     tokens_generated: int = 0
+    admitted_mid_decode: int = 0  # rows that joined a batch already decoding (continuous batching)
     started: float = field(default_factory=time.time)
 
 
 class Engine:
-    """Loaded causal LM + tokenizer, a bounded row queue and the batching worker thread."""
+    """Loaded causal LM + tokenizer, a bounded row queue and the worker thread that decodes them."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, max_batch_size: int = 16, max_queue: int = 256, batch_wait_ms: float = 20.0
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        batch_wait_ms: float = 20.0,
+        continuous: bool = True,
+        context: int | None = None,
     ) -> None:
         from owngpt.generation import context_length
 
         self.model, self.tokenizer = model, tokenizer
-        self.context_length = context_length(model)
+        self.context_length = context or context_length(model)
         self.max_batch_size, self.max_queue, self.batch_wait = max_batch_size, max_queue, batch_wait_ms / 1000
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self.continuous = continuous
         self._queue: collections.deque[Row] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._last_batch = 0  # rows in the previous batch
-        self._running: list[Row] = []  # rows of the batch being generated
+        self._last_batch = 0  # rows in the previous batch (dynamic batching)
+        self._decoder = Decoder(model, tokenizer, self.context_length)
         self.stats = Stats()
 
     # --- the request side (event-loop thread) ---------------------------------------------------------------
@@ -254,93 +106,90 @@ class Engine:
             self._cond.notify_all()
         for row in pending:
             row.finish("cancelled")
-        for row in self._running:  # the batch in progress stops at its next token
+        for row in list(self._decoder.rows):  # the batch in progress stops at its next step
             row.cancel()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     # --- the worker thread ------------------------------------------------------------------------------------
-    def _next_batch(self) -> list[Row]:
-        with self._cond:
-            # Dynamic batching. Clients whose rows just finished tend to send their next request at once; starting
-            # without them, 8 clients split into two alternating batches of 4 for good (measured: mean batch 4.0
-            # with 8 closed-loop clients, while one batch runs the other half queues). So wait, at most
-            # `batch_wait` after the first arrival, for the rows queued now plus as many as the last batch had.
-            # A lone client never waits, nor does the first request after an idle spell.
-            target = min(self.max_batch_size, max(len(self._queue) + self._last_batch, 1))
-            idle_since = time.monotonic()
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return []
-            if time.monotonic() - idle_since > IDLE_RESET:  # the last batch's clients are not coming back
-                target = 1
-            deadline = time.monotonic() + self.batch_wait
-            while len(self._queue) < target and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
-            batch: list[Row] = []
-            while self._queue and len(batch) < self.max_batch_size:
-                row = self._queue.popleft()
-                if row.cancelled:  # its client left while it waited
-                    row.finish("cancelled")
-                    self.stats.rows_cancelled += 1
-                else:
-                    batch.append(row)
-            self.stats.queued = len(self._queue)
-            self._last_batch = len(batch)
-            return batch
+    def _admit(self) -> None:
+        """Move queued rows into the decoder (called with the lock held)."""
+        d = self._decoder
+        running = d.active
+        while self._queue and d.active < self.max_batch_size:
+            row = self._queue.popleft()
+            if row.is_cancelled():  # its client left while it waited
+                row.finish("cancelled")
+                self.stats.rows_cancelled += 1
+                continue
+            d.add(row)
+            if running:
+                self.stats.admitted_mid_decode += 1
+        self.stats.queued = len(self._queue)
+
+    def _wait_for_batch(self) -> None:
+        """Dynamic batching (continuous=False): wait, at most `batch_wait` after the first arrival, for the rows
+        queued now plus as many as the last batch had (its clients tend to send their next request at once)."""
+        target = min(self.max_batch_size, max(len(self._queue) + self._last_batch, 1))
+        idle_since = time.monotonic()
+        while not self._queue and not self._closed:
+            self._cond.wait()
+        if time.monotonic() - idle_since > IDLE_RESET:  # the last batch's clients are not coming back
+            target = 1
+        deadline = time.monotonic() + self.batch_wait
+        while len(self._queue) < target and (left := deadline - time.monotonic()) > 0 and not self._closed:
+            self._cond.wait(left)
 
     def _loop(self) -> None:
-        while not self._closed:
-            batch = self._next_batch()
-            if batch:
-                self.run_batch(batch)
+        d = self._decoder
+        while True:
+            with self._cond:
+                if self._closed:
+                    break
+                if d.active == 0:
+                    if self.continuous:
+                        while not self._queue and not self._closed:
+                            self._cond.wait()
+                    else:
+                        self._wait_for_batch()
+                    if self._closed:
+                        break
+                    self._admit()
+                    self._last_batch = d.active
+                    if not self.continuous:
+                        self.stats.batches += 1
+                elif self.continuous:
+                    self._admit()
+            self._step()
+        for r in d.rows + d._new:  # rows still decoding when the server shuts down
+            r.finish("cancelled")
+
+    def _step(self) -> None:
+        d = self._decoder
+        if not d.active:
+            return
+        self.stats.running = d.active
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, d.active)
+        try:
+            done = d.step()
+        except Exception as e:  # report to the clients instead of killing the worker thread
+            log.exception("generation failed")
+            done = d.fail(f"generation failed: {type(e).__name__}: {e}")
+        if self.continuous:
+            self.stats.batches += 1
+        self.stats.running = d.active
+        self.stats.rows_done += len(done)
+        self.stats.rows_cancelled += sum(r.finish_reason == "cancelled" for r in done)
+        self.stats.tokens_generated += sum(len(r.token_ids) for r in done)
 
     def run_batch(self, rows: Sequence[Row]) -> None:
-        """Generate every row of `rows` with one `model.generate` call (also usable without the thread, in tests)."""
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-        self.stats.running = len(rows)
-        self._running = list(rows)
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
+        """Decode `rows` to the end in the calling thread (tests, benchmarks); not while the worker runs."""
         try:
-            for r in rows:
-                r.start(self.tokenizer)
-            width = max(len(r.prompt_ids) for r in rows)
-            # Left padding: each row predicts from the last column; the attention mask hides the pads and
-            # transformers derives position ids from it, so a padded row computes what it would alone.
-            input_ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-            mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
-            cfg = GenerationConfig(
-                max_new_tokens=max(r.settings.max_tokens for r in rows),
-                do_sample=False,  # _PerRowSampler has already picked each row's token; greedy selects it
-                eos_token_id=[],  # rows end in _RowObserver (None would fall back to the checkpoint's eos)
-                pad_token_id=self.pad_id,
-                use_cache=True,
-            )
-            device = next(self.model.parameters()).device
-            with torch.no_grad():
-                self.model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
-                    generation_config=cfg,
-                    logits_processor=LogitsProcessorList([_per_row_sampler(rows)]),
-                    stopping_criteria=StoppingCriteriaList([_row_observer(rows)]),
-                )
-            for r in rows:
-                r.finish("length")  # no-op for rows that already ended
-        except Exception as e:  # report to the clients instead of killing the worker thread
+            run_to_end(Decoder(self.model, self.tokenizer, self.context_length), rows)
+        except Exception as e:
             log.exception("generation failed")
             for r in rows:
                 r.finish("error", error=f"generation failed: {type(e).__name__}: {e}")
-        finally:
-            self._running = []
-            self.stats.running = 0
-            self.stats.batches += 1
-            self.stats.rows_done += len(rows)
-            self.stats.rows_cancelled += sum(r.finish_reason == "cancelled" for r in rows)
-            self.stats.tokens_generated += sum(len(r.token_ids) for r in rows)
 
 
 class Classifier:
@@ -380,18 +229,33 @@ class Loaded:
 
     @property
     def chat_template(self) -> bool:
-        """Chat checkpoints (and Hugging Face dirs with a template) get the template; plain LMs get text."""
-        if self.task in ("chat", "mmi"):
-            return True
-        return not self.meta and bool(getattr(self.tokenizer, "chat_template", None))
+        """Chat checkpoints (and Hugging Face dirs with a template) get the template; plain LMs get text
+        (owngpt.conversation.is_chat_model: the rule every front end uses)."""
+        from owngpt.conversation import is_chat_model
+
+        return is_chat_model(self.meta, self.tokenizer)
+
+    @property
+    def mode(self) -> str:
+        """What the web page offers: "chat", "completion" (a plain language model continues text) or "classify"."""
+        if self.engine is None:
+            return "classify"
+        return "chat" if self.chat_template else "completion"
 
 
-def load(ckpt: str | Path, *, max_batch_size: int = 16, max_queue: int = 256, batch_wait_ms: float = 20.0) -> Loaded:
+def load(
+    ckpt: str | Path,
+    *,
+    max_batch_size: int = 16,
+    max_queue: int = 256,
+    batch_wait_ms: float = 20.0,
+    continuous: bool = True,
+) -> Loaded:
     """Load a checkpoint dir (safetensors only) as an Engine (lm, chat, mmi) or a Classifier (classify).
 
     `ckpt` may also be a Hub id (cached, or fetched once; see owngpt.models.resolve_checkpoint)."""
     from owngpt.checkpoint import load_model, read_meta
-    from owngpt.generation import context_length
+    from owngpt.generation import context_length, quiet_loading, trained_context
     from owngpt.models import resolve_checkpoint
     from owngpt.tokenizer import load_tokenizer
 
@@ -408,8 +272,17 @@ def load(ckpt: str | Path, *, max_batch_size: int = 16, max_queue: int = 256, ba
         return Loaded(path, meta, task, tokenizer, classifier=Classifier(model, tokenizer, context_length(model)))
     if task not in ("lm", "chat", "mmi"):
         raise CheckpointError(f"{path}/owngpt.json: task {task!r} cannot be served (expected lm, chat, mmi, classify)")
+    quiet_loading()
     model = load_model(path, task="lm").eval()
-    if tokenizer.pad_token_id is None:  # masked out of every batch, so any id works
+    model.owngpt_context = trained_context(meta, model.config)  # the window every row reads (owngpt.engine)
+    if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_ms=batch_wait_ms)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        batch_wait_ms=batch_wait_ms,
+        continuous=continuous,
+    )
     return Loaded(path, meta, task, tokenizer, engine=engine)

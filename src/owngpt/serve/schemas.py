@@ -176,6 +176,8 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
     task: str
+    mode: str  # what the web page offers: "chat", "completion" (a plain language model) or "classify"
+    context: int | None  # tokens the model reads at once (its trained context)
     queued: int
     running: int
     batches: int

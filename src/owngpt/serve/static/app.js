@@ -1,5 +1,7 @@
-// owngpt's chat page: talks to this server's OpenAI-compatible API (POST /v1/chat/completions, stream: true) and
-// renders the reply as it streams in. Plain browser JavaScript, no libraries: fetch + ReadableStream + an SSE parser.
+// owngpt's chat page: talks to this server's OpenAI-compatible API and renders the text as it streams in.
+// Two modes: chat (POST /v1/chat/completions with the conversation) and completion (POST /v1/completions: the model
+// continues the text typed, for plain language models trained with --task lm). /health says which the model is; the
+// page starts in that mode and shows it. Plain browser JavaScript, no libraries: fetch + ReadableStream + SSE parser.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,6 +11,41 @@ const FIELDS = ["api-key", "system", "temperature", "top-p", "max-tokens"];
 let history = []; // [{role, content}] of the conversation so far (system prompt added per request)
 let modelId = null;
 let controller = null; // AbortController of the running request
+let serverMode = null; // "chat" or "completion": what the model is (GET /health)
+
+const MODE_NOTES = {
+  chat: "Chat mode: the model answers the conversation.",
+  completion: "Completion mode: type the beginning of a text and the model continues it.",
+};
+
+function mode() {
+  return $("mode").value;
+}
+
+function showMode() {
+  let note = MODE_NOTES[mode()];
+  if (serverMode === "completion" && mode() === "chat") {
+    note += " This model is a plain language model (not chat-tuned): it continues a User:/Bot: transcript.";
+  }
+  $("mode-note").textContent = note;
+  $("input").placeholder = mode() === "chat" ? "Type a message. Enter sends, Shift+Enter adds a line."
+    : "Type the beginning of a text. Enter sends, Shift+Enter adds a line.";
+  $("send").textContent = mode() === "chat" ? "Send" : "Continue";
+  document.body.dataset.mode = mode();
+}
+
+async function loadMode() {
+  try {
+    const h = await (await fetch("/health")).json();
+    if (h.mode === "chat" || h.mode === "completion") {
+      serverMode = h.mode;
+      $("mode").value = h.mode;
+    }
+  } catch {
+    // the model list reports an unreachable server
+  }
+  showMode();
+}
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -87,6 +124,54 @@ function requestBody(messages) {
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
   return body;
+}
+
+async function complete(text) {
+  if (!modelId) await loadModel();
+  if (!modelId) return;
+  const div = addMessage("completion", "");
+  const prompt = document.createElement("span");
+  prompt.className = "prompt";
+  prompt.textContent = text;
+  const cont = document.createElement("span");
+  cont.className = "continuation";
+  div.append(prompt, cont);
+  div.classList.add("streaming");
+  setBusy(true);
+  setStatus("generating…");
+  controller = new AbortController();
+  let out = "";
+  try {
+    const body = requestBody(null);
+    delete body.messages;
+    body.prompt = text;
+    const r = await fetch("/v1/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!r.ok) throw new Error((await errorMessage(r)).message);
+    for await (const data of sseData(r)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const piece = chunk.choices?.[0]?.text;
+      if (piece) {
+        out += piece;
+        cont.textContent = out;
+        div.scrollIntoView({ block: "end" });
+      }
+    }
+    setStatus("ready");
+  } catch (err) {
+    if (err.name === "AbortError") setStatus("stopped");
+    else {
+      addMessage("error", String(err.message || err));
+      setStatus("error", true);
+    }
+  } finally {
+    div.classList.remove("streaming");
+    controller = null;
+    setBusy(false);
+  }
 }
 
 async function send(text) {
@@ -182,7 +267,8 @@ function init() {
     const text = $("input").value.trim();
     if (!text || controller) return;
     $("input").value = "";
-    send(text);
+    if (mode() === "completion") complete(text);
+    else send(text);
   });
   $("input").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey) {
@@ -192,6 +278,11 @@ function init() {
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("reset").addEventListener("click", reset);
+  $("mode").addEventListener("change", () => {
+    reset();
+    showMode();
+  });
+  loadMode();
   loadModel();
 }
 
