@@ -1,14 +1,16 @@
-"""Server throughput and latency: dynamic batching vs one request at a time, same server code, same run.
+"""Server throughput and latency: continuous batching vs dynamic batching, same server code, same run.
 
     python bench/bench_serve.py                        # 4 layers x 256 dims random GPT-2, 1/8/32 clients
     python bench/bench_serve.py --rounds 3 --max-tokens 32
 
-Two `owngpt serve` subprocesses on loopback serve the same random checkpoint: one batching (`--max-batch-size 32`),
-one handling a single sequence at a time (`--max-batch-size 1`, the baseline). For each number of concurrent
-clients (each sends its next request as soon as the previous one is answered), both servers get the same bounded
-number of completion requests (`ignore_eos`, so every request generates exactly --max-tokens tokens). Servers and
-client counts are interleaved round by round (A B A B ...): the reported requests/s is the median over rounds,
-latencies are pooled over rounds. Writes its section of docs/benchmarks.md.
+Two `owngpt serve` subprocesses on loopback serve the same random checkpoint with `--max-batch-size 32`: one with
+continuous batching (`--scheduler continuous`: a request joins the running batch at the next decode step), one with
+dynamic batching (`--scheduler dynamic`, the scheduler owngpt had before: a batch runs to its end, then the next
+starts). For each number of concurrent clients (each sends its next request as soon as the previous one is
+answered), both servers get the same bounded number of completion requests (`ignore_eos`; request i generates
+--max-tokens x (1/2, 1, 2)[i % 3] tokens: real requests differ in length, which is where the schedulers differ).
+Servers and client counts are interleaved round by round (A B A B ...): the reported requests/s is the median over
+rounds, latencies are pooled over rounds. Writes its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, max_batch: int, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    ckpt: Path, max_batch: int, threads: int, log: Path, scheduler: str = "continuous"
+) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
@@ -83,6 +87,8 @@ def start_server(ckpt: Path, max_batch: int, threads: int, log: Path) -> tuple[s
         "bench",
         "--max-batch-size",
         str(max_batch),
+        "--scheduler",
+        scheduler,
         "--max-queue",
         "1024",
         "--threads",
@@ -106,6 +112,11 @@ def start_server(ckpt: Path, max_batch: int, threads: int, log: Path) -> tuple[s
     raise SystemExit(f"server not healthy after 300 s:\n{log.read_text()}")
 
 
+def request_tokens(i: int, max_tokens: int) -> int:
+    """Tokens request i generates: half, once or twice --max-tokens, in turn."""
+    return max(1, (max_tokens * (1, 2, 4)[i % 3]) // 2)
+
+
 async def load_test(base: str, clients: int, total: int, max_tokens: int) -> tuple[float, list[float]]:
     """`clients` concurrent loops sending `total` requests in all; returns (wall seconds, per-request latencies)."""
     import httpx
@@ -119,14 +130,14 @@ async def load_test(base: str, clients: int, total: int, max_tokens: int) -> tup
             body = {
                 "model": model_id,
                 "prompt": f"{i} {TEXT[: 20 + i % 20]}",
-                "max_tokens": max_tokens,
+                "max_tokens": request_tokens(i, max_tokens),
                 "temperature": 0.8,
                 "ignore_eos": True,
             }
             t = time.perf_counter()
             r = await http.post(f"{base}/v1/completions", json=body, headers=headers)
             r.raise_for_status()
-            assert r.json()["usage"]["completion_tokens"] == max_tokens
+            assert r.json()["usage"]["completion_tokens"] == body["max_tokens"]
             latencies.append(time.perf_counter() - t)
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
@@ -155,16 +166,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dims", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=32, help="--max-batch-size of the batched server")
+    ap.add_argument("--batch-size", type=int, default=32, help="--max-batch-size of both servers")
     ap.add_argument("--threads", type=int, default=1, help="--threads of both servers (1: the machine is shared)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = ap.parse_args()
 
-    modes = {"batched": args.batch_size, "one at a time": 1}
+    modes = {"continuous": "continuous", "dynamic": "dynamic"}
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ckpt = build_checkpoint(Path(tmp) / "ckpt", args.layers, args.dims, ctx=256)
-        servers = {m: start_server(ckpt, b, args.threads, Path(tmp) / f"{b}.log") for m, b in modes.items()}
+        servers = {
+            m: start_server(ckpt, args.batch_size, args.threads, Path(tmp) / f"{m}.log", scheduler=sch)
+            for m, sch in modes.items()
+        }
         load0 = os.getloadavg()[0]
         try:
             for rnd in range(args.rounds):
@@ -194,22 +208,25 @@ def main() -> int:
 
 
 def report(args, results, load: float) -> str:
+    lengths = "/".join(str(request_tokens(i, args.max_tokens)) for i in range(3))
     lines = [
-        "## Server: dynamic batching vs one request at a time (`bench/bench_serve.py`)",
+        "## Server: continuous batching vs dynamic batching (`bench/bench_serve.py`)",
         "",
-        f"Random GPT-2, {args.layers} layers x {args.dims} dims, char tokenizer; each request generates exactly "
-        f"{args.max_tokens} tokens (`ignore_eos`, temperature 0.8). Each client sends its next request when the "
-        f"previous one is answered; {args.requests_per_client} requests per client per measurement (at least 16, at most {args.max_requests}), "
-        f"{args.rounds} rounds interleaved. Both servers run `--threads {args.threads}`; the batched one "
-        f"`--max-batch-size {args.batch_size}`, the baseline `--max-batch-size 1`. requests/s: median over rounds; "
-        "speed-up: median over rounds of the ratio within a round; latency percentiles pooled over rounds.",
+        f"Random GPT-2, {args.layers} layers x {args.dims} dims, char tokenizer; request i generates exactly "
+        f"{lengths} tokens for i mod 3 = 0/1/2 (`ignore_eos`, temperature 0.8). Each client sends its next request "
+        f"when the previous one is answered; {args.requests_per_client} requests per client per measurement (at "
+        f"least 16, at most {args.max_requests}), {args.rounds} rounds interleaved. Both servers run "
+        f"`--threads {args.threads} --max-batch-size {args.batch_size}`; continuous = `--scheduler continuous` (the "
+        "default: a request joins the running batch at the next step), dynamic = `--scheduler dynamic` (the "
+        "scheduler before: a batch runs to its end). requests/s: median over rounds; speed-up: median over rounds "
+        "of the ratio within a round; latency percentiles pooled over rounds.",
         "",
-        "| clients | batched req/s | one-at-a-time req/s | speed-up | batched p50 / p99 (ms) | "
-        "one-at-a-time p50 / p99 (ms) |",
+        "| clients | continuous req/s | dynamic req/s | speed-up | continuous p50 / p99 (ms) | "
+        "dynamic p50 / p99 (ms) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for c in args.clients:
-        b, s = results[("batched", c)], results[("one at a time", c)]
+        b, s = results[("continuous", c)], results[("dynamic", c)]
         rb, rs = statistics.median(b["rps"]), statistics.median(s["rps"])
         # the speed-up compares the two servers within each round (measured back to back), then takes the median
         speedup = statistics.median(x / y for x, y in zip(b["rps"], s["rps"]))

@@ -34,6 +34,11 @@ def test_demo_prepares_trains_samples_and_leaves_a_checkpoint(tmp_path):
     assert "owngpt chat" in r.stdout and "owngpt serve" in r.stdout  # what to do next
     ckpt = out / "run" / "checkpoints" / "best"
     assert is_checkpoint(ckpt) and read_meta(ckpt)["task"] == "lm"
+    # the checkpoint states the context it was trained for (the tiny preset has 256 positions, the demo's block 128)
+    import json
+
+    assert read_meta(ckpt)["trained_context"] == 128
+    assert json.loads((ckpt / "generation_config.json").read_text())["max_length"] == 128
     assert (out / "run" / "loss.png").exists() and (out / "data" / "report.json").exists()
     # the checkpoint works in transformers alone
     code = (

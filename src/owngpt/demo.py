@@ -49,7 +49,7 @@ def run_demo(
     out: str | None = None,
     max_steps: int | None = None,
     samples: int = 3,
-    max_new_tokens: int = 200,
+    max_new_tokens: int = 500,
     seed: int = 1337,
     overwrite: bool = False,
 ) -> Path:
@@ -103,11 +103,12 @@ def run_demo(
     ).validate()
     result = train(cfg)
     ckpt = result.best_checkpoint or result.last_checkpoint
-    print(f"\n[3/3] samples from {ckpt} (temperature 0.8, top-k 50)", flush=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the samples
-    m = load(str(ckpt))
+    print(
+        f"\n[3/3] samples from {ckpt} (temperature 0.8, top-k 50; {max_new_tokens} characters, the model reads the "
+        f"last {c.block_size} it was trained on)",
+        flush=True,
+    )
+    m = load(str(ckpt))  # loads quietly: no "Loading weights" bar between the samples
     for i, prompt in enumerate(c.prompts[:samples]):
         text = m.generate(prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
         print(f"\n--- sample {i + 1} ---\n{prompt}{text}", flush=True)

@@ -27,7 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-steps", type=int, default=None, help="training steps (default 2000 for shakespeare, 1500 for tang)"
     )
     p.add_argument("--samples", type=int, default=3, help="samples to print at the end (default 3)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="characters per sample (default 200)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=500,
+        help="characters per sample (default 500: several times the block the model was trained on; past it the "
+        "model reads the last block of text, as nanoGPT samples)",
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed for data split, init and sampling")
     p.add_argument("--overwrite", action="store_true", help="prepare the data again even if it exists")
 

@@ -192,16 +192,8 @@ async function send(text) {
       const r = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), body: JSON.stringify(requestBody(messages)), signal: controller.signal,
       });
-      if (!r.ok) {
-        const e = await errorMessage(r);
-        // Small models have short contexts: drop the oldest exchange and try again rather than give up.
-        if (e.code === "context_length_exceeded" && history.length > 2) {
-          history = history.slice(2);
-          addMessage("note", "older messages were dropped to fit the model's context");
-          continue;
-        }
-        throw new Error(e.message);
-      }
+      // A conversation longer than the model's context is cut by the server (system prompt + latest turns).
+      if (!r.ok) throw new Error((await errorMessage(r)).message);
       for await (const data of sseData(r)) {
         if (data === "[DONE]") break;
         const chunk = JSON.parse(data);
