@@ -241,3 +241,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--to", "hf"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_gguf_states_the_trained_context_not_the_position_table(tiny_ckpt, tmp_path):
+    import json
+    import shutil
+
+    from gguf import GGUFReader
+
+    from owngpt.export import export_gguf, load_fp32
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    meta = json.loads((ck / "owngpt.json").read_text())
+    (ck / "owngpt.json").write_text(json.dumps({**meta, "block_size": 32, "trained_context": 32}))
+    m, tok, _, _ = load_fp32(ck)
+    f = GGUFReader(export_gguf(m, tok, tmp_path / "g", dtype="f32")).fields["gpt2.context_length"]
+    assert (f.contents() if hasattr(f, "contents") else f.parts[-1]) == 32 < m.config.n_positions

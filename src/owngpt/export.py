@@ -87,6 +87,9 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
         model = load_model(path, task=meta.get("task", "lm"))
         tokenizer = load_tokenizer(path)
     model.eval()
+    from owngpt.generation import trained_context
+
+    model.owngpt_context = trained_context(meta, model.config)  # the context it was trained for (GGUF states it)
     return model, tokenizer, meta, path
 
 
@@ -734,7 +737,8 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
         f = tmp / "model.gguf"
         w = gguf.GGUFWriter(str(f), "gpt2")
         w.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "owngpt")).name or "owngpt")
-        w.add_context_length(cfg.n_positions)
+        # the trained context, not the position table: llama.cpp would otherwise read untrained positions
+        w.add_context_length(getattr(model, "owngpt_context", None) or cfg.n_positions)
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
         w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
