@@ -244,13 +244,14 @@ class Row:
         s = self.settings
         if s.plain_greedy:
             return int(logits.argmax())
-        scores = logits.unsqueeze(0)  # (1, V)
-        hist = torch.tensor([self.ids], dtype=torch.long)
+        scores = logits.float().unsqueeze(0)  # (1, V)
+        hist = torch.tensor([self.ids], dtype=torch.long, device=scores.device)
         for p in self._processors:
             scores = p(hist, scores)
         if s.greedy:
             return int(scores[0].argmax())
-        probs = torch.softmax(scores[0].float(), dim=-1)
+        # the row's generator lives on the CPU (a seed gives the same text on any device)
+        probs = torch.softmax(scores[0], dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

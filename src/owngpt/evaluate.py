@@ -234,6 +234,7 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
             top_p=0.9,
             temperature=0.8,
             max_new_tokens=max_new_tokens,
+            max_length=None,  # the checkpoint's max_length (its trained context) is respected by the prompt budget
             num_return_sequences=n,
             eos_token_id=stops,
             pad_token_id=pad,

@@ -171,6 +171,7 @@ def hf_decode_fn(model: Any, prompt: Sequence[int], n_tokens: int) -> Callable[[
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n_tokens,
+                max_length=None,  # no warning about the checkpoint's max_length (its trained context)
                 min_new_tokens=n_tokens,
                 do_sample=False,
                 pad_token_id=pad,
