@@ -124,3 +124,29 @@ def test_seeded_rows_do_not_depend_on_their_batch(tok):
     others = [Row(tok.encode(p), RowSettings(max_tokens=10, temperature=1.0)) for p in PROMPTS]
     run_to_end(Decoder(model, tok, 24), [*others, b])
     assert a.token_ids == b.token_ids
+
+
+def test_a_reply_cut_inside_a_character_ends_without_replacement_characters(tok):
+    from owngpt.engine import IncrementalDecoder
+
+    ids = tok.encode("Ay 好")  # 好 is three byte-fallback tokens in this vocabulary
+    for cut in (1, 2):  # the reply ended (length limit) after one or two of its three bytes
+        dec = IncrementalDecoder(tok)
+        text = "".join(dec.push(i) for i in ids[:-cut]) + dec.flush()
+        assert text == "Ay " and "\ufffd" not in text
+    # bytes that are invalid, not merely incomplete (a model can write them), still show as decode() shows them
+    bad = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0xFF, 0xFE, 0xFD, 0xFC, 0xFB)]
+    dec = IncrementalDecoder(tok)
+    text = "".join(dec.push(i) for i in bad) + dec.flush()
+    assert text == tok.decode(bad) and "\ufffd" in text
+
+
+def test_loading_for_generation_prints_no_progress_bars(tiny_ckpt, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from owngpt.generation import load_for_generation
+
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    load_for_generation(str(tiny_ckpt))
+    out, err = capfd.readouterr()
+    assert "Loading" not in out + err and "%|" not in out + err
