@@ -3,9 +3,10 @@
     python bench/bench_decode.py                 # gpt2 size (124M, random weights), batch 1 and 8, 64 new tokens
     python bench/bench_decode.py --repeats 5 --new-tokens 128
 
-owngpt's path (`owngpt.generation.generate_batch`) adds to `model.generate` what the CLI, the chat and the server need:
-left-padded batching, a per-row stopping criterion that decodes text incrementally (streaming, stop strings, cancel).
-This measures what that costs. Both decode greedily with the KV cache and never stop early (no end-of-text), so both
+owngpt's path (`owngpt.generation.generate_batch`, the decode engine `owngpt.engine` that the CLI, the chat and the
+server share) runs its own step loop over a batched KV cache (rows prefilled one by one, per-row sampling, incremental
+detokenization, stop strings, cancel, a sliding window past the context). This measures what that costs against
+transformers' `generate`. Both decode greedily with the KV cache and never stop early (no end-of-text), so both
 produce exactly batch x new-tokens tokens; the two are run alternately (A B A B ...) and the medians compared, since
 the machine's speed drifts when anything else runs. Writes its section of docs/benchmarks.md.
 """
@@ -118,11 +119,11 @@ def render(args: argparse.Namespace, rows: list[tuple[int, float, float, float]]
         "",
         f"GPT-2 124M architecture (`GPT2LMHeadModel(GPT2Config())`, {n_params / 1e6:.0f}M parameters, random weights), "
         f"greedy, KV cache, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, no early stop; "
-        f"median of {args.repeats} alternating runs each. owngpt's path is `owngpt.generation.generate_batch` "
-        "(what `owngpt generate`, `owngpt chat` and the Python API use: left-padded batch, per-row incremental "
-        "detokenization, stop strings and cancel in a stopping criterion); both produce identical tokens. That "
-        "per-row work costs about a millisecond per step at batch 8 (measured on a 2-layer model) against "
-        "hundreds of milliseconds for this forward pass, so ratios a few percent from 1.00x are run-to-run noise.",
+        f"median of {args.repeats} alternating runs each. owngpt's path is `owngpt.generation.generate_batch`, "
+        "the decode engine `owngpt.engine` (what `owngpt generate`, `owngpt chat`, the Python API and the server "
+        "use: its own step loop over a batched KV cache, rows prefilled one by one, per-row sampling and incremental "
+        "detokenization, stop strings, cancel); both produce identical tokens. Ratios a few percent from 1.00x are "
+        "run-to-run noise.",
         "",
         "| batch | owngpt tokens/s | transformers generate tokens/s | ratio |",
         "|---:|---:|---:|---:|",

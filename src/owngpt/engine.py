@@ -285,6 +285,110 @@ def default_shift(context: int) -> int:
     return max(1, context // 4)
 
 
+class _SlotCache:
+    """The batch's KV cache in preallocated buffers, per layer (B_cap, H, L_cap, D): rows are slots 0..B-1, their
+    tokens right-aligned at columns [L - cached, L) (zeros on the left, masked).
+
+    Hand-written because transformers' DynamicCache grows by concatenation (a copy of the whole cache every step) and
+    its rows cannot join or leave: here a step writes one column in place, a row joins by writing its slot and leaves
+    by moving the last slot into its place, and the columns every row has left behind are dropped only when the
+    buffer is full (a copy every L_cap - context steps).
+    """
+
+    def __init__(self, context: int) -> None:
+        self.context = context
+        self.k: list[Any] = []  # per layer (B_cap, H, L_cap, D)
+        self.v: list[Any] = []
+        self.B = 0  # rows in use
+        self.L = 0  # columns in use
+
+    def _alloc(self, like: Sequence[tuple[Any, Any]], b_cap: int, l_cap: int) -> None:
+        old_k, old_v = self.k, self.v
+        self.k = [k.new_zeros(b_cap, k.shape[1], l_cap, k.shape[3]) for k, _ in like]
+        self.v = [v.new_zeros(b_cap, v.shape[1], l_cap, v.shape[3]) for _, v in like]
+        for i in range(len(old_k)):
+            self.k[i][: self.B, :, : self.L] = old_k[i][: self.B, :, : self.L]
+            self.v[i][: self.B, :, : self.L] = old_v[i][: self.B, :, : self.L]
+
+    def _l_cap(self) -> int:
+        return self.context + max(16, self.context // 4) + 1
+
+    def append(self, kv: Sequence[tuple[Any, Any]]) -> None:
+        """Add a row (its window's keys and values, per layer (1, H, n, D)) in slot B."""
+        n = kv[0][0].shape[2]
+        if not self.k:
+            self._alloc(kv, 4, max(self._l_cap(), n + 1))
+        if self.B == self.k[0].shape[0]:
+            self._alloc(kv, 2 * self.B, self.k[0].shape[2])
+        if n > self.L:  # the new row is longer than every row here: shift them right
+            if n + 1 > self.k[0].shape[2]:
+                self._alloc(kv, self.k[0].shape[0], n + 1 + max(16, self.context // 4))
+            d = n - self.L
+            for t in self.k + self.v:
+                t[: self.B, :, d:n] = t[: self.B, :, : self.L].clone()
+                t[: self.B, :, :d] = 0
+            self.L = n
+        i = self.B
+        for tk, tv, (k, v) in zip(self.k, self.v, kv, strict=True):
+            for t, new in ((tk, k), (tv, v)):
+                t[i, :, : self.L - n] = 0
+                t[i, :, self.L - n : self.L] = new[0]
+        self.B += 1
+
+    def remove(self, i: int) -> None:
+        """Free slot i: the last row moves into it (the caller moves its Row the same way)."""
+        last = self.B - 1
+        if i != last:
+            for t in self.k + self.v:
+                t[i, :, : self.L] = t[last, :, : self.L]
+        self.B -= 1
+        if self.B == 0:
+            self.L = 0
+
+    def make_room(self, longest: int) -> None:
+        """Make sure one more column fits: drop the columns no row uses any more, or grow the buffers."""
+        if self.L < self.k[0].shape[2]:
+            return
+        drop = self.L - longest
+        if drop > 0:
+            for t in self.k + self.v:
+                t[: self.B, :, : self.L - drop] = t[: self.B, :, drop : self.L].clone()
+            self.L -= drop
+        if self.L >= self.k[0].shape[2]:
+            self._alloc(list(zip(self.k, self.v)), self.k[0].shape[0], self.L + 1 + max(16, self.context // 4))
+
+    def as_transformers_cache(self) -> Any:
+        """A transformers Cache whose layers write the next column(s) into these buffers in place."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        owner = self
+
+        class _Layer(DynamicLayer):
+            def __init__(self, idx: int) -> None:
+                super().__init__()
+                self.idx, self.is_initialized = idx, True
+                self.keys = owner.k[idx][: owner.B, :, : owner.L]
+                self.values = owner.v[idx][: owner.B, :, : owner.L]
+                self.device = self.keys.device
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+                q = key_states.shape[2]
+                L = owner.L
+                owner.k[self.idx][: owner.B, :, L : L + q] = key_states
+                owner.v[self.idx][: owner.B, :, L : L + q] = value_states
+                self.keys = owner.k[self.idx][: owner.B, :, : L + q]
+                self.values = owner.v[self.idx][: owner.B, :, : L + q]
+                return self.keys, self.values
+
+            def get_seq_length(self) -> int:
+                return owner.L
+
+        cache = DynamicCache()
+        cache.layers = [_Layer(i) for i in range(len(self.k))]
+        return cache
+
+
 class Decoder:
     """Rows decoding together over one batched KV cache; `step()` advances every row by one token."""
 
@@ -303,8 +407,8 @@ class Decoder:
         self.use_cache = use_cache
         eos = tokenizer.eos_token_id
         self.start_id = eos if eos is not None else 0
-        self.rows: list[Row] = []  # aligned with the batch dimension of the cache
-        self._kv: list[tuple[Any, Any]] | None = None  # per layer (B, H, L, D) keys and values
+        self.rows: list[Row] = []  # row i is slot i of the cache
+        self._cache = _SlotCache(self.context)
         self._new: list[Row] = []  # added, not yet prefilled
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_arg(model)
@@ -318,50 +422,17 @@ class Decoder:
         row.begin(self.tokenizer, self.start_id)
         self._new.append(row)
 
-    # --- the KV cache of the batch ----------------------------------------------------------------------------
-    def _keep(self, keep: list[int]) -> None:
-        """Keep only the rows at batch positions `keep` (in this order)."""
-        self.rows = [self.rows[i] for i in keep]
-        if self._kv is None:
-            return
-        if not keep:
-            self._kv = None
-            return
-        if len(keep) == self._kv[0][0].shape[0] and keep == sorted(keep):
-            return
-        idx = __import__("torch").tensor(keep, device=self.device)
-        self._kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self._kv]
-
-    def _append(self, row: Row, kv: list[tuple[Any, Any]]) -> None:
-        """Add a row whose window cache is `kv` (per layer (1, H, n, D)), left-padding whichever side is shorter."""
-        import torch
-
-        self.rows.append(row)
-        if self._kv is None:
-            self._kv = [(k, v) for k, v in kv]
-            return
-        L, n = self._kv[0][0].shape[2], kv[0][0].shape[2]
-
-        def pad(t: Any, width: int) -> Any:  # zeros on the left of the sequence dim; masked, never attended
-            if width == 0:
-                return t
-            z = t.new_zeros(t.shape[0], t.shape[1], width, t.shape[3])
-            return torch.cat([z, t], dim=2)
-
-        self._kv = [
-            (torch.cat([pad(bk, max(0, n - L)), pad(k, max(0, L - n))], 0),
-             torch.cat([pad(bv, max(0, n - L)), pad(v, max(0, L - n))], 0))
-            for (bk, bv), (k, v) in zip(self._kv, kv, strict=True)
-        ]  # fmt: skip
-
-    def _trim(self) -> None:
-        """Drop leading columns that are padding for every row (the batch cache never outgrows the longest row)."""
-        if self._kv is None or not self.rows:
-            return
-        L = self._kv[0][0].shape[2]
-        drop = L - max(r.cached for r in self.rows)
-        if drop > 0:
-            self._kv = [(k[:, :, drop:], v[:, :, drop:]) for k, v in self._kv]
+    def _drop(self, keep: Callable[[Row], bool]) -> None:
+        """Remove the rows for which keep(row) is false (the last slot moves into each freed one)."""
+        i = 0
+        while i < len(self.rows):
+            if keep(self.rows[i]):
+                i += 1
+                continue
+            if self.use_cache:
+                self._cache.remove(i)
+            self.rows[i] = self.rows[-1]
+            self.rows.pop()
 
     # --- forward passes ---------------------------------------------------------------------------------------
     def _prefill(self, row: Row) -> Any:
@@ -382,19 +453,18 @@ class Decoder:
     def _decode(self) -> Any:
         """One token through the model for every row in the batch cache; returns logits (B, V)."""
         import torch
-        from transformers import DynamicCache
 
-        rows = self.rows
-        L = self._kv[0][0].shape[2]
+        rows, c = self.rows, self._cache
+        c.make_room(max(r.cached for r in rows))
+        L = c.L
         x = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
         pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
         mask = torch.zeros(len(rows), L + 1, dtype=torch.long, device=self.device)  # (B, L + 1)
         for i, r in enumerate(rows):
             mask[i, L - r.cached :] = 1
-        cache = DynamicCache(ddp_cache_data=self._kv)
-        kw = {self._cache_kw: cache}
+        kw = {self._cache_kw: c.as_transformers_cache()}
         out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        self._kv = [(layer.keys, layer.values) for layer in _out_cache(out).layers]
+        c.L += 1
         for r in rows:
             r.cached += 1
             r.window = (r.start, len(r.ids))
@@ -411,14 +481,14 @@ class Decoder:
         everyone = self.rows + self._new
         with torch.no_grad():
             # 1. Rows that cannot continue: cancelled, or at the context without sliding.
-            for r in self.rows + self._new:
+            for r in everyone:
                 if r.is_cancelled():
                     r.finish("cancelled")
                 elif len(r.ids) - r.start > self.context and not r.settings.slide:
                     r.finish("length")
             # 2. Rows whose window moves leave the batch cache and are re-filled with the new rows.
             refill = [r for r in self.rows if not r.finished and self._needs_refill(r)]
-            self._keep([i for i, r in enumerate(self.rows) if not r.finished and not self._needs_refill(r)])
+            self._drop(lambda r: not r.finished and not self._needs_refill(r))
             new = [r for r in self._new if not r.finished]
             self._new = []
             logits: dict[int, Any] = {}
@@ -433,19 +503,15 @@ class Decoder:
                 lg, kv = self._prefill(r)
                 logits[id(r)] = lg
                 if kv is not None:
-                    self._append(r, kv)
-                else:
-                    self.rows.append(r)
+                    self._cache.append(kv)
+                self.rows.append(r)
             # 3. Sample, feed, stream.
             for r in self.rows:
                 lg = logits[id(r)]
                 if r.trace is not None:
                     r.trace.append((r.window[0], r.window[1], lg.detach().clone()))
                 r.feed(r.choose(lg))
-            self._keep([i for i, r in enumerate(self.rows) if not r.finished])
-            if not self.use_cache:
-                self._kv = None
-            self._trim()
+            self._drop(lambda r: not r.finished)
         return [r for r in everyone if r.finished]
 
     def fail(self, message: str) -> list[Row]:
@@ -453,7 +519,7 @@ class Decoder:
         rows = self.rows + self._new
         for r in rows:
             r.finish("error", error=message)
-        self.rows, self._new, self._kv = [], [], None
+        self.rows, self._new, self._cache = [], [], _SlotCache(self.context)
         return rows
 
 
