@@ -70,8 +70,9 @@ def free_port() -> int:
 
 
 def start_server(
-    ckpt: Path, max_batch: int, threads: int, log: Path, scheduler: str = "continuous"
+    ckpt: Path, max_batch: int, threads: int, log: Path, scheduler: str | None = "continuous", src: str | None = None
 ) -> tuple[subprocess.Popen, str]:
+    """`owngpt serve` on a free port; `src`: another owngpt source tree to run (its `src/` goes on PYTHONPATH)."""
     import httpx
 
     port = free_port()
@@ -87,8 +88,7 @@ def start_server(
         "bench",
         "--max-batch-size",
         str(max_batch),
-        "--scheduler",
-        scheduler,
+        *(["--scheduler", scheduler] if scheduler else []),
         "--max-queue",
         "1024",
         "--threads",
@@ -96,7 +96,10 @@ def start_server(
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = str(Path(src) / "src")
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -168,16 +171,27 @@ def main() -> int:
     ap.add_argument("--dims", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32, help="--max-batch-size of both servers")
     ap.add_argument("--threads", type=int, default=1, help="--threads of both servers (1: the machine is shared)")
+    ap.add_argument(
+        "--old-src",
+        help="also serve with another owngpt source tree (e.g. `git archive 0b380db src | tar -x -C DIR`): the "
+        "dynamic batching owngpt had before the one engine, on transformers' generate",
+    )
+    ap.add_argument("--old-label", default="main 0b380db", help="what --old-src is, for the table")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = ap.parse_args()
 
-    modes = {"continuous": "continuous", "dynamic": "dynamic"}
+    modes: dict[str, tuple[str | None, str | None]] = {
+        "continuous": ("continuous", None),
+        "dynamic": ("dynamic", None),
+    }
+    if args.old_src:
+        modes["old"] = (None, args.old_src)
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         ckpt = build_checkpoint(Path(tmp) / "ckpt", args.layers, args.dims, ctx=256)
         servers = {
-            m: start_server(ckpt, args.batch_size, args.threads, Path(tmp) / f"{m}.log", scheduler=sch)
-            for m, sch in modes.items()
+            m: start_server(ckpt, args.batch_size, args.threads, Path(tmp) / f"{m}.log", scheduler=sch, src=src)
+            for m, (sch, src) in modes.items()
         }
         load0 = os.getloadavg()[0]
         try:
@@ -235,7 +249,25 @@ def report(args, results, load: float) -> str:
             f"{pct(b['lat'], 0.99) * 1000:.0f} | {pct(s['lat'], 0.5) * 1000:.0f} / "
             f"{pct(s['lat'], 0.99) * 1000:.0f} |"
         )
+    if ("old", args.clients[0]) in results:
+        lines += [
+            "",
+            f"The same load in the same rounds against the server of {args.old_label} (dynamic batching over "
+            "transformers' `generate`, before the one engine):",
+            "",
+            f"| clients | {args.old_label} req/s | continuous vs it | {args.old_label} p50 / p99 (ms) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for c in args.clients:
+            b, o = results[("continuous", c)], results[("old", c)]
+            speedup = statistics.median(x / y for x, y in zip(b["rps"], o["rps"]))
+            lines.append(
+                f"| {c} | {statistics.median(o['rps']):.2f} | {speedup:.2f}x | {pct(o['lat'], 0.5) * 1000:.0f} / "
+                f"{pct(o['lat'], 0.99) * 1000:.0f} |"
+            )
     cmd = "python bench/bench_serve.py" + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
+    if args.old_src:
+        cmd = "git archive 0b380db src | tar -x -C /tmp/owngpt-old && " + cmd + " --old-src /tmp/owngpt-old"
     lines += [
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.processor() or platform.machine()}, "

@@ -20,8 +20,9 @@ between 3/4 C and C tokens and re-fills every C/4 tokens, so the cost past the c
 per C/4 tokens on top of cached decoding. Every step records the window it used (`Row.window`), and the tests check
 that the logits equal a fresh forward pass over exactly that window.
 
-Rows of different lengths share one batched KV cache, padded on the left with zeros and masked; position ids are
-given explicitly (position 0 is the window's first token), so a row in a batch computes what it would alone.
+Rows of different lengths share one batched KV cache in preallocated buffers (`_SlotCache`: each row a slot, its
+tokens right-aligned, zeros on the left, masked); position ids are given explicitly (position 0 is the window's first
+token), so a row in a batch computes what it would alone.
 
 Sampling uses transformers' logits processors (repetition penalty, no-repeat n-grams, temperature, top-k, top-p)
 row by row, and each row draws from its own `torch.Generator` (a seeded row gives the same text whatever shares its
