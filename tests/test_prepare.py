@@ -212,7 +212,7 @@ def test_skip_invalid_counts_bad_records_and_fails_above_the_threshold(tmp_path)
 def test_existing_out_needs_overwrite(tmp_path):
     f = write(tmp_path / "a.txt", "hello")
     run(tmp_path, f)
-    with pytest.raises(DataError, match="--overwrite"):
+    with pytest.raises(ConfigError, match="--overwrite"):
         run(tmp_path, f)
     run(tmp_path, f, overwrite=True)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from owngpt.errors import CheckpointError
+from owngpt.outdir import swap_in
 
 OWNGPT_META = "owngpt.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -127,15 +128,7 @@ def save_checkpoint(
             (tmp / name).write_bytes(data)
         model.save_pretrained(tmp, safe_serialization=True)
         _fsync_dir(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        swap_in(tmp, out)  # one atomic exchange where the OS has it: never a moment without a whole checkpoint
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from owngpt.errors import CheckpointError, ConfigError, DataError, require
+from owngpt.outdir import CHECKPOINT, check_out, replacing
 
 TARGETS = ("hf", "int8", "onnx", "gguf")
 ONNX_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch fp32 accepted at export
@@ -40,9 +41,7 @@ REPORT = "report.json"
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """A temporary sibling dir renamed to `out_dir` on success (never a half-written output); see datadir.building."""
-    from owngpt.data.datadir import building
-
-    with building(out_dir, overwrite=overwrite) as tmp:
+    with replacing(out_dir, kind=CHECKPOINT, overwrite=overwrite, create=True) as tmp:
         yield tmp
 
 
@@ -319,14 +318,50 @@ def export(
     decode_tokens: int = 32,
     gguf_type: str = "f16",
     measure_result: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Export `ckpt` to `out` as `to`; returns (and writes) the report."""
+    """Export `ckpt` to `out` as `to`; returns (and writes) the report.
+
+    The export and its report are built beside `out` and swapped in at the end (owngpt.outdir): an existing `out`
+    is replaced only with `overwrite` and only when it is an owngpt checkpoint or export, never when it is or holds
+    the checkpoint or the evaluation data.
+    """
     if to not in TARGETS:
         raise ConfigError(f"--to {to}: choose one of {', '.join(TARGETS)}")
+    inputs = output_inputs(ckpt, data, eval_file)
+    with replacing(out, kind=CHECKPOINT, overwrite=overwrite, inputs=inputs, suggest=to) as stage:
+        return _export(
+            ckpt, Path(out), stage, to, data, eval_file, eval_tokens_max, decode_tokens, gguf_type, measure_result
+        )
+
+
+def output_inputs(ckpt: str | os.PathLike, data: str | None, eval_file: str | None) -> list[tuple[str, Any]]:
+    """What export and prune read, for owngpt.outdir.check_out: the checkpoint (a LoRA adapter's base too), data."""
+    inputs: list[tuple[str, Any]] = [("checkpoint", ckpt), ("data dir (--data)", data), ("--eval-file", eval_file)]
+    adapter = Path(ckpt) / "adapter_config.json"
+    if adapter.is_file() and not (Path(ckpt) / "config.json").is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            inputs.append(
+                ("adapter's base model", json.loads(adapter.read_text("utf-8")).get("base_model_name_or_path"))
+            )
+    return inputs
+
+
+def _export(
+    ckpt: str | os.PathLike,
+    out: Path,
+    stage: Path,
+    to: str,
+    data: str | None,
+    eval_file: str | None,
+    eval_tokens_max: int,
+    decode_tokens: int,
+    gguf_type: str,
+    measure_result: bool,
+) -> dict[str, Any]:
+    """export()'s work, written into `stage` (the new `out` until it is swapped in)."""
     model, tok, meta, src = load_fp32(ckpt)
-    out = Path(out)
-    if out.resolve() == src.resolve():
-        raise ConfigError(f"--out {out} is the checkpoint itself: choose another directory")
+    check_out(out, [("checkpoint", src)], suggest=to)  # a run dir given as CKPT resolves to a checkpoint inside
     tokens = None
     if measure_result:
         found = eval_tokens(tok, data, eval_file, eval_tokens_max, src)
@@ -339,21 +374,21 @@ def export(
     notes: list[str] = []
     kw: dict[str, Any] = {}
     if to == "hf":
-        export_hf(model, tok, out, new_meta)
+        export_hf(model, tok, stage, new_meta)
         if measure_result:
             from owngpt.checkpoint import load_model
 
-            kw["result_model"] = load_model(out).eval()
+            kw["result_model"] = load_model(stage).eval()
     elif to == "int8":
         from owngpt.quantize import save_quantized
 
-        save_quantized(model, tok, out, new_meta)
+        save_quantized(model, tok, stage, new_meta)
         if measure_result:
             from owngpt.checkpoint import load_model
 
-            kw["result_model"] = load_model(out).eval()  # exactly what generate/chat/serve will load
+            kw["result_model"] = load_model(stage).eval()  # exactly what generate/chat/serve will load
     elif to == "onnx":
-        err = export_onnx(model, tok, out, new_meta)
+        err = export_onnx(model, tok, stage, new_meta)
         notes.append(
             f"onnx vs PyTorch max |dlogit| {err['prompt']:.2e} (prompt), {err['decode']:.2e} (decode step); "
             f"tolerance {ONNX_TOLERANCE}"
@@ -362,7 +397,7 @@ def export(
             "onnx decode speed is onnxruntime with owngpt's greedy loop; the original uses transformers' generate"
         )
         if measure_result:
-            onx = OnnxLM(out / "model.onnx", model.config)
+            onx = OnnxLM(stage / "model.onnx", model.config)
             prompt = _prompt(tokens, tok)
             n = max(1, min(decode_tokens, context_length(model.config) - len(prompt)))
             kw["result_decode"] = lambda: onx.decode_speed(prompt, n)
@@ -370,7 +405,7 @@ def export(
                 t, min(meta.get("block_size") or 256, context_length(model.config))
             )
     else:
-        export_gguf(model, tok, out, dtype=gguf_type)
+        export_gguf(model, tok, stage, dtype=gguf_type)
         notes.append(
             "gguf: decode speed and perplexity are llama.cpp's to measure (llama-bench, llama-perplexity); "
             "only the size is reported here"
@@ -383,7 +418,7 @@ def export(
     if not measure_result:
         rep = {
             "original": {"size_bytes": weight_bytes(src)},
-            "result": {"size_bytes": weight_bytes(out)},
+            "result": {"size_bytes": weight_bytes(stage)},
             "notes": notes + ["measurement skipped (--no-measure)"],
         }
     else:
@@ -392,7 +427,7 @@ def export(
             rep = measure(
                 model,
                 src,
-                out,
+                stage,
                 tok,
                 tokens,
                 decode_tokens=decode_tokens,
@@ -408,7 +443,7 @@ def export(
         "eval_data": (data or eval_file),
         **rep,
     }
-    write_report(out, rep)
+    write_report(stage, rep)
     return rep
 
 

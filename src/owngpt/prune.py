@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from owngpt.errors import CheckpointError, ConfigError
+from owngpt.outdir import CHECKPOINT, check_out, replacing
 
 STRUCTURED = ("heads", "mlp")
 SCOPES = ("global", "layer")
@@ -154,10 +155,12 @@ def prune(
     eval_tokens_max: int = 8192,
     decode_tokens: int = 32,
     measure_result: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prune `ckpt` into `out` (a checkpoint dir that loads and generates); returns (and writes) the report."""
-    from owngpt.checkpoint import load_model, save_checkpoint
-    from owngpt.export import _quiet, _say, eval_tokens, load_fp32, measure, write_report
+    """Prune `ckpt` into `out` (a checkpoint dir that loads and generates); returns (and writes) the report.
+
+    Built beside `out` and swapped in at the end, under owngpt.outdir's rules (see export.export)."""
+    from owngpt.export import output_inputs
 
     if not 0 < amount < 1:
         raise ConfigError(f"--sparsity {amount}: must be between 0 and 1 (e.g. 0.5 removes half)")
@@ -171,10 +174,48 @@ def prune(
         raise ConfigError(
             "--finetune-steps needs --data DATA_DIR (a data dir prepared with the checkpoint's tokenizer)"
         )
+    inputs = output_inputs(ckpt, data, eval_file)
+    with replacing(out, kind=CHECKPOINT, overwrite=overwrite, inputs=inputs, suggest="pruned") as stage:
+        return _prune(
+            ckpt,
+            Path(out),
+            stage,
+            amount,
+            structured,
+            scope,
+            finetune_steps,
+            finetune_lr,
+            finetune_block_size,
+            data,
+            eval_file,
+            eval_tokens_max,
+            decode_tokens,
+            measure_result,
+        )
+
+
+def _prune(
+    ckpt: str | os.PathLike,
+    out: Path,
+    stage: Path,
+    amount: float,
+    structured: str | None,
+    scope: str,
+    finetune_steps: int,
+    finetune_lr: float,
+    finetune_block_size: int | None,
+    data: str | None,
+    eval_file: str | None,
+    eval_tokens_max: int,
+    decode_tokens: int,
+    measure_result: bool,
+) -> dict[str, Any]:
+    """prune()'s work, written into `stage` (the new `out` until it is swapped in)."""
+    from owngpt.checkpoint import load_model, save_checkpoint
+    from owngpt.export import _quiet, _say, eval_tokens, load_fp32, measure, write_report
+
     original, tok, meta, src = load_fp32(ckpt)
-    out = Path(out)
-    if out.resolve() == src.resolve():
-        raise ConfigError(f"--out {out} is the checkpoint itself: choose another directory")
+    check_out(out, [("checkpoint", src)], suggest="pruned")  # a run dir given as CKPT resolves to one inside
     tokens = None
     if measure_result:
         found = eval_tokens(tok, data, eval_file, eval_tokens_max, src)
@@ -197,11 +238,11 @@ def prune(
         import torch
 
         masks = None if structured else {n: (m.weight == 0) for n, m in prunable(model)}
-        with tempfile.TemporaryDirectory(prefix=".prune-ft-", dir=out.absolute().parent) as work:
-            stage = save_checkpoint(Path(work) / "pruned", model, tok, new_meta)
+        with tempfile.TemporaryDirectory(prefix=".prune-ft-", dir=stage.parent) as work:
+            pruned = save_checkpoint(Path(work) / "pruned", model, tok, new_meta)
             _say(f"recovery fine-tune: {finetune_steps} steps on {data}")
             model = load_model(
-                _finetune(stage, data, finetune_steps, finetune_lr, Path(work), finetune_block_size)
+                _finetune(pruned, data, finetune_steps, finetune_lr, Path(work), finetune_block_size)
             ).eval()
         if masks is not None:
             with torch.no_grad():
@@ -217,15 +258,15 @@ def prune(
         new_meta["pruning"] = info
     if not structured:
         notes.append("unstructured zeros keep the dense shape: size on disk and dense decode speed do not change")
-    save_checkpoint(out, model, tok, new_meta)
+    save_checkpoint(stage, model, tok, new_meta)
     if measure_result:
         _say("measuring size, decode speed and perplexity against the original...")
         with _quiet():
-            result = load_model(out).eval()  # what the user will load
+            result = load_model(stage).eval()  # what the user will load
             rep = measure(
                 original,
                 src,
-                out,
+                stage,
                 tok,
                 tokens,
                 result_model=result,
@@ -243,5 +284,5 @@ def prune(
         "pruning": info,
         **rep,
     }
-    write_report(out, rep)
+    write_report(stage, rep)
     return rep

@@ -49,6 +49,7 @@ from typing import Any
 
 from owngpt.config import TrainConfig, save_config
 from owngpt.errors import CheckpointError, ConfigError, DataError
+from owngpt.outdir import RUN, Replacement, check_out, check_replaceable, kind_of, recover_old, swap_in
 
 Callback = Callable[[int, dict], None]
 STATE_DIR = "trainer"  # inside checkpoints/last: state.json + tensors.safetensors
@@ -386,25 +387,40 @@ def _say(dist: Dist, msg: str) -> None:
 
 
 # --- setup helpers -----------------------------------------------------------------------------------------------
-def _prepare_run_dir(out: Path, cfg: TrainConfig, dist: Dist) -> Path | None:
-    """Check the run dir; returns checkpoints/last to resume from (or None). Nothing is deleted here."""
+def _prepare_run_dir(out: Path, cfg: TrainConfig, dist: Dist) -> tuple[Path | None, bool]:
+    """Check the run dir; returns (checkpoints/last to resume from or None, whether --overwrite replaces a run).
+    Nothing is deleted here; an --out owngpt did not make is refused (owngpt.outdir.check_replaceable)."""
     last = out / "checkpoints" / "last"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
+    if os.path.lexists(out) and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory: choose another --out")
     used = out.exists() and any(out.iterdir())
     if cfg.resume:
         if (last / "config.json").exists():
-            return last
-        if used and not (out / "config.yaml").exists():
+            return last, False
+        if used and kind_of(out) != RUN:
             raise ConfigError(f"--resume: {out} is not an owngpt run dir (no config.yaml, no checkpoints/last)")
         _say(dist, f"--resume: no checkpoint in {out} yet, starting from step 0")
-        return None
-    if used and not cfg.overwrite:
+        return None, False
+    if not used:
+        return None, False
+    if kind_of(out) == RUN and not _run_started(out):
+        _say(dist, f"{out}: the run there stopped before its first step; starting it again in place")
+        return None, False
+    if kind_of(out) == RUN and not cfg.overwrite:
         raise ConfigError(
             f"--out {out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
             "or choose another --out"
         )
-    return None
+    return None, check_replaceable(out, RUN, cfg.overwrite)
+
+
+def _run_started(out: Path) -> bool:
+    """Whether a run dir holds any progress: a checkpoint or a logged step."""
+    ckpts = out / "checkpoints"
+    if any((ckpts / n / "config.json").exists() for n in ("last", "best")):
+        return True
+    metrics = out / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
 
 
 # settings a resumed run may change without breaking exactness (they change how long, or what is logged)
@@ -431,13 +447,48 @@ def _changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return sorted(k for k, v in saved.items() if k not in _FREE_ON_RESUME and k in now and now[k] != v)
 
 
-def _recover_interrupted_save(ckpts: Path) -> None:
-    """A kill between save_checkpoint's two renames leaves `.last.old-PID` and no `last`: put it back."""
-    for name in ("last", "best"):
-        if not (ckpts / name).exists():
-            old = sorted(ckpts.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
-            if old and (old[-1] / "config.json").exists():
-                old[-1].rename(ckpts / name)
+def _recover_interrupted_save(out: Path, dist: Dist) -> None:
+    """Leftovers of a killed process, before anything else looks at the run dir: an `--overwrite` cut short
+    (owngpt.outdir.Replacement.recover), a save cut between two renames where the OS has no atomic exchange
+    (`.last.old-PID` and no `last`: put back), and `.best.old-*` copies that are no longer needed."""
+    note = Replacement.recover(out, _run_started(out))
+    if note:
+        _say(dist, note)
+    for name in ("last", "best", "merged"):
+        recover_old(out / "checkpoints" / name)
+
+
+def _reconcile_best(ckpts: Path, state: dict[str, Any], metric: str, dist: Dist) -> tuple[Any, Any]:
+    """(best metric, best step) to resume with, such that checkpoints/best is never older than what is reported.
+
+    Best is saved before last, so a kill between the two leaves best ahead of last (the replay saves it again).
+    A run saved the other way round (older owngpt) can be cut with last saying "best at step N" and best still
+    holding an earlier step: when last is itself that step, best is restored from it; otherwise the run reports
+    what best really holds.
+    """
+    from owngpt.checkpoint import read_meta
+
+    best, best_step = state["best_metric"], state["best_step"]
+    best_dir = ckpts / "best"
+    held = read_meta(best_dir).get("step") if (best_dir / "config.json").exists() else None
+    if best_step is None or (held is not None and held >= best_step):
+        return best, best_step
+    if best_step == state["step"]:  # checkpoints/last holds the best weights: copy them (without trainer state)
+        if dist.main:
+            import tempfile
+
+            tmp = Path(tempfile.mkdtemp(prefix=".best.tmp-", dir=ckpts))
+            shutil.rmtree(tmp)
+            shutil.copytree(ckpts / "last", tmp, ignore=shutil.ignore_patterns(STATE_DIR))
+            swap_in(tmp, best_dir)
+        _say(dist, f"checkpoints/best held step {held}, not the best step {best_step}: restored from checkpoints/last")
+        return best, best_step
+    if held is None:
+        _say(dist, f"warning: checkpoints/best (step {best_step}) is missing; the next improvement saves it again")
+        return None, None
+    value = read_meta(best_dir).get("metrics", {}).get(metric)
+    _say(dist, f"warning: checkpoints/best holds step {held}, not {best_step} (a save was cut short): resuming with it")
+    return value, held
 
 
 def _check_writable(out: Path) -> None:
@@ -499,13 +550,18 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train as `cfg` says and return where the checkpoints are. Callbacks run after each evaluation (rank 0)
     as `cb(step, metrics)` and may raise to stop the run (the exception propagates; checkpoints so far stay)."""
     dist = Dist.setup()
+    guard = Replacement()
     try:
-        return _train(dataclasses.replace(cfg), list(callbacks), dist)
+        return _train(dataclasses.replace(cfg), list(callbacks), dist, guard)
+    except BaseException:
+        if dist.main:
+            guard.rollback()  # --overwrite failed before its first checkpoint: the old run comes back whole
+        raise
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Replacement) -> TrainResult:
     import numpy as np
     import torch
 
@@ -545,15 +601,17 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
     metric = cfg.metric or task.metric
     higher = _metric_direction(task, metric)
 
-    if dist.main and cfg.resume:
-        _recover_interrupted_save(out / "checkpoints")
+    # an --out that is or holds the data or the model would be overwritten or deleted: refused before any write
+    check_out(out, [("data dir (--data)", cfg.data), ("model (--model)", source.path)], suggest="run")
+    if dist.main:
+        _recover_interrupted_save(out, dist)
     dist.barrier()
-    resume_dir = _prepare_run_dir(out, cfg, dist)
+    resume_dir, replace = _prepare_run_dir(out, cfg, dist)
     dist.barrier()  # every rank has looked at the run dir before rank 0 writes into it
     state_meta, state_tensors = read_state(resume_dir) if resume_dir is not None else (None, None)
     if dist.main:
-        if cfg.overwrite and not cfg.resume and out.exists():
-            shutil.rmtree(out)
+        if replace:  # set aside, not deleted, until the new run has saved a checkpoint (owngpt.outdir.Replacement)
+            guard.set_aside(out)
         _check_writable(out)
         for stale in out.glob("checkpoints/.*.tmp-*"):  # a save interrupted by a kill: never the real checkpoint
             shutil.rmtree(stale, ignore_errors=True)
@@ -636,7 +694,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
     step, best, best_step, bad_evals = 0, None, None, 0
     if state_meta is not None:
         _load_optimizer(optimizer, names, state_meta, state_tensors, raw if sharded else None)
-        step, best, best_step = state_meta["step"], state_meta["best_metric"], state_meta["best_step"]
+        step = state_meta["step"]
+        best, best_step = _reconcile_best(out / "checkpoints", state_meta, metric, dist)
         bad_evals = state_meta["bad_evals"]
         r = dist.rank if state_meta["world_size"] == dist.world else 0
         rng = dict(state_meta["rng"][r], torch=state_tensors[f"rng/{r}/torch"])
@@ -827,9 +886,10 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 if dist.main:
                     bar.write(f"step {step}: {shown}{' (best)' if improved else ''}", file=sys.stderr)
-                save(last_dir, metrics, with_state=True)  # last first: it is what --resume needs
-                if improved:
+                if improved:  # best before last: a kill between them leaves best ahead of last, never behind
                     save(best_dir, metrics, with_state=False)
+                save(last_dir, metrics, with_state=True)
+                guard.commit()  # a run replaced by --overwrite is deleted once this one has a checkpoint
                 if dist.main:
                     for cb in callbacks:
                         cb(step, metrics)
@@ -842,6 +902,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
         bar.close()
         log.close()
 
+    guard.commit()  # the new run is complete even if it never evaluated (nothing to keep the old one for)
     if cfg.lora and cfg.merge_lora:
         save(out / "checkpoints" / "merged", last_metrics, with_state=False, adapter=False)
     if not last_metrics and state_meta is not None:

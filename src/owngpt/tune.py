@@ -37,6 +37,7 @@ from typing import Any
 
 from owngpt.config import TrainConfig, _coerce, _field_types
 from owngpt.errors import ConfigError, OwnGPTError
+from owngpt.outdir import TUNE, check_out, kind_of
 
 # Fields a search must not touch: they say what is trained and where, not how well.
 NOT_TUNABLE = ("task", "data", "out", "model", "resume", "overwrite", "extra", "metric")
@@ -401,6 +402,12 @@ def tune(
     if train_fn is None:
         from owngpt.train import train as train_fn
     out = Path(out)
+    check_out(out, [("data dir (--data)", base.data), ("model (--model)", base.model)], suggest="tune")
+    if out.is_dir() and any(out.iterdir()) and kind_of(out) != TUNE:  # a study resumes only in its own dir
+        raise ConfigError(
+            f"--out {out} already exists and is not an owngpt tuning study (no study.db, best.yaml or trial_*): "
+            "choose a new --out, or the --out of the study to continue"
+        )
     out.mkdir(parents=True, exist_ok=True)
     space = dict(space) if space else default_space(base)
     for name in space:

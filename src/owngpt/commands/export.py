@@ -28,7 +28,13 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="the checkpoint dir to export (e.g. RUN/checkpoints/best)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically if it exists)")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or an earlier export with --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is an owngpt checkpoint or export (never a run, a data dir or your own files; "
+        "the old one stays whole until the new one is complete)",
+    )
     p.add_argument("--to", required=True, choices=["hf", "int8", "onnx", "gguf"], help="export format (see above)")
     p.add_argument(
         "--data", default=None, help="a language-modelling data dir (same tokenizer): its val split measures perplexity"
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         decode_tokens=args.decode_tokens,
         gguf_type=args.gguf_type,
         measure_result=not args.no_measure,
+        overwrite=args.overwrite,
     )
     if args.json:
         print(json.dumps(rep, indent=2))

@@ -23,7 +23,15 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="the checkpoint dir to prune (e.g. RUN/checkpoints/best)")
-    p.add_argument("--out", required=True, help="output checkpoint dir (replaced atomically if it exists)")
+    p.add_argument(
+        "--out", required=True, help="output checkpoint dir (new, empty, or an earlier export with --overwrite)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is an owngpt checkpoint or export (never a run, a data dir or your own files; "
+        "the old one stays whole until the new one is complete)",
+    )
     p.add_argument(
         "--sparsity",
         type=float,
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens_max=args.eval_tokens,
         decode_tokens=args.decode_tokens,
         measure_result=not args.no_measure,
+        overwrite=args.overwrite,
     )
     if args.json:
         print(json.dumps(rep, indent=2))

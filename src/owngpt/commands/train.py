@@ -116,11 +116,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from owngpt.config import TrainConfig, load_config
+    from owngpt.outdir import check_out
     from owngpt.train import train
 
     keys = ["data", "out", "model"] + [k for _, k, _, _ in _FLAGS] + [k for _, k, _ in _SWITCHES]
     flags = {k: getattr(args, k) for k in keys}
     cfg = load_config(TrainConfig, args.config, args.overrides, flags)
+    if cfg.out:  # train checks --data and --model itself; the config file is known only here
+        check_out(cfg.out, [("config file (--config)", args.config)], suggest="run")
     if not _task_given(args):
         cfg.task = _data_task(cfg.data) or cfg.task  # default task: the data dir's
     train(cfg)

@@ -27,16 +27,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from owngpt import outdir
 from owngpt.errors import DataError
+from owngpt.outdir import replacing
 
 FORMAT = "owngpt-data"
 VERSION = 1
@@ -53,34 +53,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 @contextlib.contextmanager
-def building(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `out_dir`; on success it is renamed to `out_dir`, on error removed.
+def building(
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+) -> Iterator[Path]:
+    """Yield a new directory beside `out_dir`; on success it replaces `out_dir` atomically, on error it is removed.
 
-    The temporary dir is a sibling so that the final rename is atomic on one filesystem.
+    owngpt.outdir's rules apply: an `out_dir` that is or holds one of `inputs` is refused, and an existing one is
+    replaced only with `overwrite` and only when it is a data dir owngpt made.
     """
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            raise DataError(f"{out} already exists: choose another --out or pass --overwrite")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise DataError(f"cannot create {out}: {e.strerror}; choose a writable --out") from e
-    try:
+    with replacing(out_dir, kind=outdir.DATA, overwrite=overwrite, inputs=inputs, suggest="data", create=True) as tmp:
         yield tmp
-        if out.exists():  # --overwrite: move the old dir aside first so there is never a moment with neither
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -468,13 +468,24 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     report = Report()
     chunk_chars = max(1 << 16, cfg.max_memory_mb * (1 << 20) // 64)  # ~64 bytes of tokenizer state per character
     try:
-        with datadir.building(cfg.out, overwrite=cfg.overwrite) as tmp:
+        with datadir.building(cfg.out, overwrite=cfg.overwrite, inputs=_inputs(cfg)) as tmp:
             result = _build(cfg, files, task, report, Path(tmp), chunk_chars)
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         raise DataError(f"{where}{e.strerror or e}: check the path and free disk space") from e
     result.out = Path(cfg.out).absolute()
     return result
+
+
+def _inputs(cfg: PrepareConfig) -> list[tuple[str, str | None]]:
+    """Every path prepare reads: --out must stay clear of them (owngpt.outdir.check_out)."""
+    tok = cfg.tokenizer[len("gpt2:") :] if cfg.tokenizer.startswith("gpt2:") else cfg.tokenizer
+    return [
+        *(("input", s) for s in cfg.sources),
+        ("tokenizer (--tokenizer)", tok if tok not in ("bpe", "char", "gpt2") else None),
+        ("vocabulary (--gpt2-vocab)", cfg.gpt2_vocab),
+        ("merges (--gpt2-merges)", cfg.gpt2_merges),
+    ]
 
 
 def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Report, tmp: Path, chunk_chars: int):
