@@ -75,6 +75,9 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
     if (path / "adapter_config.json").is_file():  # with a config.json too, transformers would apply it itself
         from peft import PeftModel
 
+        from owngpt.checkpoint import check_adapter_dir
+
+        check_adapter_dir(path)  # peft would torch.load an adapter_model.bin: refused here
         cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base_spec = cfg.get("base_model_name_or_path")
         if not base_spec:

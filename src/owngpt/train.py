@@ -791,9 +791,9 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                 log.write(rec)
                 window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0.0, time.perf_counter()
             if not math.isfinite(train_loss):
+                kept = "; checkpoints/last holds the last good weights" if last_dir.is_dir() else ""
                 raise ConfigError(
-                    f"the training loss became {train_loss} at step {step}: lower --lr or keep "
-                    "grad_clip on; checkpoints/last holds the last good weights"
+                    f"the training loss became {train_loss} at step {step}: lower --lr or keep grad_clip on{kept}"
                 )
 
             # ---- evaluation, checkpoints, early stopping -------------------------------------------------------------
