@@ -66,7 +66,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     f = Path(path) / OWNGPT_META
     if not f.exists():
         return {}
-    return _read_json(f, "the checkpoint may be corrupt: restore it from a copy, or save it again")
+    meta = _read_json(f, "the checkpoint may be corrupt: restore it from a copy, or save it again")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(meta).__name__}, not an object; restore it from a copy")
+    return meta
 
 
 def _read_json(f: Path, fix: str) -> Any:
@@ -93,6 +96,16 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CheckpointError(f"{f}: {key} = {json.dumps(v)} is not a positive integer; {fix}")
     return cfg
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def weights_name(path: str | os.PathLike) -> str:
+    """The file that lists a checkpoint's weights: model.safetensors, or the index of a sharded one."""
+    p = Path(path)
+    return "model.safetensors.index.json" if (p / "model.safetensors.index.json").is_file() else "model.safetensors"
 
 
 def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -133,33 +146,36 @@ def check_weights(path: str | os.PathLike, config: Any, task: str = "lm", new_he
     """Refuse weights that do not fit `config` before any of them is allocated.
 
     Compares the safetensors headers with the parameters a model built from `config` on the meta device (no
-    memory) would have: every parameter must be there in the config's shape. `new_head`: the task head (the
+    memory) would have: every parameter must be there in the config's shape. `task`: lm, chat, mmi (a causal LM),
+    classify (a sequence classifier) or base (the model body alone, any head). `new_head`: the task head (the
     classifier `score`) may be absent or of another shape, because fine-tuning into a new task initialises it.
     Unexpected extra weights are caught after loading, from transformers' own loading report (it knows which
     buffers old files carry and may be ignored).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     p = Path(path)
     shapes = weight_shapes(p)
     if not shapes:
         return
     fix = "the config.json and the weights come from different models; put back the matching config.json"
+    wfile, cfile = p / weights_name(p), p / "config.json"
     n_layer = getattr(config, "num_hidden_layers", None)
     layers = {int(m.group(1)) for k in shapes for m in [_LAYER_INDEX.search(k)] if m}
     # Checked first because it is cheap: building a 10000-layer model even on the meta device takes seconds.
     if layers and isinstance(n_layer, int) and n_layer != max(layers) + 1:
         raise CheckpointError(
-            f"{p}/config.json asks for {n_layer} transformer blocks (n_layer / num_hidden_layers) but the weights "
-            f"hold {max(layers) + 1}; {fix}"
+            f"{cfile} asks for {_n(n_layer, 'transformer block')} (n_layer / num_hidden_layers) but {wfile} "
+            f"holds {max(layers) + 1}; {fix}"
         )
-    cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    base = task == "base"
+    cls = AutoModel if base else AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     try:
         with torch.device("meta"):
             model = cls.from_config(config, trust_remote_code=False)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, IndexError) as e:
-        raise CheckpointError(f"{p}/config.json describes no model transformers can build ({e}); {fix}") from None
+        raise CheckpointError(f"{cfile} describes no model transformers can build ({e}); {fix}") from None
     prefix = getattr(model, "base_model_prefix", "") + "."
 
     def strip(name: str) -> str:
@@ -169,18 +185,33 @@ def check_weights(path: str | os.PathLike, config: Any, task: str = "lm", new_he
     missing, wrong = [], []
     for name, param in model.named_parameters():  # tied weights (lm_head = wte) appear once
         key = strip(name)
-        is_head = not name.startswith(prefix)
+        is_head = not base and not name.startswith(prefix)
         if key not in have:
             if not (new_head and is_head):
                 missing.append(key)
         elif tuple(param.shape) != have[key] and not (new_head and is_head):
             wrong.append(f"{key} {list(have[key])} where the config needs {list(param.shape)}")
+    # weights no parameter or buffer takes (tied aliases count; old files' ignorable buffers are transformers' list)
+    known = {strip(k) for k in model.state_dict()}
+    ignorable = [re.compile(r) for r in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    extra = [
+        strip(k)
+        for k in shapes
+        if strip(k) not in known
+        and not any(r.search(k) for r in ignorable)
+        and not ((base or new_head) and prefix != "." and not k.startswith(prefix))  # another task's head
+    ]
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise CheckpointError(
+            f"{wfile} holds {_n(len(extra), 'weight')} that {cfile} has no place for ({shown}); {fix}"
+        )
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise CheckpointError(f"{p}: {len(missing)} weights the config needs are missing ({shown}); {fix}")
+        raise CheckpointError(f"{wfile} lacks {_n(len(missing), 'weight')} that {cfile} needs ({shown}); {fix}")
     if wrong:
         shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
-        raise CheckpointError(f"{p}: weights of the wrong shape: {shown}; {fix}")
+        raise CheckpointError(f"{wfile} and {cfile} disagree on shapes: {shown}; {fix}")
 
 
 def check_dir(path: str | os.PathLike) -> Path:
@@ -207,7 +238,23 @@ def check_dir(path: str | os.PathLike) -> Path:
                 "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )
         raise CheckpointError(f"{p} has config.json but no model.safetensors: the checkpoint is incomplete")
+    # Cheap checks every loader gets before it reads anything else (a tokenizer load reads config.json too):
+    # config sizes, owngpt.json, and safetensors headers that parse and cover their files exactly.
+    read_config_dict(p)
+    read_meta(p)
+    if weight_shapes(p) and not read_meta(p).get("quantization"):
+        # the model body against config.json, whatever task head it has (the head is checked when loading)
+        check_weights(p, _auto_config(p), task="base")
     return p
+
+
+def _auto_config(p: Path, **kwargs):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(p, trust_remote_code=False, **kwargs)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p}/config.json cannot be read by transformers: {e}") from e
 
 
 def check_adapter_dir(path: str | os.PathLike) -> Path:
@@ -264,13 +311,7 @@ def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
     cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     config = kwargs.pop("config", None)
     if config is None:  # config fields among kwargs (num_labels, id2label...) go into the config, as in from_pretrained
-        from transformers import AutoConfig
-
-        read_config_dict(p)
-        try:
-            config, kwargs = AutoConfig.from_pretrained(p, trust_remote_code=False, return_unused_kwargs=True, **kwargs)
-        except (ValueError, OSError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{p}/config.json cannot be read by transformers: {e}") from e
+        config, kwargs = _auto_config(p, return_unused_kwargs=True, **kwargs)
     # A new classification head is expected when an lm checkpoint is fine-tuned into a classifier.
     new_head = bool(kwargs.get("ignore_mismatched_sizes")) or (
         task == "classify" and read_meta(p).get("task") != "classify"
@@ -299,8 +340,8 @@ def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
         what = "unexpected weights " + ", ".join(unexpected[:3]) if unexpected else ""
         what += ("; " if what else "") + ("missing weights " + ", ".join(missing[:3]) if missing else "")
         raise CheckpointError(
-            f"{p}: the weights do not match config.json ({what}); the config.json and the weights come from "
-            "different models: put back the matching config.json"
+            f"{p / weights_name(p)} does not match {p / 'config.json'} ({what}); the config.json and the weights "
+            "come from different models: put back the matching config.json"
         )
     return model
 

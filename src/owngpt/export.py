@@ -102,22 +102,20 @@ def eval_tokens(
     if data and eval_file:
         raise ConfigError("pass --data or --eval-file, not both")
     if data:
-        from owngpt.data.datadir import META
+        from owngpt.data.datadir import META, open_data_dir
         from owngpt.evaluate import check_same_tokenizer
-        from owngpt.tokenizer import load_tokenizer
 
         d = Path(data)
-        meta_f = d / META
-        if not meta_f.is_file():
+        if not (d / META).is_file():
             raise DataError(f"--data {d}: no {META} there (make it with `owngpt prepare`)")
-        meta = json.loads(meta_f.read_text(encoding="utf-8"))
-        if meta.get("task", "lm") != "lm" or not (d / "val.bin").is_file():
+        dd = open_data_dir(d)  # checked against its meta.json: sizes, hashes, token ids, tokenizer
+        if dd.task != "lm" or not (d / "val.bin").is_file():
             raise DataError(
                 f"--data {d}: perplexity needs a language-modelling data dir with val.bin "
-                f"(task is {meta.get('task')!r}); or pass --eval-file TEXT"
+                f"(task is {dd.task!r}); or pass --eval-file TEXT"
             )
-        check_same_tokenizer(tokenizer, load_tokenizer(d / "tokenizer"), ckpt or Path("the checkpoint"), d)
-        toks = np.fromfile(d / "val.bin", dtype=np.dtype(meta.get("dtype", "uint16")))[: max_tokens + 1]
+        check_same_tokenizer(tokenizer, dd.load_tokenizer(), ckpt or Path("the checkpoint"), d)
+        toks = np.asarray(dd.tokens("val")[: max_tokens + 1])
         return toks.astype(np.int64), f"{d}/val.bin"
     if eval_file:
         f = Path(eval_file)

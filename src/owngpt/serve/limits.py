@@ -10,7 +10,8 @@ and stalled every other request, `/health` included. Here:
     than `max_prompt_chars` cannot fit the model's context whatever it tokenizes to, so it gets 400 before the
     tokenizer sees it. The bound is exact, not a guess: no token covers more characters than the vocabulary's
     longest token (`prompt_char_limit`), so a text of more than context x longest characters has more tokens
-    than the context holds.
+    than the context holds. (For owngpt's tokenizers, which do not normalize text; a Hub tokenizer whose normalizer
+    deletes characters could fit a longer prompt made mostly of deleted characters, which is refused here.)
 
 Errors have OpenAI's shape, like the app's own. Not here: authentication, rate limits (the app and its engine).
 """
