@@ -137,7 +137,7 @@ def write_section(rows: list[dict], base: float, args: argparse.Namespace) -> No
         "Before this change one 200 MB line grew to 24 GB and was killed (about 130 bytes per character): the whole "
         "line went to the tokenizer at once. Now a plain-text document longer than 1/16 of `--max-memory-mb` is cut "
         "into consecutive documents (`long_document_split` in report.json), and texts reach the tokenizer in pieces "
-        "of 1/256 of it, cut where the tokens do not change.",
+        "of 1/1024 of it, cut where the tokens do not change.",
         "",
         f"Reproduce: `python bench/bench_prepare_memory.py --sizes-mb {sizes} --docs-mb {args.docs_mb} "
         f"--max-memory-mb {args.max_memory_mb}`",

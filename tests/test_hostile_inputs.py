@@ -485,3 +485,29 @@ def test_the_server_refuses_a_large_body_and_still_answers_health(tiny_ckpt):
         assert c.get("/health").status_code == 200
         r = c.post("/v1/completions", json={"model": "m", "prompt": "ROMEO:", "max_tokens": 2}, headers=auth)
         assert r.status_code == 200
+
+
+def test_a_terminated_prepare_leaves_no_temporary_dir(tmp_path):
+    """SIGTERM (kill, docker stop) unwinds like an error: the temporary build dir is removed, nothing is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "big.txt"
+    src.write_text(("one two three four five six seven eight nine ten\n" * 20) * 20_000, encoding="utf-8")
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "owngpt", "prepare", str(src), "--out", str(out_parent / "data"), "--quiet"]
+    proc = subprocess.Popen(cmd + ["--doc-sep", "line"], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(out_parent.iterdir()):  # wait until the build has started (its temporary dir exists)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "prepare did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not list(out_parent.iterdir()), "a temporary dir was left behind"
+    assert b"Traceback" not in proc.stderr.read()

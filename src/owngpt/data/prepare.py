@@ -329,27 +329,26 @@ class _LmWriter:
     def add(self, text: str) -> None:
         self.stats["documents"] += 1
         self.stats["chars"] += len(text)
-        self.stats["bytes"] += len(text.encode("utf-8"))
         pieces = _safe_pieces(text, self.chunk_chars) if self.split_long else [text]
         for i, p in enumerate(pieces):
+            self.stats["bytes"] += len(p.encode("utf-8"))  # per piece: no second copy of a long document
+            if self.buf and self.buf_chars + len(p) > self.chunk_chars:  # a batch never exceeds chunk_chars
+                self.flush()
             self.buf.append((p, i == len(pieces) - 1))
             self.buf_chars += len(p)
-            if self.buf_chars >= self.chunk_chars:
-                self.flush()
 
     def flush(self) -> None:
         from owngpt.tokenizer import encode_batch
 
         if not self.buf:
             return
-        out: list[int] = []
-        for ids, (_, last) in zip(encode_batch(self.tok, [p for p, _ in self.buf]), self.buf):
-            out.extend(ids)
-            if last:
-                out.append(self.eos)
-        self.f.write(self.np.asarray(out, dtype=self.dtype).tobytes())
-        self.stats["tokens"] += len(out)
-        self.buf, self.buf_chars = [], 0
+        batch, self.buf, self.buf_chars = self.buf, [], 0
+        encoded = encode_batch(self.tok, [p for p, _ in batch])
+        for i, (_, last) in enumerate(batch):
+            arr = self.np.asarray(encoded[i] + [self.eos] if last else encoded[i], dtype=self.dtype)
+            encoded[i] = []  # free each piece's Python ints as soon as they are written
+            self.f.write(arr.tobytes())
+            self.stats["tokens"] += len(arr)
 
     def close(self) -> dict[str, int]:
         self.flush()
@@ -491,8 +490,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     task = _resolve_task(cfg, files)
     report = Report()
     # Tokenizing holds ~130 bytes per character (measured: ids as Python ints, offsets, the Rust encodings); BPE
-    # training ~90 per thread. Texts go to the tokenizer in pieces of this many characters: a quarter of the budget.
-    chunk_chars = max(1 << 16, cfg.max_memory_mb * (1 << 20) // 512)
+    # training ~90. Texts go to the tokenizer in pieces of this many characters (with the Rust encodings, the Python
+    # ints and the piece copies, a batch costs about a third of the budget; measured by bench_prepare_memory.py).
+    chunk_chars = max(1 << 16, cfg.max_memory_mb * (1 << 20) // 1024)
     try:
         with datadir.building(cfg.out, overwrite=cfg.overwrite) as tmp:
             result = _build(cfg, files, task, report, Path(tmp), chunk_chars)
@@ -585,15 +585,18 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     else:
         val_mask = choose_val(n_kept, cfg.val_fraction, cfg.seed)
 
+    # The BPE trainer buffers 256 texts from the iterator and holds ~90 bytes per character of each one it is
+    # pre-tokenizing (measured): smaller pieces keep both parts small (a 200 MB line is ~6,000 pieces).
+    train_piece = max(1 << 12, chunk_chars // 16)
+
     def train_texts() -> Iterator[str]:
         if task == "chat":
             yield TEMPLATE_WORDS
         for i, doc in enumerate(_read_spill(spill)):
             if single_cut is not None:
-                yield from _safe_pieces(doc["t"][:single_cut], chunk_chars)
+                yield from _safe_pieces(doc["t"][:single_cut], train_piece)
             elif not val_mask[i]:
-                # pieces: the tokenizer trainer holds ~90 bytes per character of one text (measured)
-                yield from _safe_pieces(_doc_text(doc), chunk_chars)
+                yield from _safe_pieces(_doc_text(doc), train_piece)
 
     if single_cut is not None:
         train_chars = single_cut
