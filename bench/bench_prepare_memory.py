@@ -2,8 +2,8 @@
 
     python bench/bench_prepare_memory.py [--sizes-mb 10 50 200] [--max-memory-mb 256] [--docs-mb 50]
 
-Each case runs `owngpt prepare` in a fresh subprocess and reads that child's peak resident set size from
-`resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` (one child at a time, so the maximum is that run's). The baseline,
+Each case runs `owngpt prepare` as the only child of a fresh wrapper process, which reads that child's peak resident
+set size from `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`. The baseline,
 measured the same way in the same run, is a child that only imports what prepare imports (numpy, tokenizers,
 transformers' tokenizer class) and exits: what prepare adds on top of it is what `--max-memory-mb` bounds.
 
@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,18 +62,31 @@ def write_many_docs(path: Path, mb: int, seed: int = 1) -> int:
     return docs
 
 
+# Runs `cmd` as its own child and prints that child's peak RSS (kB) and exit code: ru_maxrss of RUSAGE_CHILDREN is a
+# maximum over every child a process ever waited for, so each measurement gets a fresh parent.
+WRAPPER = (
+    "import json, resource, subprocess, sys; r = subprocess.run(json.loads(sys.argv[1]), capture_output=True);"
+    "sys.stderr.buffer.write(r.stderr[-2000:]);"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+)
+
+
 def peak_rss_mb(cmd: list[str]) -> tuple[float, float, int]:
-    """(peak RSS of the child in MB, wall seconds, exit code) of one subprocess run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(peak RSS of `cmd` in MB, wall seconds, exit code), `cmd` run in a fresh subprocess."""
+    import json
+
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    r = subprocess.run(
+        [sys.executable, "-c", WRAPPER, json.dumps(cmd)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if r.returncode != 0:
-        print(r.stderr[-2000:], file=sys.stderr)
-    # ru_maxrss is the max over all children so far: a run lower than an earlier one reads as the earlier one,
-    # so cases run in increasing expected size and the baseline first.
-    return max(after, before) / 1024, wall, r.returncode
+    kb, code = r.stdout.split()
+    if int(code) != 0:
+        print(r.stderr, file=sys.stderr)
+    return int(kb) / 1024, wall, int(code)
 
 
 def main() -> int:

@@ -511,3 +511,22 @@ def test_a_terminated_prepare_leaves_no_temporary_dir(tmp_path):
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert not list(out_parent.iterdir()), "a temporary dir was left behind"
     assert b"Traceback" not in proc.stderr.read()
+
+
+def test_a_nan_loss_before_any_checkpoint_claims_none(tiny_lm_data, tmp_path, capsys):
+    """Weights holding NaN give a NaN loss at step 1: the message must not point at a checkpoint that is not there."""
+    import torch
+
+    ckpt = tmp_path / "nan"
+    tok = fixtures.char_tokenizer()
+    model = fixtures.tiny_gpt2(tok)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(float("nan"))
+    from owngpt.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, model, tok, {"task": "lm", "step": 0})
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(ckpt), "--data", str(tiny_lm_data), "--out", str(out), "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss became nan at step 1" in err and "Traceback" not in err
+    assert "checkpoints/last holds" not in err and not (out / "checkpoints" / "last").exists()

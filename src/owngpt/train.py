@@ -566,6 +566,9 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
+            from owngpt.checkpoint import check_adapter_dir
+
+            check_adapter_dir(resume_dir / "adapter")  # a truncated adapter: an error naming it, not a traceback
             set_peft_model_state_dict(model, load_file(resume_dir / "adapter" / "adapter_model.safetensors"))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
