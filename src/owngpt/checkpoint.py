@@ -11,6 +11,12 @@ A checkpoint is a Hugging Face model directory that `transformers` loads with no
                                                                        would apply it again on the merged weights)
 
 Security: weights load from safetensors only (`use_safetensors=True`), never with `trust_remote_code`.
+Every load is checked first (`check_weights`), so a damaged or mismatched directory is one CheckpointError naming the
+file and the fix, for every command: config.json's sizes must be positive integers; the safetensors headers must
+parse (a truncated or random file is refused); the weights must hold every parameter the config asks for, in the
+config's shapes, before anything is allocated (a config with 10000 layers over 4 layers of weights is refused in
+milliseconds, not after minutes of allocating); and after loading, transformers' own report of missing or
+unexpected weights must be empty (a new task head is the one allowed exception, when fine-tuning into a new task).
 Saving writes into a sibling temporary dir and renames it into place, so a kill during a save never leaves a
 corrupt or missing checkpoint.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +36,25 @@ from owngpt.outdir import swap_in
 
 OWNGPT_META = "owngpt.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+# config.json fields that size a model: each must be a positive integer when present (a negative or zero layer
+# count builds a model with no blocks that still "evaluates"; a string or float breaks deep inside transformers).
+SIZE_FIELDS = (
+    "n_layer",
+    "num_hidden_layers",
+    "n_head",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_embd",
+    "hidden_size",
+    "n_inner",
+    "intermediate_size",
+    "vocab_size",
+    "n_positions",
+    "max_position_embeddings",
+    "num_labels",
+)
+# The index of a transformer block in a weight name: GPT-2 `transformer.h.3.`, Llama `model.layers.3.`.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -41,10 +67,152 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     f = Path(path) / OWNGPT_META
     if not f.exists():
         return {}
+    meta = _read_json(f, "the checkpoint may be corrupt: restore it from a copy, or save it again")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(meta).__name__}, not an object; restore it from a copy")
+    return meta
+
+
+def _read_json(f: Path, fix: str) -> Any:
+    """JSON from a checkpoint file; damaged, undecodable or absurdly nested JSON is a CheckpointError."""
     try:
         return json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint may be corrupt") from e
+    except RecursionError:  # json.loads recurses once per nesting level: 100,000 '[' exhaust the stack
+        raise CheckpointError(f"{f} is nested too deeply to be a real config; {fix}") from None
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{f} is not valid JSON ({e}); {fix}") from None
+
+
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json as a dict, with its size fields checked (positive integers); CheckpointError otherwise."""
+    f = Path(path) / "config.json"
+    fix = "restore config.json from the run or download that made the weights"
+    cfg = _read_json(f, fix)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(cfg).__name__}, not an object; {fix}")
+    for key in SIZE_FIELDS:
+        v = cfg.get(key)
+        if v is None:  # absent, or null where the architecture derives it (GPT-2's n_inner)
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{f}: {key} = {json.dumps(v)} is not a positive integer; {fix}")
+    return cfg
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def weights_name(path: str | os.PathLike) -> str:
+    """The file that lists a checkpoint's weights: model.safetensors, or the index of a sharded one."""
+    p = Path(path)
+    return "model.safetensors.index.json" if (p / "model.safetensors.index.json").is_file() else "model.safetensors"
+
+
+def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{weight name: shape} from the safetensors headers of a checkpoint (nothing is read into memory).
+
+    A truncated, random or otherwise damaged file is a CheckpointError naming it: safetensors checks that the header
+    parses and that its offsets cover the file exactly. {} when the dir has no full model weights (an adapter dir).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    files: list[Path] = []
+    if (p / "model.safetensors").is_file():
+        files = [p / "model.safetensors"]
+    elif (p / "model.safetensors.index.json").is_file():
+        index = _read_json(p / "model.safetensors.index.json", "download or save the checkpoint again")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{p / 'model.safetensors.index.json'} has no weight_map; save the checkpoint again")
+        files = [p / str(name) for name in sorted(set(weight_map.values()))]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in the index): the checkpoint is incomplete; copy it again")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{f} is damaged or not a safetensors file ({e}): the copy is truncated or corrupt; copy or "
+                "download the checkpoint again, or use the run's other checkpoint (checkpoints/last or best)"
+            ) from None
+    return shapes
+
+
+def check_weights(path: str | os.PathLike, config: Any, task: str = "lm", new_head: bool = False) -> None:
+    """Refuse weights that do not fit `config` before any of them is allocated.
+
+    Compares the safetensors headers with the parameters a model built from `config` on the meta device (no
+    memory) would have: every parameter must be there in the config's shape. `task`: lm, chat, mmi (a causal LM),
+    classify (a sequence classifier) or base (the model body alone, any head). `new_head`: the task head (the
+    classifier `score`) may be absent or of another shape, because fine-tuning into a new task initialises it.
+    Unexpected extra weights are caught after loading, from transformers' own loading report (it knows which
+    buffers old files carry and may be ignored).
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    p = Path(path)
+    shapes = weight_shapes(p)
+    if not shapes:
+        return
+    fix = "the config.json and the weights come from different models; put back the matching config.json"
+    wfile, cfile = p / weights_name(p), p / "config.json"
+    n_layer = getattr(config, "num_hidden_layers", None)
+    layers = {int(m.group(1)) for k in shapes for m in [_LAYER_INDEX.search(k)] if m}
+    # Checked first because it is cheap: building a 10000-layer model even on the meta device takes seconds.
+    if layers and isinstance(n_layer, int) and n_layer != max(layers) + 1:
+        raise CheckpointError(
+            f"{cfile} asks for {_n(n_layer, 'transformer block')} (n_layer / num_hidden_layers) but {wfile} "
+            f"holds {max(layers) + 1}; {fix}"
+        )
+    base = task == "base"
+    cls = AutoModel if base else AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config, trust_remote_code=False)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{cfile} describes no model transformers can build ({e}); {fix}") from None
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def strip(name: str) -> str:
+        return name[len(prefix) :] if prefix != "." and name.startswith(prefix) else name
+
+    have = {strip(k): v for k, v in shapes.items()}
+    missing, wrong = [], []
+    for name, param in model.named_parameters():  # tied weights (lm_head = wte) appear once
+        key = strip(name)
+        is_head = not base and not name.startswith(prefix)
+        if key not in have:
+            if not (new_head and is_head):
+                missing.append(key)
+        elif tuple(param.shape) != have[key] and not (new_head and is_head):
+            wrong.append(f"{key} {list(have[key])} where the config needs {list(param.shape)}")
+    # weights no parameter or buffer takes (tied aliases count; old files' ignorable buffers are transformers' list)
+    known = {strip(k) for k in model.state_dict()}
+    ignorable = [re.compile(r) for r in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    extra = [
+        strip(k)
+        for k in shapes
+        if strip(k) not in known
+        and not any(r.search(k) for r in ignorable)
+        and not ((base or new_head) and prefix != "." and not k.startswith(prefix))  # another task's head
+    ]
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise CheckpointError(
+            f"{wfile} holds {_n(len(extra), 'weight')} that {cfile} has no place for ({shown}); {fix}"
+        )
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{wfile} lacks {_n(len(missing), 'weight')} that {cfile} needs ({shown}); {fix}")
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise CheckpointError(f"{wfile} and {cfile} disagree on shapes: {shown}; {fix}")
 
 
 def check_dir(path: str | os.PathLike) -> Path:
@@ -71,6 +239,51 @@ def check_dir(path: str | os.PathLike) -> Path:
                 "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )
         raise CheckpointError(f"{p} has config.json but no model.safetensors: the checkpoint is incomplete")
+    # Cheap checks every loader gets before it reads anything else (a tokenizer load reads config.json too):
+    # config sizes, owngpt.json, and safetensors headers that parse and cover their files exactly.
+    read_config_dict(p)
+    read_meta(p)
+    if weight_shapes(p) and not read_meta(p).get("quantization"):
+        # the model body against config.json, whatever task head it has (the head is checked when loading)
+        check_weights(p, _auto_config(p), task="base")
+    return p
+
+
+def _auto_config(p: Path, **kwargs):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(p, trust_remote_code=False, **kwargs)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p}/config.json cannot be read by transformers: {e}") from e
+
+
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """A peft (LoRA) adapter dir that peft may load: weights in adapter_model.safetensors, never a pickle.
+
+    peft falls back to `torch.load` on adapter_model.bin when no safetensors file is there; a pickle can run code.
+    """
+    p = Path(path)
+    st = p / "adapter_model.safetensors"
+    if not st.is_file():
+        pickled = [f.name for f in p.glob("adapter_model.*") if f.suffix in (".bin", ".pt", ".pth")]
+        if pickled:
+            raise CheckpointError(
+                f"{p / pickled[0]} is a pickled adapter; owngpt loads safetensors only because a pickle can run "
+                "code. Convert once in a trusted environment: PeftModel.from_pretrained(base, dir)"
+                ".save_pretrained(dir, safe_serialization=True)"
+            )
+        raise CheckpointError(
+            f"{p} has adapter_config.json but no adapter_model.safetensors: the adapter is incomplete"
+        )
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(st), framework="pt") as handle:
+            list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{st} is damaged or not a safetensors file ({e}): copy the adapter again") from None
+    _read_json(p / "adapter_config.json", "restore adapter_config.json from the run that made the adapter")
     return p
 
 
@@ -78,9 +291,10 @@ def load_config(path: str | os.PathLike):
     from transformers import AutoConfig
 
     p = check_dir(path)
+    read_config_dict(p)
     try:
         return AutoConfig.from_pretrained(p, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{p}/config.json cannot be read by transformers: {e}") from e
 
 
@@ -96,12 +310,40 @@ def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
 
         return load_quantized(p, quant, task=task)
     cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    config = kwargs.pop("config", None)
+    if config is None:  # config fields among kwargs (num_labels, id2label...) go into the config, as in from_pretrained
+        config, kwargs = _auto_config(p, return_unused_kwargs=True, **kwargs)
+    # A new classification head is expected when an lm checkpoint is fine-tuned into a classifier.
+    new_head = bool(kwargs.get("ignore_mismatched_sizes")) or (
+        task == "classify" and read_meta(p).get("task") != "classify"
+    )
+    check_weights(p, config, task, new_head=new_head)
+    if (p / "adapter_config.json").is_file():  # transformers would apply it through peft, which may torch.load
+        check_adapter_dir(p)
     try:
-        model = cls.from_pretrained(
-            p, use_safetensors=True, trust_remote_code=False, dtype=dtype or torch.float32, **kwargs
+        model, info = cls.from_pretrained(
+            p,
+            config=config,
+            use_safetensors=True,
+            trust_remote_code=False,
+            dtype=dtype or torch.float32,
+            output_loading_info=True,
+            **kwargs,
         )
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{p}: transformers could not load it as a {cls.__name__}: {e}") from e
+    head = {n.split(".")[0] for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
+    unexpected = sorted(
+        k for k in info.get("unexpected_keys", ()) if not (new_head and k.split(".")[0] in head | {"lm_head"})
+    )
+    missing = sorted(k for k in info.get("missing_keys", ()) if not (new_head and k.split(".")[0] in head))
+    if unexpected or missing:
+        what = "unexpected weights " + ", ".join(unexpected[:3]) if unexpected else ""
+        what += ("; " if what else "") + ("missing weights " + ", ".join(missing[:3]) if missing else "")
+        raise CheckpointError(
+            f"{p / weights_name(p)} does not match {p / 'config.json'} ({what}); the config.json and the weights "
+            "come from different models: put back the matching config.json"
+        )
     return model
 
 

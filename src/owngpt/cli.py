@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 # command -> (module, one-line summary). The summary is repeated here so that `owngpt --help` imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from owngpt.errors import OwnGPTError
 
+    previous = _unwind_on_sigterm()
     try:
         code = args._run(args)
     except OwnGPTError as e:
@@ -103,7 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `owngpt generate ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(code or 0)
+
+
+def _unwind_on_sigterm():
+    """Make SIGTERM (`kill`, `docker stop`, systemd) unwind like an exception, so that every `finally` runs and
+    temporary dirs are removed; Python's default would end the process on the spot. Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,10 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        for f in dataclasses.fields(self):  # nan passes every `x <= 0` test and fails deep inside torch
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name}={v}: must be a finite number")
         positive = ("batch_size", "grad_accum", "eval_every", "log_every")
         for key in positive:
             if getattr(self, key) < 1:

@@ -74,6 +74,9 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
     if (path / "adapter_config.json").is_file():  # with a config.json too, transformers would apply it itself
         from peft import PeftModel
 
+        from owngpt.checkpoint import check_adapter_dir
+
+        check_adapter_dir(path)  # peft would torch.load an adapter_model.bin: refused here
         cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base_spec = cfg.get("base_model_name_or_path")
         if not base_spec:
@@ -101,22 +104,20 @@ def eval_tokens(
     if data and eval_file:
         raise ConfigError("pass --data or --eval-file, not both")
     if data:
-        from owngpt.data.datadir import META
+        from owngpt.data.datadir import META, open_data_dir
         from owngpt.evaluate import check_same_tokenizer
-        from owngpt.tokenizer import load_tokenizer
 
         d = Path(data)
-        meta_f = d / META
-        if not meta_f.is_file():
+        if not (d / META).is_file():
             raise DataError(f"--data {d}: no {META} there (make it with `owngpt prepare`)")
-        meta = json.loads(meta_f.read_text(encoding="utf-8"))
-        if meta.get("task", "lm") != "lm" or not (d / "val.bin").is_file():
+        dd = open_data_dir(d)  # checked against its meta.json: sizes, hashes, token ids, tokenizer
+        if dd.task != "lm" or not (d / "val.bin").is_file():
             raise DataError(
                 f"--data {d}: perplexity needs a language-modelling data dir with val.bin "
-                f"(task is {meta.get('task')!r}); or pass --eval-file TEXT"
+                f"(task is {dd.task!r}); or pass --eval-file TEXT"
             )
-        check_same_tokenizer(tokenizer, load_tokenizer(d / "tokenizer"), ckpt or Path("the checkpoint"), d)
-        toks = np.fromfile(d / "val.bin", dtype=np.dtype(meta.get("dtype", "uint16")))[: max_tokens + 1]
+        check_same_tokenizer(tokenizer, dd.load_tokenizer(), ckpt or Path("the checkpoint"), d)
+        toks = np.asarray(dd.tokens("val")[: max_tokens + 1])
         return toks.astype(np.int64), f"{d}/val.bin"
     if eval_file:
         f = Path(eval_file)

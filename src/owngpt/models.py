@@ -80,6 +80,37 @@ def looks_like_hub_id(spec: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not spec.startswith("~")
 
 
+def missing_local_path(spec: str) -> CheckpointError | None:
+    """The error for a spec that is meant as a local path but does not exist, or None (it may be a Hub id).
+
+    A spec is a path when it starts with `/`, `.` or `~`, has more than one `/`, uses the OS's own separator, or
+    when its first part is an existing local folder (`runs/bse` beside `runs/`): a typo must not become a Hub query.
+    """
+    p = Path(os.path.expanduser(spec))
+    if p.exists():
+        return None
+    parts = spec.replace(os.sep, "/").split("/")
+    is_path = (
+        spec.startswith(("/", ".", "~"))
+        or len(parts) > 2
+        or (os.sep != "/" and os.sep in spec)
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
+    if not is_path:
+        return None
+    import difflib
+
+    parent = p.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    hint = ""
+    if parent.is_dir():
+        near = difflib.get_close_matches(p.name, [c.name for c in parent.iterdir() if c.is_dir()], n=3)
+        if near:
+            hint = f" (did you mean {', '.join(str(parent / n) for n in near)}?)"
+    return CheckpointError(f"{spec}: no such checkpoint directory{hint}; pass an existing checkpoint dir")
+
+
 def resolve_model_source(spec: str) -> ModelSource:
     """Resolve a `--model` value for training (a preset is allowed)."""
     p = Path(os.path.expanduser(spec))
@@ -87,6 +118,9 @@ def resolve_model_source(spec: str) -> ModelSource:
         from owngpt.checkpoint import check_dir
 
         return ModelSource("local", spec, check_dir(p))
+    missing = missing_local_path(spec)
+    if missing is not None:
+        raise missing
     name = preset_name(spec)
     if name is not None:
         return ModelSource("preset", name, None, dict(PRESETS[name]))
@@ -105,6 +139,9 @@ def resolve_checkpoint(spec: str) -> Path:
         from owngpt.checkpoint import check_dir
 
         return check_dir(p)
+    missing = missing_local_path(spec)
+    if missing is not None:
+        raise missing
     if preset_name(spec) is not None:
         raise CheckpointError(
             f"{spec} is a from-scratch preset, not a trained checkpoint: train one first "

@@ -10,7 +10,6 @@ Not here: reading or cleaning text (owngpt.data), rendering conversations (owngp
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -215,8 +214,14 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{p}: no tokenizer directory there")
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: transformers could not load a tokenizer from it: {e}") from e
+    except RecursionError:
+        raise CheckpointError(
+            f"{p}: a tokenizer file is nested too deeply to be real; copy the directory again"
+        ) from None
+    except Exception as e:  # tokenizers raises plain Exceptions for a damaged tokenizer.json
+        raise CheckpointError(
+            f"{p}: transformers could not load a tokenizer from it ({e}); the files are damaged: copy them again"
+        ) from None
     _join_cjk_wordpieces(tok)
     return tok
 

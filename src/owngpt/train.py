@@ -636,6 +636,9 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
+            from owngpt.checkpoint import check_adapter_dir
+
+            check_adapter_dir(resume_dir / "adapter")  # a truncated adapter: an error naming it, not a traceback
             set_peft_model_state_dict(model, load_file(resume_dir / "adapter" / "adapter_model.safetensors"))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -865,9 +868,9 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
                 log.write(rec)
                 window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0.0, time.perf_counter()
             if not math.isfinite(train_loss):
+                kept = "; checkpoints/last holds the last good weights" if last_dir.is_dir() else ""
                 raise ConfigError(
-                    f"the training loss became {train_loss} at step {step}: lower --lr or keep "
-                    "grad_clip on; checkpoints/last holds the last good weights"
+                    f"the training loss became {train_loss} at step {step}: lower --lr or keep grad_clip on{kept}"
                 )
 
             # ---- evaluation, checkpoints, early stopping -------------------------------------------------------------

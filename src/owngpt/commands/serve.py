@@ -113,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be an integer >= 1")
     api_key = args.api_key or os.environ.get("OWNGPT_API_KEY") or None
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise ConfigError(  # a blank key protects nothing; stray spaces never match what a client sends
+            f"--api-key / OWNGPT_API_KEY {api_key!r}: a key must not be blank or start or end with spaces; "
+            "make one with `python -c 'import secrets; print(secrets.token_urlsafe())'`"
+        )
     if api_key is None:
         if not _is_loopback(args.host) and not args.insecure_no_key:
             raise ConfigError(

@@ -19,12 +19,19 @@ Format (version 1), documented for users in docs/data.md:
       {split}.labels.npy int64 label ids; meta["labels"] lists the names in id order
 
 Readers never unpickle anything: numpy arrays are loaded with allow_pickle=False, metadata is JSON.
+Readers check before use (`DataDir.verify`, run by `open_data_dir`): meta.json["files"] records every file's size
+and SHA-256 (prepare writes it); sizes are always compared, the hashes when the data dir is small enough that
+hashing is cheap (`HASH_CHECK_MAX_BYTES`; SHA-256 runs at about 2 GB/s here); the token files must agree with the
+counts in meta.json (a truncated or odd-length train.bin is refused, never read as 5% of the data); the tokenizer
+must be the one the ids were made with (vocab size, and tokenizer.json's hash). Data dirs written before
+meta.json had "files" still load, with the size checks that the counts allow.
 Writers build the directory aside and rename it into place (`building`), so an error never leaves a half-written dir.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -45,6 +52,30 @@ REPORT = "report.json"
 TOKENIZER_DIR = "tokenizer"
 TASKS = ("lm", "chat", "classify")
 SPLITS = ("train", "val")
+# Hash every file on open while the whole dir is at most this big (about 0.1 s at 2 GB/s); sizes are always checked.
+HASH_CHECK_MAX_BYTES = 256 << 20
+REPREPARE = (
+    "the data dir is damaged or was changed after `owngpt prepare`: run `owngpt prepare` again (or copy it again)"
+)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every file a reader uses (not meta.json or report.json)."""
+    d = Path(directory)
+    out = {}
+    for f in sorted(d.rglob("*")):
+        rel = f.relative_to(d).as_posix()
+        if f.is_file() and rel not in (META, REPORT) and not rel.startswith("."):
+            out[rel] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    return out
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -140,7 +171,110 @@ class DataDir:
     def load_tokenizer(self):
         from owngpt.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.tokenizer_path)
+        tok = load_tokenizer(self.tokenizer_path)
+        if len(tok) != self.vocab_size:  # a swapped tokenizer/ would give ids that mean other tokens, or none
+            raise DataError(
+                f"{self.tokenizer_path} has {len(tok)} tokens but {self.path / META} says the ids were made with "
+                f"{self.vocab_size}: the tokenizer was replaced; {REPREPARE}"
+            )
+        return tok
+
+    # --- checks before use ------------------------------------------------------------------------------------
+    def verify(self, hashes: bool | None = None) -> None:
+        """Refuse a damaged data dir: sizes (always), hashes (`hashes`; None = when the dir is small), counts."""
+        recorded = self.meta.get("files")
+        if recorded is not None:
+            if not isinstance(recorded, dict):
+                raise DataError(f"{self.path / META}: 'files' must be an object; {REPREPARE}")
+            total = 0
+            for rel, rec in recorded.items():
+                f = self.path / rel
+                if not f.is_file():
+                    raise DataError(f"{f} is missing; {REPREPARE}")
+                size = f.stat().st_size
+                if size != rec.get("bytes"):
+                    raise DataError(f"{f} has {size} bytes where meta.json records {rec.get('bytes')}; {REPREPARE}")
+                total += size
+            if hashes or (hashes is None and total <= HASH_CHECK_MAX_BYTES):
+                for rel, rec in recorded.items():
+                    if file_sha256(self.path / rel) != rec.get("sha256"):
+                        raise DataError(
+                            f"{self.path / rel}: its SHA-256 differs from the one meta.json records; {REPREPARE}"
+                        )
+        for split in SPLITS:
+            if self.task == "lm":
+                self._verify_lm(split)
+            else:
+                self._verify_ragged(split)
+
+    def _count(self, split: str, key: str) -> int | None:
+        v = self.split_meta(split).get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+    def _verify_size(self, f: Path, itemsize: int, expected: int | None) -> int:
+        """The number of items in `f`; refuses a size that is not a whole number of items or not `expected`."""
+        size = f.stat().st_size if f.exists() else 0
+        if size % itemsize:
+            raise DataError(
+                f"{f} has {size} bytes, not a whole number of {itemsize}-byte token ids (cut short?); {REPREPARE}"
+            )
+        if expected is not None and size // itemsize != expected:
+            raise DataError(
+                f"{f} holds {size // itemsize} items where meta.json records {expected} (cut short?); {REPREPARE}"
+            )
+        return size // itemsize
+
+    def _verify_lm(self, split: str) -> None:
+        f = self.path / f"{split}.bin"
+        if not f.exists():  # a missing file is refused by meta["files"] (above) or when a reader needs it
+            return
+        n = self._verify_size(f, self.dtype.itemsize, self._count(split, "tokens"))
+        if n:
+            self._verify_ids(f)
+
+    def _verify_ids(self, f: Path) -> None:
+        """Every id below the vocab size (an id past it would index past the embedding); when the file is small."""
+        if f.stat().st_size > HASH_CHECK_MAX_BYTES:
+            return
+        top = int(np.max(np.memmap(f, dtype=self.dtype, mode="r")))
+        if top >= self.vocab_size:
+            raise DataError(
+                f"{f} holds token id {top}, but the tokenizer has {self.vocab_size} tokens: the ids were made with "
+                f"another tokenizer; {REPREPARE}"
+            )
+
+    def _verify_ragged(self, split: str) -> None:
+        ids_f, idx_f = self.path / f"{split}.ids.bin", self.path / f"{split}.idx.npy"
+        if not idx_f.exists():  # chat evaluation reads {split}.jsonl alone; the readers refuse what they miss
+            return
+        n_ids = self._verify_size(ids_f, self.dtype.itemsize, self._count(split, "tokens"))
+        try:
+            offsets = np.load(idx_f, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{idx_f} is not a readable .npy file ({e}); {REPREPARE}") from None
+        examples = self._count(split, "examples")
+        if (
+            offsets.ndim != 1
+            or len(offsets) < 1
+            or offsets.dtype.kind not in "iu"
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != n_ids
+            or (examples is not None and len(offsets) != examples + 1)
+        ):
+            raise DataError(f"{idx_f} does not index {ids_f.name} as meta.json describes; {REPREPARE}")
+        if n_ids:
+            self._verify_ids(ids_f)
+        mask_f = self.path / f"{split}.mask.bin"
+        if mask_f.exists():
+            self._verify_size(mask_f, 1, n_ids)
+        labels_f = self.path / f"{split}.labels.npy"
+        if self.task == "classify" and labels_f.exists():
+            try:
+                labels = np.load(labels_f, allow_pickle=False, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{labels_f} is not a readable .npy file ({e}); {REPREPARE}") from None
+            if labels.shape != (len(offsets) - 1,):
+                raise DataError(f"{labels_f} has {labels.shape} labels for {len(offsets) - 1} examples; {REPREPARE}")
 
     # --- lm -------------------------------------------------------------------------------------------
     def tokens(self, split: str) -> np.memmap:
@@ -184,8 +318,8 @@ class DataDir:
             )
 
 
-def open_data_dir(path: str | os.PathLike) -> DataDir:
-    """Open a prepared data dir, with a clear error when it is not one."""
+def open_data_dir(path: str | os.PathLike, verify: bool = True) -> DataDir:
+    """Open a prepared data dir, with a clear error when it is not one or is damaged (see `DataDir.verify`)."""
     p = Path(path)
     meta_f = p / META
     if not p.is_dir():
@@ -194,13 +328,32 @@ def open_data_dir(path: str | os.PathLike) -> DataDir:
         raise DataError(f"{p} has no {META}: it is not a data dir made by `owngpt prepare`")
     try:
         meta = json.loads(meta_f.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{meta_f} is nested too deeply to be owngpt's meta.json: run `owngpt prepare` again") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{meta_f} is unreadable ({e}): run `owngpt prepare` again") from e
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+        raise DataError(f"{meta_f} is unreadable ({e}): run `owngpt prepare` again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_f} is not a JSON object: run `owngpt prepare` again")
+    version = meta.get("version", 0)
+    if meta.get("format") != FORMAT or not isinstance(version, int) or version > VERSION:
         raise DataError(
             f"{meta_f}: format {meta.get('format')!r} v{meta.get('version')} is not one this owngpt "
             f"reads ({FORMAT} v{VERSION}); prepare the data again or upgrade owngpt"
         )
     if meta.get("task") not in TASKS:
         raise DataError(f"{meta_f}: unknown task {meta.get('task')!r}; expected one of {', '.join(TASKS)}")
-    return DataDir(p, meta)
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("vocab_size"), int) or tok["vocab_size"] < 1:
+        raise DataError(f"{meta_f}: no valid tokenizer.vocab_size; {REPREPARE}")
+    try:
+        dtype = np.dtype(meta.get("dtype"))
+    except TypeError:
+        dtype = None
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise DataError(f"{meta_f}: dtype {meta.get('dtype')!r} is not uint16 or uint32; {REPREPARE}")
+    if not isinstance(meta.get("splits", {}), dict):
+        raise DataError(f"{meta_f}: 'splits' must be an object; {REPREPARE}")
+    d = DataDir(p, meta)
+    if verify:
+        d.verify()
+    return d

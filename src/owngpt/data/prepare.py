@@ -35,6 +35,9 @@ UNITS = {"lm": "documents", "chat": "conversations", "classify": "examples"}
 SOURCE_FORMATS = ("whatsapp", "telegram", "wechat", "csv")
 # For chat data the tokenizer must also know the words of the template (roles), not only the message contents.
 TEMPLATE_WORDS = "system\nuser\nassistant\n"
+# --vocab-size bounds: a byte-level BPE needs its 256 bytes + 4 special tokens; the largest vocabularies in use
+# (Gemma's) have 262,144 entries, and far larger ones make the Rust trainer abort the whole process.
+MIN_VOCAB, MAX_VOCAB = 260, 1 << 20
 
 
 @dataclass
@@ -117,6 +120,11 @@ def validate(cfg: PrepareConfig) -> None:
         raise ConfigError(f"--max-memory-mb {cfg.max_memory_mb}: use at least 16")
     if cfg.vocab_size is not None and cfg.tokenizer != "bpe":
         raise ConfigError("--vocab-size applies to --tokenizer bpe only")
+    if cfg.vocab_size is not None and not MIN_VOCAB <= cfg.vocab_size <= MAX_VOCAB:
+        raise ConfigError(  # 0 used to mean the default silently; 10^9 aborted inside the Rust trainer
+            f"--vocab-size {cfg.vocab_size}: use {MIN_VOCAB} to {MAX_VOCAB:,} (256 bytes + 4 special tokens at "
+            "least), or leave it out for a size fitted to the corpus"
+        )
     if cfg.source_format is not None:
         if cfg.source_format not in SOURCE_FORMATS:
             raise ConfigError(f"--from {cfg.source_format}: expected one of {', '.join(SOURCE_FORMATS)}")
@@ -266,28 +274,44 @@ def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: 
 
 
 def _safe_pieces(text: str, max_chars: int) -> list[str]:
-    """Split a very long document into pieces that tokenize exactly as the whole does.
+    """Split a very long document into pieces of at most `max_chars` that tokenize as the whole does.
 
-    Cuts only after a newline that is followed by a non-space character: byte-level BPE (GPT-2's pre-tokenizer
-    regex) and char tokenizers never merge across that boundary.
+    Byte-level BPE (GPT-2's pre-tokenizer regex) and char tokenizers never merge across a newline between two
+    non-space characters, nor across a single space between two non-space characters (a pre-token holds a space
+    only as its first character); cuts go at the last such place in the window, preferring newlines. A window
+    with neither (one 1M-character run without a space or newline) is cut where it ends: bounded memory matters
+    more than the one token at that seam. `str.rfind` keeps the search in C: a 200 MB line splits in seconds.
     """
     if len(text) <= max_chars:
         return [text]
     pieces, start = [], 0
     while len(text) - start > max_chars:
-        cut = start + max_chars
-        while cut > start and not (text[cut - 1] == "\n" and not text[cut].isspace()):
-            cut -= 1
-        if cut == start:  # no safe cut in this window: take a longer piece rather than change the tokens
-            nxt = start + max_chars
-            while nxt < len(text) and not (text[nxt - 1] == "\n" and not text[nxt].isspace()):
-                nxt += 1
-            cut = nxt
+        cut = _safe_cut(text, start, start + max_chars)
         pieces.append(text[start:cut])
         start = cut
     if start < len(text):
         pieces.append(text[start:])
     return pieces
+
+
+def _safe_cut(text: str, start: int, end: int) -> int:
+    lo = start + 1
+    i = end
+    while True:  # after a newline followed by a non-space
+        i = text.rfind("\n", lo, i)
+        if i < 0:
+            break
+        # a whitespace run before the newline would end the piece as one pre-token ("  \n") but is two in the whole
+        if i + 1 < end and not text[i + 1].isspace() and not text[i - 1].isspace():
+            return i + 1
+    i = end
+    while True:  # before a single space between two non-spaces
+        i = text.rfind(" ", lo, i)
+        if i < 0:
+            break
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+    return end
 
 
 class _LmWriter:
@@ -305,27 +329,26 @@ class _LmWriter:
     def add(self, text: str) -> None:
         self.stats["documents"] += 1
         self.stats["chars"] += len(text)
-        self.stats["bytes"] += len(text.encode("utf-8"))
         pieces = _safe_pieces(text, self.chunk_chars) if self.split_long else [text]
         for i, p in enumerate(pieces):
+            self.stats["bytes"] += len(p.encode("utf-8"))  # per piece: no second copy of a long document
+            if self.buf and self.buf_chars + len(p) > self.chunk_chars:  # a batch never exceeds chunk_chars
+                self.flush()
             self.buf.append((p, i == len(pieces) - 1))
             self.buf_chars += len(p)
-            if self.buf_chars >= self.chunk_chars:
-                self.flush()
 
     def flush(self) -> None:
         from owngpt.tokenizer import encode_batch
 
         if not self.buf:
             return
-        out: list[int] = []
-        for ids, (_, last) in zip(encode_batch(self.tok, [p for p, _ in self.buf]), self.buf):
-            out.extend(ids)
-            if last:
-                out.append(self.eos)
-        self.f.write(self.np.asarray(out, dtype=self.dtype).tobytes())
-        self.stats["tokens"] += len(out)
-        self.buf, self.buf_chars = [], 0
+        batch, self.buf, self.buf_chars = self.buf, [], 0
+        encoded = encode_batch(self.tok, [p for p, _ in batch])
+        for i, (_, last) in enumerate(batch):
+            arr = self.np.asarray(encoded[i] + [self.eos] if last else encoded[i], dtype=self.dtype)
+            encoded[i] = []  # free each piece's Python ints as soon as they are written
+            self.f.write(arr.tobytes())
+            self.stats["tokens"] += len(arr)
 
     def close(self) -> dict[str, int]:
         self.flush()
@@ -437,7 +460,7 @@ def _count_tokens(enc, texts: Iterator[str], chunk_chars: int) -> int:
     from owngpt.tokenizer import encode_batch
 
     total, buf, n = 0, [], 0
-    for t in texts:
+    for t in (p for text in texts for p in _safe_pieces(text, chunk_chars)):
         buf.append(t)
         n += len(t)
         if n >= chunk_chars:
@@ -466,7 +489,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     files = discover(cfg.sources, cfg.format, any_extension=cfg.source_format is not None)
     task = _resolve_task(cfg, files)
     report = Report()
-    chunk_chars = max(1 << 16, cfg.max_memory_mb * (1 << 20) // 64)  # ~64 bytes of tokenizer state per character
+    # Tokenizing holds ~130 bytes per character (measured: ids as Python ints, offsets, the Rust encodings); BPE
+    # training ~90. Texts go to the tokenizer in pieces of this many characters (with the Rust encodings, the Python
+    # ints and the piece copies, a batch costs about a third of the budget; measured by bench_prepare_memory.py).
+    chunk_chars = max(1 << 16, cfg.max_memory_mb * (1 << 20) // 1024)
     try:
         with datadir.building(cfg.out, overwrite=cfg.overwrite, inputs=_inputs(cfg)) as tmp:
             result = _build(cfg, files, task, report, Path(tmp), chunk_chars)
@@ -570,14 +596,18 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     else:
         val_mask = choose_val(n_kept, cfg.val_fraction, cfg.seed)
 
+    # The BPE trainer buffers 256 texts from the iterator and holds ~90 bytes per character of each one it is
+    # pre-tokenizing (measured): smaller pieces keep both parts small (a 200 MB line is ~6,000 pieces).
+    train_piece = max(1 << 12, chunk_chars // 16)
+
     def train_texts() -> Iterator[str]:
         if task == "chat":
             yield TEMPLATE_WORDS
         for i, doc in enumerate(_read_spill(spill)):
             if single_cut is not None:
-                yield doc["t"][:single_cut]
+                yield from _safe_pieces(doc["t"][:single_cut], train_piece)
             elif not val_mask[i]:
-                yield _doc_text(doc)
+                yield from _safe_pieces(_doc_text(doc), train_piece)
 
     if single_cut is not None:
         train_chars = single_cut
@@ -646,6 +676,7 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     if task == "classify":
         meta["labels"] = label_names
     shutil.rmtree(work)
+    meta["files"] = datadir.file_records(tmp)  # sizes + SHA-256, checked by every reader (DataDir.verify)
     datadir.write_json(tmp / datadir.REPORT, report.to_dict())
     datadir.write_json(tmp / datadir.META, meta)
     return PrepareResult(Path(cfg.out), meta, report.to_dict(), report.format_table())

@@ -56,6 +56,33 @@ SHAREGPT_ROLES = {
 }
 SNIFF_BYTES = 1 << 16
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long review is not an error
+# Byte-order marks of encodings that are not ASCII-compatible: a file that starts with one is decoded with it even
+# under the default --encoding utf-8 (Windows Notepad saves "Unicode" as UTF-16 LE with a BOM).
+UTF16_32_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def max_record_chars(cfg: Any) -> int:
+    """The longest piece of text held in memory as one record: 1/16 of --max-memory-mb (in characters).
+
+    A plain-text document longer than this is cut into consecutive documents of this size (`long_document_split` in
+    the report); a JSON/CSV line longer than this is refused. Later stages hold a few copies of a record (decoded,
+    cleaned, spilled as JSON and read back), so this keeps them within the memory budget.
+    """
+    return max(1 << 16, int(getattr(cfg, "max_memory_mb", 256)) * (1 << 20) // 16)
+
+
+def bom_encoding(path: Path, encoding: str) -> str:
+    """The encoding a UTF-16/32 byte-order mark at the start of `path` announces, when --encoding is UTF-8."""
+    if codecs.lookup(encoding).name != "utf-8":
+        return encoding
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((enc for bom, enc in UTF16_32_BOMS if head.startswith(bom)), encoding)
 
 
 @dataclass
@@ -170,32 +197,55 @@ def check_encoding(encoding: str) -> str:
         ) from e
 
 
-def decoded_lines(src: SourceFile, encoding: str, report: Report, skip_invalid: bool) -> Iterator[tuple[int, str]]:
+def decoded_lines(
+    src: SourceFile,
+    encoding: str,
+    report: Report,
+    skip_invalid: bool,
+    max_line_bytes: int | None = None,
+    split_long: bool = False,
+) -> Iterator[tuple[int, str]]:
     """(line number, text with its line ending) for each line of `src`, decoded; computes size and SHA-256.
 
     Lines are split on the raw bytes (b"\\n" never occurs inside a multi-byte character in UTF-8 or GBK), so the
-    byte offset of an undecodable byte is exact. A UTF-8 BOM is stripped. A file with NUL bytes is binary: an error.
+    byte offset of an undecodable byte is exact. A UTF-8 BOM is stripped; a UTF-16/32 BOM switches to that encoding.
+    A file with NUL bytes is binary: an error. Memory is bounded by `max_line_bytes`: a longer line is yielded in
+    pieces of at most that many bytes (`split_long`, plain text) or refused as a DataError naming the line.
     """
     name = src.name
     h = hashlib.sha256()
     size = 0
+    detected = bom_encoding(src.path, encoding)
+    if detected != encoding:
+        report.change(f"decoded_as_{detected.replace('-', '')}", where=name)
+        encoding = detected
     if not _is_ascii_compatible(encoding):  # UTF-16/32: NULs are normal, line splitting must happen after decoding
-        raw = src.path.read_bytes()
-        h.update(raw)
-        src.bytes, src.sha256 = len(raw), h.hexdigest()
+        src.bytes, src.sha256 = _file_digest(src.path)
+        limit = max_line_bytes // 4 if max_line_bytes else -1  # characters: at most 4 bytes each
         try:
-            text = raw.decode(encoding)
+            with open(src.path, encoding=encoding, newline="") as f:
+                lineno, first = 1, True
+                while True:
+                    text = f.readline(limit)
+                    if not text:
+                        return
+                    if first:
+                        text, first = text.lstrip("\ufeff"), False
+                    whole = text.endswith(("\n", "\r"))
+                    if not whole and max_line_bytes and not split_long and len(text) >= limit:
+                        raise _long_line(name, lineno, max_line_bytes)
+                    yield lineno, text
+                    lineno += whole
         except UnicodeDecodeError as e:
-            raise DataError(f"{name}: byte offset {e.start} is not valid {encoding}: check --encoding") from e
-        yield from enumerate(text.lstrip("\ufeff").splitlines(keepends=True), 1)
-        return
+            raise DataError(f"{name}: not valid {encoding} near line {lineno} ({e.reason}): check --encoding") from None
     with open(src.path, "rb") as f:
         head = f.read(SNIFF_BYTES)
         nul = head.find(b"\x00")
         if nul >= 0:
             raise DataError(
                 f"{name}: looks like a binary file (a NUL byte at offset {nul}); owngpt prepare reads "
-                f"text: .txt, .md, .jsonl, .json, .csv, .tsv (in UTF-8, or the --encoding you give)"
+                f"text: .txt, .md, .jsonl, .json, .csv, .tsv (in UTF-8, UTF-16 with a byte-order mark, or the "
+                f"--encoding you give)"
             )
         if skip_invalid and head:
             bad = len(head) - len(head.decode(encoding, errors="ignore").encode(encoding, errors="ignore"))
@@ -206,13 +256,27 @@ def decoded_lines(src: SourceFile, encoding: str, report: Report, skip_invalid: 
                     f"gb18030, big5, latin-1...)"
                 )
         f.seek(0)
-        offset = 0
-        for lineno, raw in enumerate(f, 1):
+        offset, lineno, carry = 0, 1, b""
+        while True:
+            raw = f.readline(max_line_bytes or -1)
+            if not raw and not carry:
+                break
             h.update(raw)
             size += len(raw)
+            raw, carry = carry + raw, b""
+            whole = raw.endswith(b"\n") or len(raw) == 0 or f.peek(1) == b""
+            if not whole:
+                if not split_long:
+                    raise _long_line(name, lineno, max_line_bytes or 0)
+                raw, carry = _split_char(raw, encoding)  # never cut inside a multi-byte character
             start = offset
             offset += len(raw)
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8) and codecs.lookup(encoding).name == "utf-8":
+            if (
+                lineno == 1
+                and start == 0
+                and raw.startswith(codecs.BOM_UTF8)
+                and codecs.lookup(encoding).name == "utf-8"
+            ):
                 raw = raw[len(codecs.BOM_UTF8) :]
                 start += len(codecs.BOM_UTF8)
                 report.change("utf8_bom_stripped", where=name)
@@ -234,7 +298,34 @@ def decoded_lines(src: SourceFile, encoding: str, report: Report, skip_invalid: 
                     n=len(offsets),
                 )
             yield lineno, text
+            lineno += whole
     src.bytes, src.sha256 = size, h.hexdigest()
+
+
+def _long_line(name: str, lineno: int, max_bytes: int) -> DataError:
+    return DataError(
+        f"{name}:{lineno}: this line is longer than {max_bytes >> 20} MB, the most one record may hold within "
+        "--max-memory-mb (1/16 of it): raise --max-memory-mb, or split the record"
+    )
+
+
+def _split_char(raw: bytes, encoding: str) -> tuple[bytes, bytes]:
+    """`raw` cut before an incomplete multi-byte character at its end: (complete part, the rest for later)."""
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        if e.end == len(raw) and len(raw) - e.start < 4 and "end of data" in e.reason:
+            return raw[: e.start], raw[e.start :]
+    return raw, b""  # complete, or a real error that the caller reports with its offset
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            n += len(block)
+    return n, h.hexdigest()
 
 
 def _decode_lossy(raw: bytes, encoding: str, start: int) -> tuple[str, list[int]]:
@@ -252,6 +343,7 @@ def _decode_lossy(raw: bytes, encoding: str, start: int) -> tuple[str, list[int]
 
 def sniff_lines(src: SourceFile, encoding: str, n: int = 50) -> list[str]:
     """The first lines of a file (decoded leniently), for format and task detection."""
+    encoding = bom_encoding(src.path, encoding)
     with open(src.path, "rb") as f:
         head = f.read(SNIFF_BYTES)
     if b"\x00" in head and _is_ascii_compatible(encoding):
@@ -276,7 +368,7 @@ def infer_task(src: SourceFile, cfg: Any) -> str | None:
     if head.startswith("["):  # a JSON array, maybe pretty-printed: decode its first element
         try:
             candidates.append(json.JSONDecoder().raw_decode(head, len(head) - len(head[1:].lstrip()))[0])
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     for line in lines:  # jsonl: the first object that parses decides
         line = line.strip().lstrip("[").rstrip(",")
@@ -284,7 +376,7 @@ def infer_task(src: SourceFile, cfg: Any) -> str | None:
             continue
         try:
             candidates.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     for obj in candidates:
         if isinstance(obj, dict):
@@ -327,7 +419,14 @@ def read_txt(src: SourceFile, cfg: Any, report: Report, task: str) -> Iterator[R
     sep = _separator(cfg.doc_sep)
     buf: list[str] = []
     first = 0
-    for lineno, line in decoded_lines(src, cfg.encoding, report, cfg.skip_invalid):
+    longest = max_record_chars(cfg)
+    held = 0  # characters in buf
+    for lineno, line in decoded_lines(src, cfg.encoding, report, cfg.skip_invalid, longest, split_long=True):
+        if held >= longest and buf:  # bounded memory: a huge document continues as the next document
+            report.change("long_document_split", where=f"{src.name}:{first}")
+            yield Record(src.name, first, text="".join(buf))
+            buf, held, first = [], 0, lineno
+        held += len(line)
         if sep == "file":
             if not buf:
                 first = lineno
@@ -341,7 +440,7 @@ def read_txt(src: SourceFile, cfg: Any, report: Report, task: str) -> Iterator[R
         if is_sep:
             if buf:
                 yield Record(src.name, first, text="".join(buf))
-            buf = []
+            buf, held = [], 0
             continue
         if not buf:
             first = lineno
@@ -356,7 +455,7 @@ def read_chitchat(src: SourceFile, cfg: Any, report: Report, task: str) -> Itera
     the user's, then they alternate (user, assistant, user, ...)."""
     buf: list[str] = []
     first = 0
-    for lineno, line in decoded_lines(src, cfg.encoding, report, cfg.skip_invalid):
+    for lineno, line in decoded_lines(src, cfg.encoding, report, cfg.skip_invalid, max_record_chars(cfg)):
         line = line.rstrip("\r\n")
         if line.strip():
             if not buf:
@@ -380,7 +479,15 @@ def _dialogue(name: str, line: int, utterances: list[str]) -> Record:
 
 def _json_objects(src: SourceFile, cfg: Any, report: Report) -> Iterator[tuple[int, Any, str | None]]:
     """(line, parsed object or None, error) for each JSON line of a file, or each element of a top-level array."""
-    lines = decoded_lines(src, cfg.encoding, report, cfg.skip_invalid)
+    longest = max_record_chars(cfg)
+    is_array = src.format == "json" and next(iter(sniff_lines(src, cfg.encoding, 1)), "").lstrip().startswith("[")
+    if is_array and src.path.stat().st_size > 4 * longest:
+        raise DataError(
+            f"{src.name}: a JSON array is parsed whole, and this one is larger than --max-memory-mb allows "
+            f"({4 * longest >> 20} MB); convert it to JSON lines (`jq -c '.[]' in.json > out.jsonl`) or raise "
+            "--max-memory-mb"
+        )
+    lines = decoded_lines(src, cfg.encoding, report, cfg.skip_invalid, None if is_array else longest)
     first = None
     for lineno, line in lines:
         if line.strip():
@@ -398,6 +505,8 @@ def _json_objects(src: SourceFile, cfg: Any, report: Report) -> Iterator[tuple[i
             continue
         try:
             yield lineno, json.loads(line), None
+        except RecursionError:  # json recurses once per level: 100,000 nested '[' exhaust the stack
+            yield lineno, None, "JSON nested too deeply (thousands of levels): fix the line, or pass --skip-invalid"
         except ValueError as e:
             if lineno == first[0] and line.lstrip().startswith("{") and not line.rstrip().endswith("}"):
                 raise DataError(
@@ -426,6 +535,9 @@ def _json_array(text: str, first_line: int) -> Iterator[tuple[int, Any, str | No
             return
         try:
             obj, end = dec.raw_decode(text, pos)
+        except RecursionError:
+            yield line, None, "JSON nested too deeply (thousands of levels): fix the file"
+            return
         except ValueError as e:
             yield line, None, f"malformed JSON ({e.args[0].split(':')[0]}): fix the file"
             return
@@ -559,7 +671,7 @@ def read_csv(src: SourceFile, cfg: Any, report: Report, task: str) -> Iterator[R
     current = [0]
 
     def lines() -> Iterator[str]:
-        for lineno, line in decoded_lines(src, cfg.encoding, report, cfg.skip_invalid):
+        for lineno, line in decoded_lines(src, cfg.encoding, report, cfg.skip_invalid, max_record_chars(cfg)):
             current[0] = lineno
             yield line
 

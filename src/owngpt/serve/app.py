@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from owngpt import conversation
 from owngpt.serve import schemas as S
 from owngpt.serve.engine import Loaded, QueueFull, Row, RowSettings, load
+from owngpt.serve.limits import RequestLimits, prompt_char_limit
 
 log = logging.getLogger("owngpt.serve")
 STATIC = Path(__file__).parent / "static"
@@ -135,6 +136,9 @@ def create_app(
         redoc_url=None,
         openapi_url=None,  # served below, behind the key
     )
+    # body size (413) and prompt length (400) are refused before parsing or tokenizing: owngpt.serve.limits
+    ctx = engine.context_length if engine is not None else None
+    app.add_middleware(RequestLimits, max_prompt_chars=prompt_char_limit(tok, ctx))
 
     # --- errors in OpenAI's shape ----------------------------------------------------------------------------
     @app.exception_handler(APIError)
