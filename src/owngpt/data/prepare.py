@@ -82,6 +82,7 @@ class PrepareConfig:
     session_gap: str = "2h"
     pseudonymize: bool = False
     keep_pii: bool = False
+    region: str = "CN"  # phone numbers written without a country code are read as this region's (owngpt.data.privacy)
     time_column: str | None = None
     sender_column: str | None = None
     content_column: str | None = None
@@ -122,6 +123,12 @@ def validate(cfg: PrepareConfig) -> None:
             raise ConfigError(f"--from {cfg.source_format}: expected one of {', '.join(SOURCE_FORMATS)}")
         if cfg.task not in (None, "chat"):
             raise ConfigError(f"--from {cfg.source_format} makes chat data: use --task chat (or leave --task out)")
+        from owngpt.data.privacy import region_ok
+
+        try:
+            cfg.region = region_ok(cfg.region)
+        except ValueError as e:
+            raise ConfigError(f"--region: {e}") from e
     cfg.encoding = check_encoding(cfg.encoding)
 
 
@@ -595,14 +602,18 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     text_tokens_out = sum(v["tokens"] - (v["documents"] if task == "lm" else 0) for v in splits.values())
     dropped_tokens = _count_tokens(enc, (json.loads(line) for line in open(dropped, encoding="utf-8")), chunk_chars)
     inputs = []
-    for f in files:
+    for i, f in enumerate(files):
         if not f.sha256:  # read by another reader (chat exports): checksum it now
             f.sha256, f.bytes = _sha256(f.path)
         name = f.name
-        if cfg.source_format is not None and not cfg.keep_pii:  # "WhatsApp Chat with +86 139....txt"
+        if cfg.source_format is not None and cfg.pseudonymize:  # "WhatsApp Chat with Wang Wei.txt": a contact
+            from owngpt.data.personal import file_alias
+
+            name = file_alias(i, f.path)
+        elif cfg.source_format is not None and not cfg.keep_pii:  # "WhatsApp Chat with +86 139....txt"
             from owngpt.data.privacy import Redactor
 
-            name = Redactor().redact(name)
+            name = Redactor(region=cfg.region).redact(name)
         inputs.append({"path": name, "format": cfg.source_format or f.format, "bytes": f.bytes, "sha256": f.sha256})
     report.totals = {
         "task": task,
@@ -619,6 +630,8 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
         for k, v in dataclasses.asdict(cfg).items()
         if k not in ("sources", "out", "overwrite", "progress", "quiet")
     }
+    if cfg.source_format is not None and cfg.pseudonymize and settings.get("me"):
+        settings["me"] = "(withheld: --pseudonymize)"  # the user's own name: meta.json travels with the data
     if single_cut is not None:
         settings["split"] = "position"  # one document: train = first (1 - val_fraction) of it, val = the rest
     meta: dict[str, Any] = {
