@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import run_relative
 from owngpt.errors import CheckpointError, ConfigError
 
 STRUCTURED = ("heads", "mlp")
@@ -191,7 +192,7 @@ def prune(
     else:
         magnitude_prune(model, amount, scope)
         info.update(sparsity(model))
-    new_meta = {**meta, "pruned_from": str(src), "pruning": info}
+    new_meta = {**meta, "pruned_from": run_relative(src, out), "pruning": info}  # relative, or none: shared
     notes: list[str] = []
     if finetune_steps:
         import torch
@@ -237,8 +238,8 @@ def prune(
         rep = {"notes": notes + ["measurement skipped (--no-measure)"]}
     rep = {
         "command": "prune",
-        "checkpoint": str(src),
-        "output": str(out),
+        "checkpoint": run_relative(src, out),
+        "output": ".",
         "eval_data": data or eval_file,
         "pruning": info,
         **rep,

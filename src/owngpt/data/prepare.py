@@ -257,7 +257,11 @@ def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: 
             d = Path(spec[5:])
             vocab, merges = vocab or d / "vocab.json", merges or d / "merges.txt"
         tok = T.gpt2_tokenizer(vocab, merges)
-        src = "bundled GPT-2 vocab.json + merges.txt" if vocab is None else f"{vocab} + {merges}"
+        src = (
+            "bundled GPT-2 vocab.json + merges.txt"
+            if vocab is None
+            else f"{_portable(vocab, cfg.out)} + {_portable(merges, cfg.out)}"
+        )
         return tok, {"kind": "gpt2", "source": src}
     p = Path(spec)
     if not p.is_dir():
@@ -266,7 +270,15 @@ def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: 
             f"or a local Hugging Face tokenizer or model dir"
         )
     tok, pretrained = T.hf_tokenizer(p)
-    return tok, {"kind": "pretrained" if pretrained else "hf", "source": str(p)}
+    return tok, {"kind": "pretrained" if pretrained else "hf", "source": _portable(p, cfg.out)}
+
+
+def _portable(path: Any, data_dir: str) -> str:
+    """A path as meta.json records it: relative to the data dir, else only its name (meta.json is copied into every
+    checkpoint trained on the data: it must not reveal the user's folders)."""
+    from owngpt.checkpoint import run_relative
+
+    return run_relative(path, data_dir) or Path(path).name
 
 
 # --- pass 2: tokenize and write -------------------------------------------------------------------------------------
@@ -632,6 +644,12 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     }
     if cfg.source_format is not None and cfg.pseudonymize and settings.get("me"):
         settings["me"] = "(withheld: --pseudonymize)"  # the user's own name: meta.json travels with the data
+    for key in ("tokenizer", "gpt2_vocab", "gpt2_merges"):  # paths: relative to the data dir
+        value = settings.get(key)
+        if value and value.startswith("gpt2:"):
+            settings[key] = "gpt2:" + _portable(value[5:], cfg.out)
+        elif value and (key != "tokenizer" or Path(value).exists()):
+            settings[key] = _portable(value, cfg.out)
     if single_cut is not None:
         settings["split"] = "position"  # one document: train = first (1 - val_fraction) of it, val = the rest
     meta: dict[str, Any] = {
