@@ -167,3 +167,31 @@ def test_ids_and_masks_equal_the_previous_implementation(tok):
                 expected = old_render(tok, conv, max_tokens=max_tokens, train_on_prompt=train_on_prompt)
                 got = cf.render(tok, conv, max_tokens=max_tokens, train_on_prompt=train_on_prompt)
                 assert got == expected, (conv, max_tokens, train_on_prompt)
+
+
+def test_own_templates_take_the_linear_path(tok, monkeypatch):
+    """owngpt's own templates never render prefixes nor fall back to dropping one turn at a time: at most three
+    tokenizations per conversation whatever its length (the foreign template keeps the general path)."""
+    if cf._own_template(tok) is None:
+        pytest.skip("a foreign template takes the general path")
+    calls = {"render": 0}
+    render_exact = cf._render_exact
+
+    def counting(*args, **kwargs):
+        calls["render"] += 1
+        return render_exact(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general path was taken")
+
+    monkeypatch.setattr(cf, "_render_exact", counting)
+    monkeypatch.setattr(cf, "_render_dropping_turns", refuse)
+    monkeypatch.setattr(cf, "_template_text", refuse)
+    conv = [{"role": "system", "content": "be brief"}]
+    for i in range(30):
+        conv += [{"role": "user", "content": f"q{i} 床前"}, {"role": "assistant", "content": f"a{i} 明月光"}]
+    full, _ = old_render(tok, conv)
+    for max_tokens in (None, len(full) // 2, len(full) // 7, 3):
+        calls["render"] = 0
+        assert cf.render(tok, conv, max_tokens=max_tokens) == old_render(tok, conv, max_tokens=max_tokens)
+        assert calls["render"] <= 3, (max_tokens, calls)
