@@ -174,9 +174,13 @@ def test_prepared_data_uses_the_models_own_vocabulary(finetuned):
 def test_finetuned_checkpoint_says_where_it_came_from(finetuned):
     kind, model_dir, _, ckpt = finetuned
     meta = json.loads((ckpt / "owngpt.json").read_text())
-    assert (
-        meta["source"]["kind"] == "local" and meta["source_description"] == f"pretrained: local checkpoint {model_dir}"
-    )
+    # relative to the run (tmp/run, the model in tmp/model): a shared checkpoint does not reveal the user's folders
+    assert meta["source"]["kind"] == "local" and meta["source"]["path"] == "../model"
+    assert meta["source_description"] == "pretrained: local checkpoint ../model"
+    assert meta["data"]["path"] == "../data"
+    for f in ("owngpt.json", "trainer/state.json"):
+        text = (ckpt / f).read_text()
+        assert str(model_dir.parent) not in text, (f, text[text.find(str(model_dir.parent)) - 200 :][:400])
     run_config = (ckpt.parent.parent / "config.yaml").read_text(encoding="utf-8")
     assert f"# model: pretrained: local checkpoint {model_dir}\n" in run_config  # a comment: --config still loads
     config = json.loads((ckpt / "config.json").read_text())

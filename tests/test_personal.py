@@ -399,3 +399,71 @@ def test_wechat_group_member_without_remark_falls_back_to_nickname(tmp_path):
     )
     (conv,) = [r.messages for r in read_exports([f], cfg("wechat", None))]
     assert conv == [{"role": "user", "content": "山哥: 周六爬山？\n小李: 我去"}, {"role": "assistant", "content": "好"}]
+
+
+def _prepare_export(export: Path, out: Path, **kw):
+    from owngpt.data.prepare import PrepareConfig, prepare
+
+    settings = dict(
+        sources=[str(export)], out=str(out), source_format="whatsapp", me="Zhang San", quiet=True, progress=False
+    )
+    return prepare(PrepareConfig(**{**settings, **kw}))
+
+
+def test_pseudonymize_covers_file_names_and_every_field_of_meta_and_report(tmp_path):
+    folder = tmp_path / "Chats of Zhang San"  # the user's own folder name: absolute paths must not be recorded
+    folder.mkdir()
+    export = folder / "WhatsApp Chat with Wang Wei.txt"
+    export.write_text(
+        "01/02/2024, 10:00 - Wang Wei: <Media omitted>\n01/02/2024, 10:01 - Wang Wei: hi\n"
+        "01/02/2024, 10:02 - Zhang San: hi\n01/02/2024, 10:03 - Zhang San: hi\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "data"
+    _prepare_export(export, out, tokenizer="char", pseudonymize=True)
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["inputs"][0]["path"] == "input-1.txt" and meta["settings"]["me"] == "(withheld: --pseudonymize)"
+    report = (out / "report.json").read_text(encoding="utf-8")
+    assert "input-1.txt:1: <Media omitted>" in report  # the examples still say where, by the alias
+    for f in out.rglob("*"):
+        if f.is_file():
+            content = f.read_bytes()
+            for secret in (b"Wang Wei", b"Zhang San", str(tmp_path).encode()):
+                assert secret not in content, (secret, f)
+    # without the flag the file name is kept (redacted of numbers only): the test above can fail
+    _prepare_export(export, tmp_path / "plain", tokenizer="char")
+    assert b"Wang Wei" in (tmp_path / "plain" / "meta.json").read_bytes()
+
+
+def test_tokenizer_learns_no_digit_run_of_redacted_pii(tmp_path):
+    # a passport number and an IBAN said many times: a BPE vocabulary trained on unredacted text learns their digits
+    lines = []
+    for i in range(40):
+        lines.append(f"01/02/2024, 10:{i:02d} - Wang Wei: 我的护照号码是E12345678，IBAN DE89 3704 0044 0532 0130 00")
+        lines.append(f"01/02/2024, 10:{i:02d} - Zhang San: 好的，护照 E12345678 收到")
+    export = tmp_path / "chat.txt"
+    export.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def vocab(out: Path) -> str:
+        return (out / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8")
+
+    _prepare_export(export, tmp_path / "redacted", tokenizer="bpe", vocab_size=400, val_fraction=0.0)
+    assert "1234" not in vocab(tmp_path / "redacted") and "3704" not in vocab(tmp_path / "redacted")
+    _prepare_export(export, tmp_path / "kept", tokenizer="bpe", vocab_size=400, val_fraction=0.0, keep_pii=True)
+    assert "12345678" in vocab(tmp_path / "kept")  # the oracle: the same data unredacted does teach it
+
+
+def test_region_flag_reads_local_numbers_and_refuses_unknown_regions(tmp_path, capsys):
+    export = tmp_path / "chat.txt"
+    export.write_text(
+        "01/02/2024, 10:00 - Wang Wei: ring me on 139 1234 5678 or 06 12 34 56 78\n01/02/2024, 10:01 - Zhang San: ok\n",
+        encoding="utf-8",
+    )
+    (convs,), _ = run(str(export), "whatsapp", "Zhang San", region="FR")
+    assert convs[0]["content"] == "ring me on <PHONE> or <PHONE>"  # the Chinese mobile rule holds for every region
+    (convs,), _ = run(str(export), "whatsapp", "Zhang San")
+    assert convs[0]["content"] == "ring me on <PHONE> or 06 12 34 56 78"  # default CN: the French number is not seen
+    args = ["prepare", str(export), "--from", "whatsapp", "--me", "Zhang San", "--out", str(tmp_path / "d")]
+    assert main([*args, "--region", "XX"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --region") and "Traceback" not in err and not (tmp_path / "d").exists()

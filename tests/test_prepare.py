@@ -1,6 +1,7 @@
 """`owngpt prepare`: readers, cleaning, split, data dir contents, determinism and bad input."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -463,7 +464,9 @@ def test_gpt2_and_pretrained_dir_tokenizers(tmp_path, tiny_ckpt):
     assert open_data_dir(r.out).tokens("train").tolist() == [15496, 995, 50256]
     r = run(tmp_path, f, tokenizer=str(tiny_ckpt), val_fraction=0, out="p")
     meta = r.meta["tokenizer"]
-    assert meta["kind"] == "pretrained" and meta["source"] == str(tiny_ckpt)
+    # recorded relative to the data dir, or by its name only: meta.json must not reveal the user's folders
+    assert meta["kind"] == "pretrained" and meta["source"] in (os.path.relpath(tiny_ckpt, r.out), tiny_ckpt.name)
+    assert str(tiny_ckpt.parent) not in json.dumps(r.meta)
     from owngpt.tokenizer import load_tokenizer
 
     orig, saved = load_tokenizer(tiny_ckpt), load_tokenizer(r.out / "tokenizer")

@@ -148,3 +148,20 @@ def test_long_documents_are_cut_where_tokenization_does_not_change(bpe, char):
     for tok in (bpe, char):
         whole = tok.encode(text, add_special_tokens=False)
         assert sum((tok.encode(p, add_special_tokens=False) for p in pieces), []) == whole
+
+
+def test_gpt2_tokenizer_through_the_public_api_equals_the_byte_level_bpe_wrapper():
+    # the oracle: tokenizers' own ByteLevelBPETokenizer.from_file (owngpt reached into its private _tokenizer before)
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    from owngpt.chat_format import SPECIAL_TOKENS
+    from owngpt.tokenizer import BUNDLED_GPT2, gpt2_tokenizer
+
+    wrapper = ByteLevelBPETokenizer.from_file(str(BUNDLED_GPT2 / "vocab.json"), str(BUNDLED_GPT2 / "merges.txt"))
+    wrapper.add_special_tokens(list(SPECIAL_TOKENS))
+    ours = gpt2_tokenizer()
+    assert json.loads(ours.backend_tokenizer.to_str()) == json.loads(wrapper.to_str())
+    text = "Hello world, 床前明月光 <|im_start|>user\n hi<|im_end|>"
+    assert ours(text, add_special_tokens=False)["input_ids"] == wrapper.encode(text).ids

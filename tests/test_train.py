@@ -34,6 +34,18 @@ def test_overfits_and_writes_the_run_dir(tiny_ckpt, tmp_path):
     ):
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    # tensorboardX's event files, read back by TensorBoard itself: the same values as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val_loss")] == [
+        (r["step"], pytest.approx(r["val_loss"])) for r in log if "val_loss" in r
+    ]
+    # paths relative to the run, never absolute: a shared checkpoint must not reveal the user's folders
+    for f in ("checkpoints/last/owngpt.json", "checkpoints/last/trainer/state.json"):
+        assert str(tmp_path) not in (run / f).read_text(), f
+    assert json.loads((run / "checkpoints/last/owngpt.json").read_text())["data"]["path"] == "../data"
     assert res.steps == 40 and res.best_checkpoint == run / "checkpoints" / "best"
     assert res.best_metric == pytest.approx(min(r["val_loss"] for r in log if "val_loss" in r))
     meta = json.loads((run / "checkpoints/last/owngpt.json").read_text())

@@ -11,6 +11,7 @@ tokenizer gives for the rendered text (no segment-by-segment tokenization that c
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -116,8 +117,58 @@ def _template_text(tokenizer, messages: Sequence[Message], add_generation_prompt
     return render_text(messages, add_generation_prompt)
 
 
+def _own_template(tokenizer) -> tuple[str, str, str] | None:
+    """(head, end-of-turn, generation prompt) when the tokenizer's template is one of owngpt's own (which render
+    message by message, so text and spans can be built in one pass in Python), else None.
+
+    head is what opens the conversation ([CLS] for the [SEP] layout); each message then renders as
+    `<|im_start|>role\ncontent` + end-of-turn + `\n` (ChatML, EOS-terminated) or `content[SEP]` ([SEP] layout).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or template == CHAT_TEMPLATE:
+        return ("", IM_END, "chatml")
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos is not None and template == eos_chat_template(eos):
+        return ("", eos, "chatml")
+    sep = getattr(tokenizer, "sep_token", None)
+    if sep is not None and template == sep_chat_template(getattr(tokenizer, "cls_token", None), sep):
+        return (getattr(tokenizer, "cls_token", None) or "", sep, "sep")
+    return None
+
+
+def _own_text_and_spans(own: tuple[str, str, str], messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """One pass: the rendered text and each assistant reply's character span, exactly as `_assistant_spans` finds
+    them by rendering prefixes (a reply's span starts after the prefix rendered with the generation prompt and ends
+    with its end-of-turn marker and newline)."""
+    head, end, layout = own
+    parts: list[str] = []
+    spans = []
+    pos = 0
+    for i, m in enumerate(messages):
+        if layout == "chatml":
+            opening = f"{IM_START}{m['role']}\n"
+            piece = f"{opening}{m['content']}{end}\n"
+            start = pos + len(f"{IM_START}assistant\n")  # the prefix + the generation prompt
+        else:  # [SEP] layout: no roles, no generation prompt; [CLS] opens a non-empty conversation
+            piece = (head if i == 0 else "") + m["content"] + end
+            start = pos
+        if m["role"] == "assistant":
+            spans.append((start, pos + len(piece)))
+        parts.append(piece)
+        pos += len(piece)
+    return "".join(parts), spans
+
+
 def _assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of each assistant reply (content plus end-of-turn marker)."""
+    """The rendered text and the character spans of each assistant reply (content plus end-of-turn marker).
+
+    owngpt's own templates: one pass (`_own_text_and_spans`). Any other template: the reply's span is found by
+    rendering the conversation up to it (with the generation prompt) and through it, which works for every template
+    that renders a prefix of the conversation as a prefix of the text; that is 2k+1 renders for k replies.
+    """
+    own = _own_template(tokenizer)
+    if own is not None:
+        return _own_text_and_spans(own, messages)
     full = _template_text(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
@@ -140,19 +191,78 @@ def render(
     The mask covers the assistant replies, including their end-of-turn token, so the model learns to stop;
     `train_on_prompt` trains on every token. When `max_tokens` is given and the conversation is longer, the oldest
     turns are dropped first (a system message is kept); if the latest exchange alone is too long its start is cut.
+
+    Time is linear in the conversation's length for owngpt's own templates: one render, one tokenization, and for
+    `max_tokens` the turns to drop are found from the token offsets of that one tokenization (then checked by
+    rendering the kept turns once). Other templates take the slower general path (`_render_dropping_turns`).
     """
     messages = list(messages)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
+    own = _own_template(tokenizer)
+    ids, mask = _render_exact(tokenizer, system + turns, train_on_prompt)
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids, mask
+    if own is None:
+        return _render_dropping_turns(tokenizer, system, turns, max_tokens, train_on_prompt, (ids, mask))
+    # The first turns each drop leaves, in the order the general path tries them.
+    starts = []
+    j = 0
+    while len(turns) - j > 2:
+        j += 1
+        while j < len(turns) and turns[j]["role"] == "assistant":  # a conversation should open with the user
+            j += 1
+        if j == len(turns):
+            break
+        starts.append(j)
+    if not starts:
+        return ids[-max_tokens:], mask[-max_tokens:]
+    # Token counts of "system + turns[j:]" from the one tokenization: the tokens of the system message, plus those
+    # from turn j's first character on. Own templates open each message with a special token or follow a special
+    # token, so tokenization restarts there; the guess is checked below, and a wrong guess takes the general path.
+    text, _ = _own_text_and_spans(own, system + turns)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    token_starts = [a for a, _b in enc["offset_mapping"]]
+    char_starts, pos = [], 0
+    for i, m in enumerate(system + turns):
+        char_starts.append(pos)
+        pos += len(_own_text_and_spans(own, [m])[0]) - (len(own[0]) if own[2] == "sep" and i > 0 else 0)
+    n_system = bisect.bisect_left(token_starts, char_starts[len(system)]) if system else 0
+    head_tokens = 0
+    if own[2] == "sep" and not system:  # [CLS] opens whatever conversation is left
+        head_tokens = bisect.bisect_left(token_starts, len(own[0])) if own[0] else 0
+    for k, j in enumerate(starts):
+        guess = (
+            n_system + head_tokens + len(token_starts) - bisect.bisect_left(token_starts, char_starts[len(system) + j])
+        )
+        if guess > max_tokens and k + 1 < len(starts):
+            continue
+        ids2, mask2 = _render_exact(tokenizer, system + turns[j:], train_on_prompt)
+        fits = len(ids2) <= max_tokens
+        if k > 0:  # the previous candidate must really not fit, as the general path would have found
+            prev = _render_exact(tokenizer, system + turns[starts[k - 1] :], train_on_prompt)
+            if len(prev[0]) <= max_tokens:
+                break
+        if fits:
+            return ids2, mask2
+        if k + 1 == len(starts):
+            return ids2[-max_tokens:], mask2[-max_tokens:]
+        break
+    return _render_dropping_turns(tokenizer, system, turns, max_tokens, train_on_prompt, (ids, mask))
+
+
+def _render_dropping_turns(tokenizer, system, turns, max_tokens, train_on_prompt, first):
+    """The general path: drop the oldest turn (and any assistant turns that would then open), render again."""
+    ids, mask = first
     while True:
-        ids, mask = _render_exact(tokenizer, system + turns, train_on_prompt)
-        if max_tokens is None or len(ids) <= max_tokens:
+        if len(ids) <= max_tokens:
             return ids, mask
         if len(turns) > 2:
             turns = turns[1:]
             while turns and turns[0]["role"] == "assistant":  # a conversation should open with the user
                 turns = turns[1:]
             if turns:
+                ids, mask = _render_exact(tokenizer, system + turns, train_on_prompt)
                 continue
         return ids[-max_tokens:], mask[-max_tokens:]
 
@@ -163,10 +273,24 @@ def _render_exact(tokenizer, messages: Sequence[Message], train_on_prompt: bool)
     ids = list(enc["input_ids"])
     if train_on_prompt:
         return ids, [1] * len(ids)
+    return ids, _span_mask(enc["offset_mapping"], spans)
+
+
+def _span_mask(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose first character lies in a span. Token starts never decrease, and spans are sorted and
+    disjoint (checked; otherwise every span is tested per token), so one pointer walks both: linear time."""
+    ordered = all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
     mask = []
-    for start, _end in enc["offset_mapping"]:
-        mask.append(int(any(s <= start < e for s, e in spans)))
-    return ids, mask
+    k = 0
+    prev = -1
+    for start, _end in offsets:
+        if not ordered or start < prev:
+            return [int(any(s <= a < e for s, e in spans)) for a, _b in offsets]
+        prev = start
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        mask.append(int(k < len(spans) and spans[k][0] <= start))
+    return mask
 
 
 def prompt_ids(tokenizer, messages: Sequence[Message], max_tokens: int | None = None) -> list[int]:

@@ -388,3 +388,23 @@ def _fsync_dir(d: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def run_relative(path: str | os.PathLike | None, run_dir: str | os.PathLike, max_up: int = 2) -> str | None:
+    """A path as a checkpoint or export may record it: relative to `run_dir`, or None.
+
+    Checkpoints are shared: an absolute path would tell whoever receives one the user's folders ("/home/zhang/...").
+    A path relative to the run still says how the run's parts relate ("../../data/chat"); one that climbs more than
+    `max_up` levels (a home directory, a Hub cache) is not recorded at all.
+    """
+    if path is None or str(path) == "":
+        return None
+    try:
+        rel = os.path.relpath(Path(path).absolute(), Path(run_dir).absolute())
+    except ValueError:  # another drive on Windows
+        return None
+    parts = Path(rel).parts
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    return None if ups > max_up else Path(rel).as_posix()

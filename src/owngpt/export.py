@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import run_relative
 from owngpt.errors import CheckpointError, ConfigError, DataError, require
 from owngpt.outdir import CHECKPOINT, check_out, replacing
 
@@ -369,7 +370,7 @@ def _export(
         tokens = found[0] if found else None
     new_meta = {
         **{k: v for k, v in meta.items() if k not in ("quantization",)},
-        "exported_from": str(src),
+        "exported_from": run_relative(src, out),  # relative to the export, or none: exports are shared
         "export": to,
     }
     notes: list[str] = []
@@ -439,8 +440,8 @@ def _export(
     rep = {
         "command": "export",
         "to": to,
-        "checkpoint": str(src),
-        "output": str(out),
+        "checkpoint": run_relative(src, out),
+        "output": ".",
         "eval_data": (data or eval_file),
         **rep,
     }

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import run_relative
 from owngpt.errors import CheckpointError, ConfigError
 from owngpt.outdir import CHECKPOINT, check_out, replacing
 
@@ -232,7 +233,7 @@ def _prune(
     else:
         magnitude_prune(model, amount, scope)
         info.update(sparsity(model))
-    new_meta = {**meta, "pruned_from": str(src), "pruning": info}
+    new_meta = {**meta, "pruned_from": run_relative(src, out), "pruning": info}  # relative, or none: shared
     notes: list[str] = []
     if finetune_steps:
         import torch
@@ -278,8 +279,8 @@ def _prune(
         rep = {"notes": notes + ["measurement skipped (--no-measure)"]}
     rep = {
         "command": "prune",
-        "checkpoint": str(src),
-        "output": str(out),
+        "checkpoint": run_relative(src, out),
+        "output": ".",
         "eval_data": data or eval_file,
         "pruning": info,
         **rep,

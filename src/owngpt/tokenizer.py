@@ -113,10 +113,10 @@ def gpt2_tokenizer(vocab: str | os.PathLike | None = None, merges: str | os.Path
 
     Ids 0..50256 are GPT-2's (so "Hello world" is [15496, 995] and pretrained GPT-2 weights match); the chat
     tokens missing from GPT-2 (`<|pad|>`, `<|im_start|>`, `<|im_end|>`) are appended after them.
-    Built with `tokenizers.ByteLevelBPETokenizer.from_file`: transformers 5's `GPT2Tokenizer(vocab_file=...)`
-    returned no ids at all for plain text here (see NOTES.md).
+    Built with `tokenizers.models.BPE.from_file` and GPT-2's byte-level pre-tokenizer, decoder and post-processor:
+    transformers 5's `GPT2Tokenizer(vocab_file=...)` returned no ids at all for plain text here (see NOTES.md).
     """
-    from tokenizers import ByteLevelBPETokenizer, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = Path(vocab) if vocab else BUNDLED_GPT2 / "vocab.json"
     merges = Path(merges) if merges else BUNDLED_GPT2 / "merges.txt"
@@ -127,10 +127,13 @@ def gpt2_tokenizer(vocab: str | os.PathLike | None = None, merges: str | os.Path
                 f"or `--tokenizer gpt2:DIR` for a dir holding both"
             )
     try:
-        bpe = ByteLevelBPETokenizer.from_file(str(vocab), str(merges))
+        bpe = models.BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="")
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
         raise ConfigError(f"{vocab} / {merges}: not a GPT-2 vocab.json + merges.txt pair ({e})") from e
-    tk = bpe._tokenizer  # the underlying tokenizers.Tokenizer (the wrapper class adds nothing we need)
+    # GPT-2's pipeline, as tokenizers' ByteLevelBPETokenizer.from_file assembles it, through the public API
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tk.add_special_tokens(list(SPECIAL_TOKENS))  # EOS already exists in GPT-2's vocab and keeps id 50256
     return _wrap(tk, model_max_length=1024)

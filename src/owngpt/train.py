@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import run_relative
 from owngpt.config import TrainConfig, save_config
 from owngpt.errors import CheckpointError, ConfigError, DataError
 from owngpt.outdir import RUN, Replacement, check_out, check_replaceable, kind_of, recover_old, swap_in
@@ -322,12 +323,17 @@ class RunLog:
         tmp = f.with_name(f.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
         os.replace(tmp, f)
+        # TensorBoard event files through tensorboardX (a core dependency of ~5 MB: protobuf, no TensorBoard server,
+        # grpcio or werkzeug; docs/benchmarks.md has the install sizes); torch's writer where only tensorboard is
+        # installed; no events at all without either (metrics.jsonl has the same numbers)
         try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
-        except ImportError:  # pragma: no cover - tensorboard is a dependency; stay usable without it
-            self.tb = None
+            from tensorboardX import SummaryWriter
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # type: ignore[no-redef]
+            except ImportError:
+                SummaryWriter = None  # type: ignore[assignment,misc]
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step) if SummaryWriter is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
@@ -440,6 +446,28 @@ _FREE_ON_RESUME = {
     "merge_lora",
     "metric",
 }
+
+
+def _portable_source(source: Any, out: Path) -> dict[str, Any]:
+    """owngpt.json's "source" and "source_description" without the user's absolute paths (run-relative or none)."""
+    rel = run_relative(source.path, out) if source.kind == "local" else None
+    info = {**source.to_dict(), "path": rel}
+    if source.kind == "local":
+        info["name"] = rel if rel is not None else Path(source.name).name
+        return {"source": info, "source_description": f"pretrained: local checkpoint {info['name']}"}
+    if source.kind == "hub":
+        return {"source": info, "source_description": f"pretrained: Hub model '{source.name}'"}
+    return {"source": info, "source_description": source.describe()}
+
+
+def _portable_config(cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """The config saved in trainer/state.json, its paths relative to the run (data, model dir) or none."""
+    saved = dataclasses.asdict(cfg)
+    saved["out"] = "."
+    saved["data"] = run_relative(cfg.data, out)
+    if cfg.model and Path(cfg.model).exists():  # a local checkpoint, not a preset or Hub name
+        saved["model"] = run_relative(cfg.model, out)
+    return saved
 
 
 def _changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
@@ -720,8 +748,9 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
         torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ per rank, as in one big batch
 
     log = RunLog(out, dist.main, step if state_meta is not None else None)
+    # paths relative to the run or none (owngpt.checkpoint.run_relative): checkpoints are shared, folders are not
     data_summary = {
-        "path": str(Path(cfg.data).absolute()),
+        "path": run_relative(cfg.data, out),
         "task": data.task,
         "tokenizer": data.meta.get("tokenizer"),
         "splits": data.meta.get("splits"),
@@ -758,8 +787,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
             gen.max_length = trained_ctx
         meta = {
             "task": cfg.task,
-            "source": source.to_dict(),
-            "source_description": source.describe(),
+            **_portable_source(source, out),
             "step": step,
             "metrics": metrics,
             "block_size": block_size,
@@ -780,7 +808,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
                 "bad_evals": bad_evals,
                 "metric": metric,
                 "world_size": dist.world,
-                "config": dataclasses.asdict(cfg),
+                "config": _portable_config(cfg, out),
             }
             extra.update(_state_files(state, osd, rngs))
         with _quiet_transformers():

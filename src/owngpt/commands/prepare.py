@@ -162,11 +162,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="2h",
         help="a new conversation starts after this silence (e.g. 30m, 2h, 1d) (default: 2h)",
     )
-    g.add_argument("--pseudonymize", action="store_true", help="replace other people's names by stable pseudonyms")
+    g.add_argument(
+        "--pseudonymize",
+        action="store_true",
+        help="replace other people's names by stable pseudonyms, the export file names by input-1.txt, ... and "
+        "--me by a placeholder in meta.json",
+    )
     g.add_argument(
         "--keep-pii",
         action="store_true",
-        help="do NOT redact phone numbers, e-mails, ID and card numbers, URLs (redaction is on by default)",
+        help="do NOT redact phone numbers, e-mails, URLs, ID, passport, IBAN, card and CVV numbers, WeChat/QQ IDs and "
+        "postal addresses (redaction is on by default)",
+    )
+    g.add_argument(
+        "--region",
+        default="CN",
+        help="phone numbers written without a country code are read as this region's (a two-letter code: CN, US, "
+        "GB, FR, DE, JP...); numbers written with +CC or 00CC are found for every region (default: CN)",
     )
     g.add_argument("--time-column", help="--from csv: the column with the time")
     g.add_argument("--sender-column", help="--from csv: the column with the sender")
@@ -214,6 +226,7 @@ def config_from_args(args: argparse.Namespace):
         session_gap=args.session_gap,
         pseudonymize=args.pseudonymize,
         keep_pii=args.keep_pii,
+        region=args.region,
         time_column=args.time_column,
         sender_column=args.sender_column,
         content_column=args.content_column,

@@ -6,9 +6,11 @@ yields `{"messages": [{"role", "content"}, ...]}` records for the ordinary chat 
 1. read: each reader turns a file into `Chat`s (one per chat in the export) of `ChatMessage`s (time, sender, text,
    kind, file:line). Media placeholders, stickers, system/service lines, recalled and empty messages are kept as
    kinds here and dropped (and counted) when shaping.
-2. privacy, before anything leaves this module (on by default): `owngpt.data.privacy.Redactor` replaces phone numbers,
-   e-mails, ID/card numbers and URLs in every text and sender name; `--pseudonymize` replaces other people's names
-   (as senders and written in full in texts) with "Person 1", "Person 2", ... in order of first appearance.
+2. privacy, before anything leaves this module (on by default): `owngpt.data.privacy.Redactor` replaces phone numbers
+   (of any region: `--region` for numbers without a country code), e-mails, URLs, ID, passport, IBAN, card and CVV
+   numbers, WeChat/QQ IDs and postal addresses in every text and sender name; `--pseudonymize` replaces other
+   people's names (as senders and written in full in texts) with "Person 1", "Person 2", ... in order of first
+   appearance, and the export file names (which name contacts) with "input-1.txt", ...
 3. shape: messages by `--me` become assistant turns, everyone else's user turns. A new conversation starts when a
    message comes more than `--session-gap` after the previous one; consecutive messages by one side merge into one
    turn (joined with a newline); in a chat with more than one other person (a group) each user message block starts
@@ -34,7 +36,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from owngpt.data.privacy import Pseudonymizer, Redactor
+from owngpt.data.privacy import DEFAULT_REGION, Pseudonymizer, Redactor, region_ok
 from owngpt.data.readers import Record
 from owngpt.data.report import Report
 from owngpt.errors import ConfigError, DataError
@@ -90,6 +92,7 @@ class PersonalOptions:
     session_gap: timedelta = timedelta(hours=2)
     pseudonymize: bool = False
     keep_pii: bool = False
+    region: str = DEFAULT_REGION  # phone numbers written without a country code are read as this region's
     time_column: str | None = None
     sender_column: str | None = None
     content_column: str | None = None
@@ -628,6 +631,7 @@ def options_from(cfg: Any) -> PersonalOptions:
         session_gap=parse_duration(getattr(cfg, "session_gap", None) or "2h"),
         pseudonymize=bool(getattr(cfg, "pseudonymize", False)),
         keep_pii=bool(getattr(cfg, "keep_pii", False)),
+        region=region_flag(getattr(cfg, "region", None)),
         time_column=getattr(cfg, "time_column", None),
         sender_column=getattr(cfg, "sender_column", None),
         content_column=getattr(cfg, "content_column", None),
@@ -655,10 +659,24 @@ def read_chats(paths: Iterable[str | Path], opts: PersonalOptions) -> list[Chat]
     return chats
 
 
+def region_flag(region: str | None) -> str:
+    """--region checked (a region code libphonenumber knows), upper-cased; the default when None."""
+    try:
+        return region_ok(region or DEFAULT_REGION)
+    except ValueError as e:
+        raise ConfigError(f"--region: {e}") from e
+
+
+def file_alias(index: int, path: str | Path) -> str:
+    """What --pseudonymize writes instead of an export's file name ("WhatsApp Chat with Wang Wei.txt" names the
+    contact): "input-1.txt", "input-2.json", ... by the file's place among the inputs."""
+    return f"input-{index + 1}{Path(path).suffix.lower()}"
+
+
 @functools.lru_cache(maxsize=4096)
-def _redact_label(label: str) -> str:
+def _redact_label(label: str, region: str = DEFAULT_REGION) -> str:
     """A file name or sender name with any PII replaced (counted nowhere: it is not message content)."""
-    return Redactor().redact(label)
+    return Redactor(region=region).redact(label)
 
 
 def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
@@ -667,23 +685,24 @@ def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
     A sender whose display name is itself PII (WhatsApp shows unsaved contacts as their phone number) gets a
     pseudonym even without --pseudonymize, so that a group's speakers stay apart without the number.
     """
-    redactor = None if opts.keep_pii else Redactor()
+    redactor = None if opts.keep_pii else Redactor(region=opts.region)
+    label = functools.partial(_redact_label, region=opts.region)
     people = Pseudonymizer(keep=[opts.me] if opts.me else [])
     hits: list[tuple[ChatMessage, str, int]] = []  # reported at the end, so examples show the final text
     pii_senders: set[str] = set()
     for chat in chats:
         if redactor is not None:  # names of export files can hold a number: "WhatsApp Chat with +86 139....txt"
-            chat.name = _redact_label(chat.name)
+            chat.name = label(chat.name)
         for m in chat.messages:
-            if redactor is not None and _redact_label(m.file) != m.file:
-                m.where = m.where.replace(m.file, _redact_label(m.file), 1)
-                m.file = _redact_label(m.file)
+            if redactor is not None and label(m.file) != m.file:
+                m.where = m.where.replace(m.file, label(m.file), 1)
+                m.file = label(m.file)
             m.is_me = _matches_me(m, opts.me)  # decided on the original names, before any replacement
             if redactor is not None:
                 before = dict(redactor.counts)
                 m.text = redactor.redact(m.text)
                 hits += [(m, k, n - before.get(k, 0)) for k, n in redactor.counts.items() if n > before.get(k, 0)]
-                if m.sender is not None and _redact_label(m.sender) != m.sender:
+                if m.sender is not None and label(m.sender) != m.sender:
                     pii_senders.add(m.sender)
                     m.sender = people.name(m.sender) if not m.is_me else (opts.me or "me")
                     continue
@@ -691,6 +710,7 @@ def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
                 m.sender = people.name(m.sender)
     if opts.pseudonymize:
         for chat in chats:  # a second pass: a name can be written before its owner first speaks
+            chat.name = people.apply(chat.name)
             for m in chat.messages:
                 m.text = people.apply(m.text)
         report.count("pseudonymized.people", people.counts["NAME"])
@@ -702,8 +722,8 @@ def privatize(chats: list[Chat], opts: PersonalOptions, report: Report) -> None:
 
 
 KEEP_PII_WARNING = (
-    "WARNING: --keep-pii: phone numbers, e-mail addresses, ID and bank card numbers and URLs from your chats are "
-    "written AS THEY ARE into the data dir, its tokenizer and any model trained on it. Do not share any of them."
+    "WARNING: --keep-pii: phone numbers, e-mail addresses, URLs, ID, passport, IBAN, bank card and CVV numbers, "
+    "WeChat/QQ IDs and postal addresses from your chats are written AS THEY ARE into the data dir, its tokenizer and any model trained on it. Do not share any of them."
 )
 
 
@@ -719,6 +739,14 @@ def read_exports(paths: Iterable[str | Path], cfg: Any, report: Report | None = 
         print(KEEP_PII_WARNING, file=sys.stderr)
     chats = read_chats(paths, opts)
     _check_me(chats, opts.me, paths, opts.source)
+    if opts.pseudonymize:  # file names name contacts and the user's folders: the report and records get aliases
+        alias = {str(p): file_alias(i, p) for i, p in enumerate(paths)}
+        for chat in chats:
+            for m in chat.messages:
+                if m.file in alias:
+                    m.where = m.where.replace(m.file, alias[m.file], 1)
+                    m.file = alias[m.file]
+            chat.where = next((alias[k] for k in alias if chat.where.startswith(k)), chat.where)
     privatize(chats, opts, report)
     n = 0
     for chat in chats:

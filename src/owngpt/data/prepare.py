@@ -85,6 +85,7 @@ class PrepareConfig:
     session_gap: str = "2h"
     pseudonymize: bool = False
     keep_pii: bool = False
+    region: str = "CN"  # phone numbers written without a country code are read as this region's (owngpt.data.privacy)
     time_column: str | None = None
     sender_column: str | None = None
     content_column: str | None = None
@@ -130,6 +131,12 @@ def validate(cfg: PrepareConfig) -> None:
             raise ConfigError(f"--from {cfg.source_format}: expected one of {', '.join(SOURCE_FORMATS)}")
         if cfg.task not in (None, "chat"):
             raise ConfigError(f"--from {cfg.source_format} makes chat data: use --task chat (or leave --task out)")
+        from owngpt.data.privacy import region_ok
+
+        try:
+            cfg.region = region_ok(cfg.region)
+        except ValueError as e:
+            raise ConfigError(f"--region: {e}") from e
     cfg.encoding = check_encoding(cfg.encoding)
 
 
@@ -258,7 +265,11 @@ def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: 
             d = Path(spec[5:])
             vocab, merges = vocab or d / "vocab.json", merges or d / "merges.txt"
         tok = T.gpt2_tokenizer(vocab, merges)
-        src = "bundled GPT-2 vocab.json + merges.txt" if vocab is None else f"{vocab} + {merges}"
+        src = (
+            "bundled GPT-2 vocab.json + merges.txt"
+            if vocab is None
+            else f"{_portable(vocab, cfg.out)} + {_portable(merges, cfg.out)}"
+        )
         return tok, {"kind": "gpt2", "source": src}
     p = Path(spec)
     if not p.is_dir():
@@ -267,7 +278,15 @@ def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: 
             f"or a local Hugging Face tokenizer or model dir"
         )
     tok, pretrained = T.hf_tokenizer(p)
-    return tok, {"kind": "pretrained" if pretrained else "hf", "source": str(p)}
+    return tok, {"kind": "pretrained" if pretrained else "hf", "source": _portable(p, cfg.out)}
+
+
+def _portable(path: Any, data_dir: str) -> str:
+    """A path as meta.json records it: relative to the data dir, else only its name (meta.json is copied into every
+    checkpoint trained on the data: it must not reveal the user's folders)."""
+    from owngpt.checkpoint import run_relative
+
+    return run_relative(path, data_dir) or Path(path).name
 
 
 # --- pass 2: tokenize and write -------------------------------------------------------------------------------------
@@ -636,14 +655,18 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     text_tokens_out = sum(v["tokens"] - (v["documents"] if task == "lm" else 0) for v in splits.values())
     dropped_tokens = _count_tokens(enc, (json.loads(line) for line in open(dropped, encoding="utf-8")), chunk_chars)
     inputs = []
-    for f in files:
+    for i, f in enumerate(files):
         if not f.sha256:  # read by another reader (chat exports): checksum it now
             f.sha256, f.bytes = _sha256(f.path)
         name = f.name
-        if cfg.source_format is not None and not cfg.keep_pii:  # "WhatsApp Chat with +86 139....txt"
+        if cfg.source_format is not None and cfg.pseudonymize:  # "WhatsApp Chat with Wang Wei.txt": a contact
+            from owngpt.data.personal import file_alias
+
+            name = file_alias(i, f.path)
+        elif cfg.source_format is not None and not cfg.keep_pii:  # "WhatsApp Chat with +86 139....txt"
             from owngpt.data.privacy import Redactor
 
-            name = Redactor().redact(name)
+            name = Redactor(region=cfg.region).redact(name)
         inputs.append({"path": name, "format": cfg.source_format or f.format, "bytes": f.bytes, "sha256": f.sha256})
     report.totals = {
         "task": task,
@@ -660,6 +683,14 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
         for k, v in dataclasses.asdict(cfg).items()
         if k not in ("sources", "out", "overwrite", "progress", "quiet")
     }
+    if cfg.source_format is not None and cfg.pseudonymize and settings.get("me"):
+        settings["me"] = "(withheld: --pseudonymize)"  # the user's own name: meta.json travels with the data
+    for key in ("tokenizer", "gpt2_vocab", "gpt2_merges"):  # paths: relative to the data dir
+        value = settings.get(key)
+        if value and value.startswith("gpt2:"):
+            settings[key] = "gpt2:" + _portable(value[5:], cfg.out)
+        elif value and (key != "tokenizer" or Path(value).exists()):
+            settings[key] = _portable(value, cfg.out)
     if single_cut is not None:
         settings["split"] = "position"  # one document: train = first (1 - val_fraction) of it, val = the rest
     meta: dict[str, Any] = {
