@@ -60,8 +60,9 @@ _PHONE = re.compile(
         [
             # Chinese mobile, optionally +86 / 0086 / (+86), optionally grouped 3-4-4
             r"(?<![\d+])(?:\(?(?:\+|00)86\)?[\s-]?)?1[3-9]\d(?:[\s-]?\d{4}){2}(?!\d)",
-            # international: +CC then 2-5 groups, 7-15 digits in all (checked in _phone)
-            r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}(?!\d)",
+            # international: +CC then 2-5 groups, 7-15 digits in all (checked in _phone); not glued to a Latin word,
+            # but Chinese text may touch it ("电话+44 20 7946 0958": CJK characters are \w, hence no \w here)
+            r"(?<![A-Za-z0-9_+])\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}(?!\d)",
             # Chinese landline: area code 0xx(x), optional brackets/separator, 7-8 digits, optional extension
             r"(?<!\d)(?:\(0[1-9]\d{1,2}\)|0[1-9]\d{1,2})[\s-]?\d{7,8}(?:-\d{1,4})?(?!\d)",
             # North American: (555) 123-4567, 555-123-4567, 555.123.4567
