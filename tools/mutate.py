@@ -49,7 +49,7 @@ MODULES: dict[str, list[str]] = {
     "tasks/chat": ["tests/test_train.py", "tests/test_chat.py"],
     "tasks/classify": ["tests/test_split_scales_weights.py", "tests/test_classify.py"],
     "tasks/base": ["tests/test_train_oracles.py", "tests/test_train.py"],
-    "chat_format": ["tests/test_chat_format.py"],
+    "chat_format": ["tests/test_chat_format_contract.py", "tests/test_chat_format.py"],
     "generation": ["tests/test_sampling_oracles.py", "tests/test_generate.py"],
     "serve/engine": [
         "tests/test_sampling_oracles.py",
