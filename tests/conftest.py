@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import fixtures  # noqa: E402
+
+# Property tests are reproducible by default: `derandomize` draws the same examples on every run (a failure in CI is
+# a failure on every machine), and no example database carries state between runs. To hunt for new failures, run
+# with HYPOTHESIS_PROFILE=explore: random seeds, and 1000 examples where a test does not set its own max_examples
+# (a failure prints the blob that reproduces it).
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, database=None, deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
