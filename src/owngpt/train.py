@@ -423,6 +423,7 @@ _FREE_ON_RESUME = {
     "model",
     "merge_lora",
     "metric",
+    "report",
 }
 
 
@@ -505,6 +506,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
     from owngpt.tasks.base import get_task
 
     cfg.validate()
+    if cfg.cv:
+        raise ConfigError("cv=K trains K runs: call owngpt.cv.cross_validate (as `owngpt train ... cv=K` does)")
     if not cfg.data:
         raise ConfigError("no data: pass --data DATA_DIR (made by `owngpt prepare`)")
     if not cfg.out:

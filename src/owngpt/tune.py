@@ -398,6 +398,8 @@ def tune(
         raise ConfigError(f"--trials {trials}: must be at least 1")
     if base.data is None:
         raise ConfigError("no data: pass --data DIR (a dir made by `owngpt prepare`) or set data: in --config")
+    if train_fn is None and base.cv:  # objective: the mean over K folds of cross-validation
+        from owngpt.cv import cross_validate as train_fn
     if train_fn is None:
         from owngpt.train import train as train_fn
     out = Path(out)
