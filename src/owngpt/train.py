@@ -490,9 +490,14 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     as `cb(step, metrics)` and may raise to stop the run (the exception propagates; checkpoints so far stay)."""
     dist = Dist.setup()
     try:
-        return _train(dataclasses.replace(cfg), list(callbacks), dist)
+        result = _train(dataclasses.replace(cfg), list(callbacks), dist)
     finally:
         dist.close()
+    if cfg.report and dist.main:  # report.html + report.md; a failure there is a warning, never the run's
+        from owngpt.report import report_after_run
+
+        report_after_run(result.run_dir)
+    return result
 
 
 def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResult:
