@@ -236,3 +236,16 @@ def test_a_failing_report_never_fails_the_run(tmp_path, tiny_lm_data, monkeypatc
 def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not an owngpt run dir" in capsys.readouterr().err
+
+
+def test_tune_writes_the_report_of_its_best_trial_only(tmp_path, tiny_lm_data, monkeypatch):
+    pytest.importorskip("optuna")
+    from owngpt.tune import Param, tune
+
+    monkeypatch.delenv("OWNGPT_NO_REPORT", raising=False)
+    base = quick_cfg(tiny_lm_data, tmp_path / "unused", "tiny", max_steps=2, eval_every=2)
+    r = tune(base, out=tmp_path / "t", trials=2, space={"lr": Param("lr", "cat", choices=(1e-3, 3e-3))}, log=print)
+    reports = sorted(p.parent.name for p in (tmp_path / "t").glob("trial_*/report.html"))
+    assert reports == [f"trial_{r.best_trial:04d}"]
+    c = parse(tmp_path / "t" / reports[0] / "report.html")
+    assert num(c, "best.val_loss") == pytest.approx(r.best_value)
