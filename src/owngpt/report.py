@@ -337,7 +337,7 @@ def _best_checkpoint(run: Path) -> Path | None:
 
 
 def default_prompts(data: dict[str, Any], n: int = 3) -> list[str]:
-    """The first line (up to 40 characters) of the first `n` validation documents, and an unconditional sample."""
+    """The first line (up to 40 characters) of `n` validation paragraphs, and "" (an unconditional sample)."""
     prompts: list[str] = []
     meta = data.get("meta") or {}
     if data.get("found") and meta.get("task") == "lm":
@@ -347,22 +347,24 @@ def default_prompts(data: dict[str, Any], n: int = 3) -> list[str]:
             d = open_data_dir(data["path"])
             tok = d.load_tokenizer()
             split = "val" if d.has_split("val") else "train"
-            toks = d.tokens(split)[:20000]
+            toks = d.tokens(split)[:20000].tolist()
             eos = tok.eos_token_id
             docs, cur = [], []
-            for t in toks.tolist():
+            for t in toks + [eos]:  # documents end with EOS; a one-document corpus has none in this window
                 if t == eos:
                     if cur:
-                        docs.append(cur)
+                        docs.append(tok.decode(cur))
                     cur = []
-                    if len(docs) >= n * 4:
-                        break
                 else:
                     cur.append(t)
-            for ids in docs:
-                lines = tok.decode(ids).strip().split("\n")
+            # paragraphs (blank-line separated) of the documents; the window's first one may start mid-sentence
+            paras = [x.strip() for doc in docs for x in doc.split("\n\n") if x.strip()]
+            if len(paras) > n + 1:
+                paras = paras[1:]
+            for para in paras:
+                lines = para.split("\n")
                 first = lines[0].strip()[:40]
-                if first and first not in prompts:
+                if first and first not in [p.strip() for p in prompts]:
                     prompts.append(first + ("\n" if len(lines) > 1 and len(first) == len(lines[0].strip()) else ""))
                 if len(prompts) >= n:
                     break
@@ -605,6 +607,7 @@ class KV:
     """A key/value table with a column per run: rows of (label, data key, one cell per run)."""
 
     rows: list[tuple[str, str, list[Cell]]]
+    pairs: int = 1  # (label, value) pairs per table row when there is one run: long lists take less height
 
 
 @dataclass
@@ -764,7 +767,7 @@ def build_sections(runs: Sequence[RunFacts], lang: str) -> list[Section]:
         Section(
             "config",
             L("config"),
-            [KV([(k, f"config.{k}", [_cfg_cell(r.config.get(k, "—")) for r in runs]) for k in keys])],
+            [KV([(k, f"config.{k}", [_cfg_cell(r.config.get(k, "—")) for r in runs]) for k in keys], pairs=3)],
         )
     )
 
@@ -942,7 +945,9 @@ def _html_block(b: Any, runs: Sequence[RunFacts], run_index: int | None = None) 
         rows = []
         for lab, key, cells in b.rows:
             tds = "".join(_html_cell(c, key, i) for i, c in enumerate(cells))
-            rows.append(f"<tr><th>{html.escape(lab)}</th>{tds}</tr>")
+            rows.append(f"<th>{html.escape(lab)}</th>{tds}")
+        per = b.pairs if len(runs) == 1 else 1
+        rows = ["<tr>" + "".join(rows[i : i + per]) + "</tr>" for i in range(0, len(rows), per)]
         thead = f"<tr><th></th>{head}</tr>" if head else ""
         return f"<table>{thead}{''.join(rows)}</table>"
     if isinstance(b, Table):
