@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OWNGPT_NO_REPORT", "1")  # train() writes report.html only where a test asks (test_report.py)
 
 import fixtures  # noqa: E402
 

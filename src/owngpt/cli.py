@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("owngpt.commands.export", "export a checkpoint: hf, int8, onnx, gguf"),
     "prune": ("owngpt.commands.prune", "magnitude or structured pruning, optional recovery fine-tune"),
     "tune": ("owngpt.commands.tune", "hyperparameter search with Optuna"),
+    "report": ("owngpt.commands.report", "an HTML + Markdown report of a run (or two side by side)"),
+    "explain": ("owngpt.commands.explain", "HTML: per-token surprisal and attention (lm), attributions (classify)"),
     "demo": ("owngpt.commands.demo", "prepare the bundled sample, train a small model in minutes, sample from it"),
     "download": ("owngpt.commands.download", "fetch a checkpoint from the Hugging Face Hub (safetensors only)"),
     "models": ("owngpt.commands.models", "list from-scratch presets and checkpoints on disk"),

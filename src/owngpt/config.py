@@ -72,9 +72,11 @@ class TrainConfig:
     # classify
     class_weights: str | None = None  # None | balanced
     augment: float = 0.0  # classify: probability that a training example is augmented
+    cv: int = 0  # classify: K-fold cross-validation of the train split (stratified, seeded); 0 = one run
     # run control
     resume: bool = False
     overwrite: bool = False
+    report: bool = True  # write report.html and report.md into the run dir at the end (owngpt report)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run (e.g. tune trial)
 
     def validate(self) -> TrainConfig:
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"max_steps={self.max_steps} must be at least 1")
         if self.block_size is not None and self.block_size < 2:
             raise ConfigError(f"block_size={self.block_size} must be at least 2")
+        if self.cv < 0 or self.cv == 1:
+            raise ConfigError(f"cv={self.cv}: cross-validation takes cv=K with K >= 2 (0 = off)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         return self

@@ -445,6 +445,7 @@ _FREE_ON_RESUME = {
     "model",
     "merge_lora",
     "metric",
+    "report",
 }
 
 
@@ -580,13 +581,18 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     dist = Dist.setup()
     guard = Replacement()
     try:
-        return _train(dataclasses.replace(cfg), list(callbacks), dist, guard)
+        result = _train(dataclasses.replace(cfg), list(callbacks), dist, guard)
     except BaseException:
         if dist.main:
             guard.rollback()  # --overwrite failed before its first checkpoint: the old run comes back whole
         raise
     finally:
         dist.close()
+    if cfg.report and dist.main:  # report.html + report.md; a failure there is a warning, never the run's
+        from owngpt.report import report_after_run
+
+        report_after_run(result.run_dir)
+    return result
 
 
 def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Replacement) -> TrainResult:
@@ -600,6 +606,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     from owngpt.tasks.base import get_task
 
     cfg.validate()
+    if cfg.cv:
+        raise ConfigError("cv=K trains K runs: call owngpt.cv.cross_validate (as `owngpt train ... cv=K` does)")
     if not cfg.data:
         raise ConfigError("no data: pass --data DATA_DIR (made by `owngpt prepare`)")
     if not cfg.out:

@@ -363,7 +363,8 @@ def trial_config(base: TrainConfig, params: Mapping[str, Any], run_dir: Path, no
     """The TrainConfig of one trial: the base with the sampled values (coerced to the fields' types)."""
     types_ = _field_types(TrainConfig)
     values = {k: _coerce(k, v, types_[k], "--space") for k, v in params.items()}
-    cfg = dataclasses.replace(base, **values, out=str(run_dir), extra={**base.extra, "tune": note})
+    # no report card per trial (each would sample from its model); tune writes the best trial's at the end
+    cfg = dataclasses.replace(base, **values, out=str(run_dir), extra={**base.extra, "tune": note}, report=False)
     return cfg.validate()
 
 
@@ -399,6 +400,8 @@ def tune(
         raise ConfigError(f"--trials {trials}: must be at least 1")
     if base.data is None:
         raise ConfigError("no data: pass --data DIR (a dir made by `owngpt prepare`) or set data: in --config")
+    if train_fn is None and base.cv:  # objective: the mean over K folds of cross-validation
+        from owngpt.cv import cross_validate as train_fn
     if train_fn is None:
         from owngpt.train import train as train_fn
     out = Path(out)
@@ -530,7 +533,12 @@ def tune(
         failures = failures + 1 if last_error else 0
         if failures >= MAX_FAILURES:
             raise OwnGPTError(f"{MAX_FAILURES} trials in a row failed, the last with: {last_error[0]}")
-    return write_report(study, out, metric=metric, direction=direction, url=url, command=run_tag, log=log)
+    result = write_report(study, out, metric=metric, direction=direction, url=url, command=run_tag, log=log)
+    if base.report and not base.cv and result.best_trial is not None:  # the best trial's report card (never fails)
+        from owngpt.report import report_after_run
+
+        report_after_run(out / f"trial_{result.best_trial:04d}")
+    return result
 
 
 def _stderr(message: str) -> None:

@@ -18,6 +18,7 @@ examples:
   owngpt train --data data/chat --out runs/chat --model runs/lm/checkpoints/best --task chat lora=true
   owngpt train --config runs/shakespeare/config.yaml --out runs/again lr=3e-4
   owngpt train --data data/shakespeare --out runs/shakespeare --resume
+  owngpt train --data data/sst2 --out runs/sst2-cv --task classify cv=5   (5-fold cross-validation)
   torchrun --nproc_per_node 4 -m owngpt train --data data/big --out runs/big --model small   (data parallel)
 
 presets (--model): tiny (4 layers x 128), mini (6 x 192), small (6 x 384), scratch:gpt2 (12 x 768),
@@ -126,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
         check_out(cfg.out, [("config file (--config)", args.config)], suggest="run")
     if not _task_given(args):
         cfg.task = _data_task(cfg.data) or cfg.task  # default task: the data dir's
+    if cfg.cv:  # K-fold cross-validation: K ordinary runs of the same loop (owngpt.cv)
+        from owngpt.cv import cross_validate, format_cv
+
+        print(format_cv(cross_validate(cfg)))
+        return 0
     train(cfg)
     return 0
 
