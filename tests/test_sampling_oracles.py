@@ -2,7 +2,7 @@
 from known distributions, and texts generated without a stop string.
 
 The sampler is reached through `sample_tokens` below, the one place that names where the server's per-row sampler
-lives today (owngpt.serve.engine); when the engine moves, repoint that function and the tests stay as they are.
+lives (owngpt.engine, the one engine behind every front end); when the engine moves, repoint that function and the tests stay as they are.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ from owngpt.generation import SamplingParams, encode_prompt, generate_batch, loa
 
 
 def sample_tokens(probs: list[float], n: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
-    """n tokens drawn by the server's sampler, one per row, from logits log(probs) (rows seeded seed, seed+1, ...)."""
-    from owngpt.serve.engine import Row, RowSettings, _per_row_sampler
+    """n tokens drawn by the engine's per-row sampler (owngpt.engine.Row.choose, what generate, chat and the server
+    all use), one row each, from logits log(probs) (rows seeded seed, seed+1, ...)."""
+    from owngpt.engine import Row, RowSettings, _processors
 
-    rows = [Row([0], RowSettings(max_tokens=1, temperature=temperature, top_p=top_p, seed=seed + i)) for i in range(n)]
-    scores = torch.tensor(probs, dtype=torch.float32).log().expand(n, -1).clone()  # (n, V)
-    out = _per_row_sampler(rows)(torch.zeros(n, 1, dtype=torch.long), scores)  # (n, V): 0 at the chosen token
-    assert torch.isfinite(out).sum(-1).eq(1).all()  # exactly one token allowed per row
-    return out.argmax(-1).tolist()
+    logits = torch.tensor(probs, dtype=torch.float32).log()  # (V,)
+    draws = []
+    for i in range(n):
+        row = Row([0], RowSettings(max_tokens=1, temperature=temperature, top_p=top_p, seed=seed + i))
+        row.ids, row._processors = [0], _processors(row.settings)  # what Row.begin sets, without a tokenizer
+        draws.append(row.choose(logits))
+    return draws
 
 
 def nucleus_by_hand(probs: list[float], temperature: float, top_p: float) -> dict[int, float]:
