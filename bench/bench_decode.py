@@ -4,7 +4,7 @@
     python bench/bench_decode.py --repeats 5 --new-tokens 128
 
 owngpt's path (`owngpt.generation.generate_batch`, the decode engine `owngpt.engine` that the CLI, the chat and the
-server share) runs its own step loop over a batched KV cache (rows prefilled one by one, per-row sampling, incremental
+server share) runs its own step loop over a batched KV cache (rows of one length prefilled together, per-row sampling, incremental
 detokenization, stop strings, cancel, a sliding window past the context). This measures what that costs against
 transformers' `generate`. Both decode greedily with the KV cache and never stop early (no end-of-text), so both
 produce exactly batch x new-tokens tokens; the two are run alternately (A B A B ...) and the medians compared, since
@@ -121,9 +121,9 @@ def render(args: argparse.Namespace, rows: list[tuple[int, float, float, float]]
         f"greedy, KV cache, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, no early stop; "
         f"median of {args.repeats} alternating runs each. owngpt's path is `owngpt.generation.generate_batch`, "
         "the decode engine `owngpt.engine` (what `owngpt generate`, `owngpt chat`, the Python API and the server "
-        "use: its own step loop over a batched KV cache, rows prefilled one by one, per-row sampling and incremental "
-        "detokenization, stop strings, cancel); both produce identical tokens. Ratios a few percent from 1.00x are "
-        "run-to-run noise.",
+        "use: its own step loop over a batched KV cache, rows of one prompt length prefilled together, per-row "
+        "sampling and incremental detokenization, stop strings, cancel, a window that slides past the context); both "
+        "produce identical tokens. Compare the ratio within one run: single runs vary on a shared machine.",
         "",
         "| batch | owngpt tokens/s | transformers generate tokens/s | ratio |",
         "|---:|---:|---:|---:|",

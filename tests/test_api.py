@@ -92,3 +92,15 @@ def test_load_defaults_and_repr(tiny_ckpt):
     g = owngpt.load(str(tiny_ckpt), temperature=0, max_new_tokens=10)
     assert g.generate("ROMEO:") == g.generate("ROMEO:")
     assert "tiny" in repr(g) and g.meta["task"] == "lm" and not g.uses_chat_template
+
+
+def test_any_length_past_the_context_plain_streamed_and_batched(m):
+    """The tiny checkpoint reads 128 tokens: 300 new tokens slide the window, in every way the API generates."""
+    kw = dict(max_new_tokens=300, temperature=0)
+    text = m.generate("ROMEO:", **kw)
+    assert len(text) > 128  # more characters than the model can read at once
+    assert "".join(m.generate("ROMEO:", stream=True, **kw)) == text
+    batch = m.generate(["ROMEO:", "KING"], **kw)
+    assert batch[0] == text and len(batch) == 2
+    (ref,) = generate_batch(m.model, m.tokenizer, [encode_prompt(m.tokenizer, "ROMEO:")], SamplingParams(**kw))
+    assert ref.text == text

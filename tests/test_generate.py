@@ -366,3 +366,26 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     assert code == 2 and "--prompt-file" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, "generate", str(tmp_path / "missing"), "--prompt", "x")
     assert code == 2 and "no such checkpoint" in err
+
+
+def test_trained_context_rules(tmp_path):
+    """What every loader reads: owngpt.json trained_context, else an old preset run's block, else the table."""
+    from types import SimpleNamespace
+
+    from owngpt.generation import trained_context
+    from owngpt.train import _trained_context
+
+    cfg = SimpleNamespace(n_positions=256)
+    assert trained_context({"trained_context": 64, "block_size": 64}, cfg) == 64
+    assert trained_context({"block_size": 64, "source": {"kind": "preset"}}, cfg) == 64  # before the field existed
+    assert trained_context({"block_size": 64, "source": {"kind": "checkpoint"}}, cfg) == 256  # e.g. fine-tuned GPT-2
+    assert trained_context({}, cfg) == 256  # a Hugging Face dir: pretrained elsewhere, on its whole table
+    assert trained_context({"trained_context": 4096}, cfg) == 256  # never more than the table
+    # training: this run's block, or more when the checkpoint it starts from was trained on longer blocks
+    ck = fixtures.save_tiny_checkpoint(tmp_path / "ck", n_positions=128)  # no trained_context: its whole table
+    assert _trained_context(SimpleNamespace(kind="preset", path=None), 64) == 64
+    assert _trained_context(SimpleNamespace(kind="checkpoint", path=ck), 32) == 128
+    meta = (ck / "owngpt.json").read_text()
+    (ck / "owngpt.json").write_text(meta.replace('"task"', '"trained_context": 48, "task"'))
+    assert _trained_context(SimpleNamespace(kind="checkpoint", path=ck), 32) == 48
+    assert _trained_context(SimpleNamespace(kind="checkpoint", path=ck), 100) == 100  # continued with longer blocks

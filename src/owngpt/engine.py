@@ -311,19 +311,22 @@ class _SlotCache:
             self.k[i][: self.B, :, : self.L] = old_k[i][: self.B, :, : self.L]
             self.v[i][: self.B, :, : self.L] = old_v[i][: self.B, :, : self.L]
 
-    def _l_cap(self) -> int:
-        return self.context + max(16, self.context // 4) + 1
+    def _grown(self, need: int) -> int:
+        """A column capacity for `need` columns: doubling (so a short generation never allocates the whole context)
+        up to the context plus a quarter (so compaction, a copy, happens at most every context/4 steps)."""
+        cap = self.k[0].shape[2] if self.k else 32
+        return max(need, min(2 * cap, self.context + max(16, self.context // 4) + 1))
 
     def append(self, kv: Sequence[tuple[Any, Any]]) -> None:
         """Add a row (its window's keys and values, per layer (1, H, n, D)) in slot B."""
         n = kv[0][0].shape[2]
         if not self.k:
-            self._alloc(kv, 4, max(self._l_cap(), n + 1))
+            self._alloc(kv, 4, self._grown(2 * (n + 1)))
         if self.B == self.k[0].shape[0]:
             self._alloc(kv, 2 * self.B, self.k[0].shape[2])
         if n > self.L:  # the new row is longer than every row here: shift them right
             if n + 1 > self.k[0].shape[2]:
-                self._alloc(kv, self.k[0].shape[0], n + 1 + max(16, self.context // 4))
+                self._alloc(kv, self.k[0].shape[0], self._grown(n + 1))
             d = n - self.L
             for t in self.k + self.v:
                 t[: self.B, :, d:n] = t[: self.B, :, : self.L].clone()
@@ -356,7 +359,7 @@ class _SlotCache:
                 t[: self.B, :, : self.L - drop] = t[: self.B, :, drop : self.L].clone()
             self.L -= drop
         if self.L >= self.k[0].shape[2]:
-            self._alloc(list(zip(self.k, self.v)), self.k[0].shape[0], self.L + 1 + max(16, self.context // 4))
+            self._alloc(list(zip(self.k, self.v)), self.k[0].shape[0], self._grown(self.L + 1))
 
     def as_transformers_cache(self) -> Any:
         """A transformers Cache whose layers write the next column(s) into these buffers in place."""
@@ -436,20 +439,23 @@ class Decoder:
             self.rows.pop()
 
     # --- forward passes ---------------------------------------------------------------------------------------
-    def _prefill(self, row: Row) -> Any:
-        """One forward over the row's window (batch 1, positions from 0); returns the last logits and its cache."""
+    def _prefill(self, rows: list[Row]) -> tuple[Any, Any]:
+        """One forward over the windows of `rows`, all of one length (positions from 0, no padding); returns their
+        last logits (G, V) and their cache (per layer (G, H, n, D)). Rows of one length share a forward: it reads the
+        weights once for the group instead of once per row (bench/bench_decode.py measures the batch-8 case)."""
         import torch
 
-        window = row.ids[row.start :]
-        x = torch.tensor([window], dtype=torch.long, device=self.device)
-        pos = torch.arange(len(window), device=self.device).unsqueeze(0)
+        windows = [r.ids[r.start :] for r in rows]
+        x = torch.tensor(windows, dtype=torch.long, device=self.device)  # (G, n)
+        pos = torch.arange(x.shape[1], device=self.device).unsqueeze(0).expand(len(rows), -1)  # (G, n)
         out = self.model(input_ids=x, position_ids=pos, use_cache=self.use_cache)
-        row.cached = len(window)
-        row.window = (row.start, len(row.ids))
+        for r, w in zip(rows, windows, strict=True):
+            r.cached = len(w)
+            r.window = (r.start, len(r.ids))
         kv = None
         if self.use_cache:
             kv = [(layer.keys, layer.values) for layer in _out_cache(out).layers]
-        return out.logits[0, -1], kv
+        return out.logits[:, -1], kv
 
     def _decode(self) -> Any:
         """One token through the model for every row in the batch cache; returns logits (B, V)."""
@@ -460,9 +466,11 @@ class Decoder:
         L = c.L
         x = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
         pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
-        mask = torch.zeros(len(rows), L + 1, dtype=torch.long, device=self.device)  # (B, L + 1)
-        for i, r in enumerate(rows):
-            mask[i, L - r.cached :] = 1
+        mask = None  # no padding in the cache (every row as long as the batch): no mask, the fast attention path
+        if any(r.cached != L for r in rows):
+            mask = torch.zeros(len(rows), L + 1, dtype=torch.long, device=self.device)  # (B, L + 1)
+            for i, r in enumerate(rows):
+                mask[i, L - r.cached :] = 1
         kw = {self._cache_kw: c.as_transformers_cache()}
         out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         c.L += 1
@@ -496,16 +504,20 @@ class Decoder:
             if self.rows:
                 for r, lg in zip(self.rows, self._decode(), strict=True):
                     logits[id(r)] = lg
+            groups: dict[int, list[Row]] = {}
             for r in refill + new:
                 if len(r.ids) - r.start > self.context:
                     # the window jumps to the last context - shift + 1 tokens (all of them for a new prompt)
                     keep = self.context if r in new else self.context - self.shift + 1
                     r.start = len(r.ids) - keep
-                lg, kv = self._prefill(r)
-                logits[id(r)] = lg
-                if kv is not None:
-                    self._cache.append(kv)
-                self.rows.append(r)
+                groups.setdefault(len(r.ids) - r.start, []).append(r)
+            for group in groups.values():
+                lgs, kv = self._prefill(group)
+                for g, r in enumerate(group):
+                    logits[id(r)] = lgs[g]
+                    if kv is not None:
+                        self._cache.append([(k[g : g + 1], v[g : g + 1]) for k, v in kv])
+                    self.rows.append(r)
             # 3. Sample, feed, stream.
             for r in self.rows:
                 lg = logits[id(r)]
