@@ -590,7 +590,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     higher = _metric_direction(task, metric)
 
     # an --out that is or holds the data or the model would be overwritten or deleted: refused before any write
-    check_out(out, [("data dir (--data)", cfg.data), ("model (--model)", source.path)], suggest="run")
+    check_out(out, [("data dir (--data)", cfg.data), ("model (--model)", source.path)], suggest="new")
     if dist.main:
         _recover_interrupted_save(out, dist)
     dist.barrier()

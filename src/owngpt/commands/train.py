@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in keys}
     cfg = load_config(TrainConfig, args.config, args.overrides, flags)
     if cfg.out:  # train checks --data and --model itself; the config file is known only here
-        check_out(cfg.out, [("config file (--config)", args.config)], suggest="run")
+        check_out(cfg.out, [("config file (--config)", args.config)], suggest="new")
     if not _task_given(args):
         cfg.task = _data_task(cfg.data) or cfg.task  # default task: the data dir's
     train(cfg)
