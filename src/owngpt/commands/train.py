@@ -41,7 +41,7 @@ _FLAGS = [
 ]
 _SWITCHES = [
     ("--resume", "resume", "continue the run in --out from checkpoints/last"),
-    ("--overwrite", "overwrite", "replace an existing run in --out"),
+    ("--overwrite", "overwrite", "replace the owngpt run in --out (kept until the new run has a checkpoint)"),
     ("--lora", "lora", "train a LoRA adapter (peft) instead of all weights"),
     ("--merge-lora", "merge_lora", "LoRA: also write checkpoints/merged"),
     ("--train-on-prompt", "train_on_prompt", "chat/mmi: train on every token, not only the assistant's"),
