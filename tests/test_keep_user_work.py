@@ -140,6 +140,10 @@ CASES = {
     "tune --out holding the data": ["tune", "--data", "RUN/data", "--model", "CKPT", "--out", "RUN", "--trials", "1"],
     "tune --out a folder that is no study": ["tune", "--data", "data", "--model", "CKPT", "--out", "FOREIGN"],
     "predict --output the --input file": ["predict", "CKPT", "--input", "texts.jsonl", "--output", "texts.jsonl"],
+    "eval --out a file": ["eval", "CKPT", "--data", "data", "--out", "f.txt"],
+    "train --resume into a folder that is no run": [
+        *("train", "--data", "data", "--model", "CKPT", "--out", "FOREIGN", "--resume"),
+    ],
 }
 
 

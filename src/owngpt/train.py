@@ -398,7 +398,10 @@ def _prepare_run_dir(out: Path, cfg: TrainConfig, dist: Dist) -> tuple[Path | No
         if (last / "config.json").exists():
             return last, False
         if used and kind_of(out) != RUN:
-            raise ConfigError(f"--resume: {out} is not an owngpt run dir (no config.yaml, no checkpoints/last)")
+            raise ConfigError(
+                f"--resume: {out} is not an owngpt run dir (no config.yaml, no checkpoints/last): "
+                "choose the --out of the run to continue, or a new --out"
+            )
         _say(dist, f"--resume: no checkpoint in {out} yet, starting from step 0")
         return None, False
     if not used:
