@@ -274,7 +274,7 @@ def best_step_reported(capsys) -> int:
 
 
 def test_kill_between_best_and_last_then_resume(tiny_lm_data, tiny_ckpt, tmp_path, monkeypatch, capsys):
-    kw = dict(max_steps=6, eval_every=2)
+    kw = dict(max_steps=4, eval_every=2)
     a = train(quick_cfg(tiny_lm_data, tmp_path / "a", tiny_ckpt, **kw))
     a_best = read_meta(a.best_checkpoint)["step"]
     assert read_meta(a.best_checkpoint)["metrics"]["val_loss"] == a.best_metric
