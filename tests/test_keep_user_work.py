@@ -140,6 +140,10 @@ CASES = {
     "tune --out holding the data": ["tune", "--data", "RUN/data", "--model", "CKPT", "--out", "RUN", "--trials", "1"],
     "tune --out a folder that is no study": ["tune", "--data", "data", "--model", "CKPT", "--out", "FOREIGN"],
     "predict --output the --input file": ["predict", "CKPT", "--input", "texts.jsonl", "--output", "texts.jsonl"],
+    "eval --out a file": ["eval", "CKPT", "--data", "data", "--out", "f.txt"],
+    "train --resume into a folder that is no run": [
+        *("train", "--data", "data", "--model", "CKPT", "--out", "FOREIGN", "--resume"),
+    ],
 }
 
 
@@ -248,13 +252,17 @@ class Crash(Exception):
     pass
 
 
-def crash_on_save(monkeypatch, name: str, step: int) -> None:
-    """save_checkpoint raises (as a kill would stop it) when asked to write checkpoints/NAME of step STEP."""
+def crash_on_second_save(monkeypatch, step: int) -> None:
+    """save_checkpoint raises (as a kill would stop it) at the second of the two saves of step STEP (best and last,
+    in whichever order train saves them): the moment the issue's `kill -9` hit."""
     real = ckpt_mod.save_checkpoint
+    seen = []
 
     def save(out_dir, model, tokenizer=None, meta=None, extra_files=None):
-        if Path(out_dir).name == name and (meta or {}).get("step") == step:
-            raise Crash
+        if (meta or {}).get("step") == step:
+            seen.append(Path(out_dir).name)
+            if len(seen) == 2:
+                raise Crash
         return real(out_dir, model, tokenizer, meta, extra_files)
 
     monkeypatch.setattr(ckpt_mod, "save_checkpoint", save)
@@ -266,11 +274,11 @@ def best_step_reported(capsys) -> int:
 
 
 def test_kill_between_best_and_last_then_resume(tiny_lm_data, tiny_ckpt, tmp_path, monkeypatch, capsys):
-    kw = dict(max_steps=6, eval_every=2)
+    kw = dict(max_steps=4, eval_every=2)
     a = train(quick_cfg(tiny_lm_data, tmp_path / "a", tiny_ckpt, **kw))
     a_best = read_meta(a.best_checkpoint)["step"]
     assert read_meta(a.best_checkpoint)["metrics"]["val_loss"] == a.best_metric
-    crash_on_save(monkeypatch, "last", a_best)  # the first save of the pair done, the second cut off
+    crash_on_second_save(monkeypatch, a_best)  # the first save of the pair done, the second cut off
     with pytest.raises(Crash):
         train(quick_cfg(tiny_lm_data, tmp_path / "b", tiny_ckpt, **kw))
     monkeypatch.undo()

@@ -230,10 +230,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stale(p: Path, marker: str) -> bool:
-    """A `.NAME.{marker}-PID-...` sibling left by a process that is gone (killed mid-write)."""
-    pid = p.name.split(f".{marker}-", 1)[-1].split("-", 1)[0]
-    return pid.isdigit() and not _alive(int(pid))
+def _stale(p: Path, prefix: str) -> bool:
+    """A `{prefix}PID[-...]` sibling (e.g. `.NAME.new-PID-xyz`) left by a process that is gone (killed mid-write)."""
+    pid = p.name[len(prefix) :].split("-", 1)[0]
+    return p.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid))
 
 
 @contextlib.contextmanager
@@ -260,7 +260,7 @@ def replacing(
         o.parent.mkdir(parents=True, exist_ok=True)
         recover_old(o)
         for left in o.parent.glob(f".{o.name}.new-*"):  # builds of killed processes
-            if _stale(left, "new"):
+            if _stale(left, f".{o.name}.new-"):
                 shutil.rmtree(left, ignore_errors=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{o.name}.new-{os.getpid()}-", dir=o.parent))
     except OSError as e:
@@ -276,6 +276,14 @@ def replacing(
         swap_in(new, o)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove(p: Path) -> None:
+    """Remove a directory owngpt set aside; a symlinked --out was set aside as the link itself: unlink only it."""
+    if p.is_symlink():
+        p.unlink()
+    else:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -303,7 +311,7 @@ class Replacement:
 
     def commit(self) -> None:
         if self.aside is not None:
-            shutil.rmtree(self.aside, ignore_errors=True)
+            _remove(self.aside)
             self.aside = None
 
     def rollback(self) -> None:
@@ -319,13 +327,14 @@ class Replacement:
     def recover(out: Path, started: bool) -> str | None:
         """Clean up after a killed `--overwrite`: a new run that got going keeps its place (the old one is removed),
         one that did not is dropped and the old run put back. Returns a note for the user, or None."""
-        left = [p for p in out.parent.glob(f".{out.name}.replaced-*") if _stale(p, "replaced")]
+        prefix = f".{out.name}.replaced-"
+        left = [p for p in out.parent.glob(f"{prefix}*") if _stale(p, prefix)]
         if not left:
             return None
         left.sort(key=lambda p: p.stat().st_mtime)
         if started:
             for p in left:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove(p)
             return None
         if os.path.lexists(out):
             if kind_of(out) != RUN and (not out.is_dir() or any(out.iterdir())):
@@ -333,5 +342,5 @@ class Replacement:
             shutil.rmtree(out)  # the killed run's unstarted replacement (owngpt's config.yaml, no step yet)
         left.pop().rename(out)
         for p in left:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
         return f"{out}: an earlier --overwrite was interrupted before its first checkpoint; the old run is back"

@@ -404,7 +404,10 @@ def _prepare_run_dir(out: Path, cfg: TrainConfig, dist: Dist) -> tuple[Path | No
         if (last / "config.json").exists():
             return last, False
         if used and kind_of(out) != RUN:
-            raise ConfigError(f"--resume: {out} is not an owngpt run dir (no config.yaml, no checkpoints/last)")
+            raise ConfigError(
+                f"--resume: {out} is not an owngpt run dir (no config.yaml, no checkpoints/last): "
+                "choose the --out of the run to continue, or a new --out"
+            )
         _say(dist, f"--resume: no checkpoint in {out} yet, starting from step 0")
         return None, False
     if not used:
@@ -638,7 +641,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     higher = _metric_direction(task, metric)
 
     # an --out that is or holds the data or the model would be overwritten or deleted: refused before any write
-    check_out(out, [("data dir (--data)", cfg.data), ("model (--model)", source.path)], suggest="run")
+    check_out(out, [("data dir (--data)", cfg.data), ("model (--model)", source.path)], suggest="new")
     if dist.main:
         _recover_interrupted_save(out, dist)
     dist.barrier()

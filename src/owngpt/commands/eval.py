@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.samples < 0 or args.candidates < 1:
         raise ConfigError("--batch-size and --candidates must be at least 1, --samples at least 0")
+    if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):  # before the (long) evaluation
+        raise ConfigError(
+            f"--out {args.out} is a file: choose a directory for eval.json (owngpt never replaces your files)"
+        )
     m = evaluate(
         args.checkpoint,
         args.data,

@@ -35,7 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="input files or folders (folders are searched recursively for known extensions)",
     )
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="the data dir to create")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a data dir owngpt made (never another folder; the old one stays whole until "
+        "the new one is complete)",
+    )
     g = p.add_argument_group("input")
     g.add_argument(
         "--task",

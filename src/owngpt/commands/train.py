@@ -42,7 +42,7 @@ _FLAGS = [
 ]
 _SWITCHES = [
     ("--resume", "resume", "continue the run in --out from checkpoints/last"),
-    ("--overwrite", "overwrite", "replace an existing run in --out"),
+    ("--overwrite", "overwrite", "replace the owngpt run in --out (kept until the new run has a checkpoint)"),
     ("--lora", "lora", "train a LoRA adapter (peft) instead of all weights"),
     ("--merge-lora", "merge_lora", "LoRA: also write checkpoints/merged"),
     ("--train-on-prompt", "train_on_prompt", "chat/mmi: train on every token, not only the assistant's"),
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in keys}
     cfg = load_config(TrainConfig, args.config, args.overrides, flags)
     if cfg.out:  # train checks --data and --model itself; the config file is known only here
-        check_out(cfg.out, [("config file (--config)", args.config)], suggest="run")
+        check_out(cfg.out, [("config file (--config)", args.config)], suggest="new")
     if not _task_given(args):
         cfg.task = _data_task(cfg.data) or cfg.task  # default task: the data dir's
     if cfg.cv:  # K-fold cross-validation: K ordinary runs of the same loop (owngpt.cv)
