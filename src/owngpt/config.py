@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt.device import check_spec
 from owngpt.errors import ConfigError
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it, else fp32) | fp32 | bf16
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
     # what is trained
     freeze_embeddings: bool = False
@@ -85,6 +87,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        self.device = check_spec(self.device)
         positive = ("batch_size", "grad_accum", "eval_every", "log_every")
         for key in positive:
             if getattr(self, key) < 1:

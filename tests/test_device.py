@@ -1,0 +1,116 @@
+"""Device and precision choice (owngpt.device) with the hardware mocked: what auto picks, what each device gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from owngpt import device as dev
+from owngpt.errors import ConfigError
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend hardware: set(cuda=N GPUs, bf16=..., mps=..., macos14=...)."""
+    state = {"cuda": 0, "bf16": True, "mps": False, "macos14": True}
+
+    def set_(**kw):
+        state.update(kw)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: state["cuda"] > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: state["cuda"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: state["bf16"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Mock GPU")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: state["mps"])
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: state["macos14"])
+    # configure_matmul writes torch's global flags: record the call instead of touching a CPU build's settings
+    calls = []
+    monkeypatch.setattr(dev, "configure_matmul", lambda d: calls.append(str(d)))
+    set_.matmul_calls = calls
+    return set_
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu(machine):
+    machine(cuda=2, mps=True)
+    assert dev.resolve_device("auto") == torch.device("cuda", 0)
+    assert dev.resolve_device("auto", local_rank=1) == torch.device("cuda", 1)  # one GPU per torchrun rank
+    machine(cuda=0, mps=True)
+    assert dev.resolve_device("auto") == torch.device("mps")
+    machine(cuda=0, mps=False)
+    assert dev.resolve_device("auto") == torch.device("cpu")
+
+
+def test_explicit_devices_are_checked_against_the_machine(machine):
+    machine(cuda=2)
+    assert dev.resolve_device("cuda") == torch.device("cuda", 0)
+    assert dev.resolve_device("CUDA:1") == torch.device("cuda", 1)
+    assert dev.resolve_device("cpu") == torch.device("cpu")  # cpu even where a GPU is present
+    with pytest.raises(ConfigError, match="2 CUDA device"):
+        dev.resolve_device("cuda:2")
+    with pytest.raises(ConfigError, match="no Apple GPU"):
+        dev.resolve_device("mps")
+    machine(cuda=0)
+    with pytest.raises(ConfigError, match="no CUDA GPU.*--device cpu"):
+        dev.resolve_device("cuda")
+    for bad in ("gpu", "cuda:", "cuda:x", "tpu", ""):
+        with pytest.raises(ConfigError, match="expected one of auto"):
+            dev.resolve_device(bad)
+
+
+def test_precision_per_device(machine):
+    cuda, mps, cpu = torch.device("cuda", 0), torch.device("mps"), torch.device("cpu")
+    machine(cuda=1, bf16=True)
+    assert dev.autocast_dtype(cuda, "auto") is torch.bfloat16
+    assert dev.autocast_dtype(cuda, "fp32") is None
+    machine(bf16=False)  # a pre-Ampere GPU: fp32 (with TF32 off the table too, but that is the hardware's business)
+    assert dev.autocast_dtype(cuda, "auto") is None
+    with pytest.raises(ConfigError, match="no bf16 support"):
+        dev.autocast_dtype(cuda, "bf16")
+    machine(macos14=True)
+    assert dev.autocast_dtype(mps, "auto") is torch.bfloat16
+    machine(macos14=False)  # MPS bf16 needs macOS 14
+    assert dev.autocast_dtype(mps, "auto") is None
+    assert dev.autocast_dtype(cpu, "auto") is None  # bf16 is slower than fp32 on a CPU without AMX
+    assert dev.autocast_dtype(cpu, "bf16") is torch.bfloat16  # asked for: given
+    with pytest.raises(ConfigError, match="precision"):
+        dev.autocast_dtype(cpu, "fp16")
+
+
+def test_choose_sets_tf32_and_describes_the_choice(machine, capsys):
+    machine(cuda=1, bf16=True)
+    p = dev.choose("auto")
+    assert (p.device, p.dtype, p.pin_memory) == (torch.device("cuda", 0), torch.bfloat16, True)
+    assert machine.matmul_calls == ["cuda:0"]
+    dev.announce(p, "auto")
+    assert capsys.readouterr().err == "device: cuda:0 (Mock GPU), bf16 autocast (auto)\n"
+    assert dev.choose("cuda", "fp32").describe() == "cuda:0 (Mock GPU), fp32, TF32 matmuls"
+    machine(cuda=0, mps=True, macos14=True)
+    p = dev.choose("auto")
+    assert (p.device.type, p.dtype, p.pin_memory) == ("mps", torch.bfloat16, False)
+    machine(mps=False)
+    p = dev.choose("auto")
+    assert (p.device.type, p.dtype) == ("cpu", None)
+    assert p.describe() == "cpu, fp32"
+    with p.autocast():  # disabled for fp32: matmuls stay fp32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.float32
+
+
+def test_configure_matmul_turns_tf32_on_for_cuda_only(monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(fp32_precision="ieee")
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    dev.configure_matmul(torch.device("cpu"))
+    assert fake.fp32_precision == "ieee"
+    dev.configure_matmul(torch.device("cuda", 0))
+    assert fake.fp32_precision == "tf32"
+
+
+def test_inference_device_is_quiet_only_for_auto_on_a_cpu(machine, capsys):
+    assert dev.inference_device("auto") == torch.device("cpu")
+    assert capsys.readouterr().err == ""
+    assert dev.inference_device("cpu") == torch.device("cpu")
+    assert capsys.readouterr().err == "device: cpu, fp32\n"
+    machine(cuda=1)
+    assert dev.inference_device(None) == torch.device("cuda", 0)
+    assert "device: cuda:0 (Mock GPU), fp32, TF32 matmuls (auto)" in capsys.readouterr().err
