@@ -157,7 +157,7 @@ def hf_decode_fn(model: Any, prompt: Sequence[int], n_tokens: int) -> Callable[[
     """A callable timing greedy decode of exactly `n_tokens` with transformers' generate; returns tokens/s."""
     import torch
 
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=next(model.parameters()).device)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else model.generation_config.eos_token_id
 
@@ -315,10 +315,13 @@ def export(
     decode_tokens: int = 32,
     gguf_type: str = "f16",
     measure_result: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Export `ckpt` to `out` as `to`; returns (and writes) the report."""
+    """Export `ckpt` to `out` as `to`; returns (and writes) the report. `device` (owngpt.device's forms) is where
+    the measurements of an hf export run; int8 and onnx results run on the CPU only, so they are measured there."""
     if to not in TARGETS:
         raise ConfigError(f"--to {to}: choose one of {', '.join(TARGETS)}")
+    measure_on = _measure_device(device, to) if measure_result else None
     model, tok, meta, src = load_fp32(ckpt)
     out = Path(out)
     if out.resolve() == src.resolve():
@@ -384,6 +387,9 @@ def export(
         }
     else:
         _say("measuring size, decode speed and perplexity against the original...")
+        model.to(measure_on)  # the export is written: the original may move
+        if kw.get("result_model") is not None:
+            kw["result_model"].to(measure_on)
         with _quiet():
             rep = measure(
                 model,
@@ -406,6 +412,22 @@ def export(
     }
     write_report(out, rep)
     return rep
+
+
+def _measure_device(spec: str, to: str) -> Any:
+    """Where an export is measured: `spec` for hf; the CPU for int8/onnx/gguf, whose results only run there (the
+    original is measured beside them on the same device, or the ratios would compare devices, not formats)."""
+    from owngpt.device import check_spec, inference_device
+
+    if to == "hf":
+        return inference_device(spec)
+    if check_spec(spec) not in ("auto", "cpu"):
+        raise ConfigError(
+            f"--device {spec}: a {to} export is measured on the CPU, where it runs; drop --device or use --device cpu"
+        )
+    import torch
+
+    return torch.device("cpu")
 
 
 def _hf_config_fixups(model: Any) -> None:

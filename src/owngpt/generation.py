@@ -169,8 +169,9 @@ def context_length(model: Any) -> int:
     return 2048
 
 
-def load_for_generation(spec: str, task: str | None = None) -> LoadedModel:
-    """Resolve a checkpoint (local dir or Hub id), load tokenizer and model (safetensors only), in eval mode.
+def load_for_generation(spec: str, task: str | None = None, device: Any = None) -> LoadedModel:
+    """Resolve a checkpoint (local dir or Hub id), load tokenizer and model (safetensors only), in eval mode, on
+    `device` (a torch device; None = cpu; see owngpt.device.inference_device).
 
     A classification checkpoint cannot generate: refused with a hint to use `owngpt predict`.
     """
@@ -188,7 +189,7 @@ def load_for_generation(spec: str, task: str | None = None) -> LoadedModel:
         )
     tokenizer = load_tokenizer(path)
     model = load_model(path, task=task or ckpt_task)
-    model.eval()
+    model.eval().to(device or "cpu")
     if tokenizer.pad_token_id is None:  # left padding of a batch needs a pad id; masked out, so any id works
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, path=Path(path), meta=meta)

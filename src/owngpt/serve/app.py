@@ -104,12 +104,15 @@ def create_app(
     batch_wait_ms: float = 20.0,
     model_name: str | None = None,
     loaded: Loaded | None = None,
+    device: Any = None,
 ) -> FastAPI:
     """The FastAPI app serving checkpoint `ckpt` (or an already `loaded` one). `api_key=None` disables the check."""
     if loaded is None:
         if ckpt is None:
             raise ValueError("create_app needs a checkpoint path or a loaded model")
-        loaded = load(ckpt, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_ms=batch_wait_ms)
+        loaded = load(
+            ckpt, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_ms=batch_wait_ms, device=device
+        )
     model_id = model_name or model_id_for(loaded.path)
     created = int(time.time())
     tok = loaded.tokenizer
