@@ -114,3 +114,31 @@ def test_inference_device_is_quiet_only_for_auto_on_a_cpu(machine, capsys):
     machine(cuda=1)
     assert dev.inference_device(None) == torch.device("cuda", 0)
     assert "device: cuda:0 (Mock GPU), fp32, TF32 matmuls (auto)" in capsys.readouterr().err
+
+
+def test_every_command_takes_device_and_a_missing_gpu_is_a_clear_error(
+    machine, tiny_ckpt, tiny_lm_data, tmp_path, capsys
+):
+    from owngpt.cli import main
+
+    machine(cuda=0, mps=False)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n", encoding="utf-8")
+    ck = str(tiny_ckpt)
+    commands = {
+        "train": ["train", "--data", str(tiny_lm_data), "--out", str(tmp_path / "run"), "--model", ck],
+        "eval": ["eval", ck, "--data", str(tiny_lm_data)],
+        "generate": ["generate", ck, "--prompt", "a", "--max-new-tokens", "2"],
+        "chat": ["chat", ck],
+        "serve": ["serve", ck, "--port", "0"],
+        "predict": ["predict", ck, "--input", str(texts)],
+        "export": ["export", ck, "--out", str(tmp_path / "hf"), "--to", "hf"],
+    }
+    for name, argv in commands.items():
+        assert main([*argv, "--device", "cuda"]) == 2, name
+        err = capsys.readouterr().err
+        assert "error: --device cuda: this torch sees no CUDA GPU" in err, (name, err)
+    assert main([*commands["export"][:-2], "--to", "int8", "--device", "mps"]) == 2
+    assert "measured on the CPU" in capsys.readouterr().err
+    assert main([*commands["generate"], "--device", "cpu", "--temperature", "0"]) == 0
+    assert "device: cpu, fp32" in capsys.readouterr().err
