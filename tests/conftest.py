@@ -8,6 +8,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--device auto` means the CPU in tests, subprocesses included: comparisons with CPU references (bitwise resume,
+# textbook loops, greedy texts) then hold on a GPU machine too; tests marked `cuda` ask for cuda by name
+os.environ.setdefault("OWNGPT_DEVICE", "cpu")
 
 import fixtures  # noqa: E402
 

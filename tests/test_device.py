@@ -13,6 +13,7 @@ from owngpt.errors import ConfigError
 def machine(monkeypatch):
     """Pretend hardware: set(cuda=N GPUs, bf16=..., mps=..., macos14=...)."""
     state = {"cuda": 0, "bf16": True, "mps": False, "macos14": True}
+    monkeypatch.delenv(dev.ENV, raising=False)  # conftest pins the suite to the CPU through it
 
     def set_(**kw):
         state.update(kw)
@@ -38,6 +39,18 @@ def test_auto_prefers_cuda_then_mps_then_cpu(machine):
     assert dev.resolve_device("auto") == torch.device("mps")
     machine(cuda=0, mps=False)
     assert dev.resolve_device("auto") == torch.device("cpu")
+
+
+def test_owngpt_device_sets_what_auto_means(machine, monkeypatch):
+    machine(cuda=2)
+    monkeypatch.setenv(dev.ENV, "cpu")
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    assert dev.resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit device wins
+    monkeypatch.setenv(dev.ENV, "cuda:1")
+    assert dev.resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.setenv(dev.ENV, "gpu")
+    with pytest.raises(ConfigError, match="'gpu'"):
+        dev.resolve_device("auto")
 
 
 def test_explicit_devices_are_checked_against_the_machine(machine):

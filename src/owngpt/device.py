@@ -1,7 +1,11 @@
 """Which device a command runs on, and in which precision: the one place `--device` and `precision` are decided.
 
-    --device auto      cuda if torch sees a CUDA GPU, else Apple's mps if available, else cpu (and says which)
+    --device auto      $OWNGPT_DEVICE if set, else cuda if torch sees a CUDA GPU, else Apple's mps if available,
+                       else cpu (and says which)
     --device cpu | cuda | cuda:N | mps
+
+OWNGPT_DEVICE sets what `auto` means for every command of a shell or CI job (the test suite sets it to cpu, so
+that comparisons with CPU references hold on a GPU machine too; its CUDA tests ask for cuda by name).
 
 Precision (TrainConfig.precision, and what inference uses):
 
@@ -22,6 +26,7 @@ This module decides; it moves nothing. Callers do `model.to(placement.device)` a
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ DEVICE_HELP = (
     "where to run: auto (cuda, else mps, else cpu; the choice is printed), cpu, cuda, cuda:N (the Nth GPU) or mps "
     "(Apple GPUs); default auto"
 )
+ENV = "OWNGPT_DEVICE"  # what `auto` means when set
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -62,6 +68,8 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
     import torch
 
     s = check_spec(spec)
+    if s == "auto" and os.environ.get(ENV):
+        s = check_spec(os.environ[ENV])
     if s == "auto":
         if torch.cuda.is_available():
             s = "cuda"
