@@ -227,3 +227,29 @@ def test_compiled_training_does_not_recompile_and_matches_eager(tiny_lm_data, ti
     a, b = weights(eager.last_checkpoint), weights(comp.last_checkpoint)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_diverged_loss_stops_the_run_before_an_evaluation_saves_it(tiny_lm_data, tiny_ckpt, tmp_path, monkeypatch):
+    """The loss is read only at log and evaluation steps, so divergence is caught at the next of them: here the
+    evaluation of step 4 (logs only every 100), before checkpoints/last would take the NaN weights."""
+    from owngpt.checkpoint import read_meta
+    from owngpt.errors import ConfigError
+    from owngpt.tasks.lm import LMTask
+
+    loss = LMTask.loss
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch):
+        out = loss(self, model, batch)
+        if not model.training:  # an evaluation
+            return out
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 3 else out  # the third training step's micro-batch
+
+    monkeypatch.setattr(LMTask, "loss", poisoned)
+    cfg = quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=6, eval_every=2, log_every=100, eval_batches=1)
+    with pytest.raises(ConfigError, match="the training loss became nan by step 4"):
+        train(cfg)
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert read_meta(last)["step"] == 2
+    assert all(torch.isfinite(v).all() for v in weights(last).values())
