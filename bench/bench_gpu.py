@@ -130,7 +130,7 @@ def run_nanogpt(repo: Path, c: dict, mode: str, device: str, out: str) -> dict:
     rates = [
         (b[0] - a[0]) * tokens_per_iter / (b[1] - a[1])
         for a, b in zip(seen, seen[1:])
-        if a[0] >= 0.2 * steps and b[1] > a[1]
+        if a[0] >= 0.2 * steps and b[0] < steps and b[1] > a[1]  # the last window holds nanoGPT's final eval
     ]
     val = nanogpt_val_loss(repo, repo / out / "ckpt.pt", steps, c["block"], device, c.get("val_tokens"))
     return {"tokens_per_s": statistics.median(rates), "val_loss": val, "wall_s": time.perf_counter() - t0}
