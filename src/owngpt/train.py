@@ -805,7 +805,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                 window_t0 = time.perf_counter()
 
             # ---- evaluation, checkpoints, early stopping -------------------------------------------------------------
-            if step % cfg.eval_every == 0 or step == total_steps:
+            if eval_now:
+                eval_t0 = time.perf_counter()
                 metrics = evaluate()
                 if metric not in metrics:
                     raise ConfigError(f"metric={metric!r}: the {cfg.task} task reports {', '.join(metrics)}")
@@ -823,6 +824,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
                 save(last_dir, metrics, with_state=True)  # last first: it is what --resume needs
                 if improved:
                     save(best_dir, metrics, with_state=False)
+                window_t0 += time.perf_counter() - eval_t0  # tokens/s counts training time only
                 if dist.main:
                     for cb in callbacks:
                         cb(step, metrics)
