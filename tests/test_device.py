@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -155,3 +157,30 @@ def test_every_command_takes_device_and_a_missing_gpu_is_a_clear_error(
     assert "measured on the CPU" in capsys.readouterr().err
     assert main([*commands["generate"], "--device", "cpu", "--temperature", "0"]) == 0
     assert "device: cpu, fp32" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_training_on_cuda_learns_in_bf16_and_saves_a_cpu_loadable_checkpoint(tiny_lm_data, tiny_ckpt, tmp_path):
+    from train_helpers import quick_cfg, weights
+
+    from owngpt.train import train
+
+    res = train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, device="cuda", max_steps=30, eval_every=15))
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in records if "val_loss" in r]
+    assert losses[-1] < losses[0]
+    assert all(v.device.type == "cpu" and torch.isfinite(v).all() for v in weights(res.last_checkpoint).values())
+
+
+@pytest.mark.cuda
+def test_inference_on_cuda_matches_the_cpu(tiny_ckpt):
+    from owngpt.generation import load_for_generation
+
+    cpu = load_for_generation(str(tiny_ckpt), device=torch.device("cpu"))
+    gpu = load_for_generation(str(tiny_ckpt), device=dev.inference_device("cuda", quiet=True))
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        a = cpu.model(input_ids=ids).logits
+        b = gpu.model(input_ids=ids.cuda()).logits.cpu()
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # TF32 matmuls on the GPU
