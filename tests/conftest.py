@@ -10,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OWNGPT_NO_REPORT", "1")  # train() writes report.html only where a test asks (test_report.py)
+# `--device auto` means the CPU in tests, subprocesses included: comparisons with CPU references (bitwise resume,
+# textbook loops, greedy texts) then hold on a GPU machine too; tests marked `cuda` ask for cuda by name
+os.environ.setdefault("OWNGPT_DEVICE", "cpu")
 
 import fixtures  # noqa: E402
 
@@ -20,6 +23,18 @@ import fixtures  # noqa: E402
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("explore", derandomize=False, database=None, deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run only where torch sees a CUDA GPU (on a CPU machine they are skipped, not failed)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,8 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path,
         "schedule=constant",
         "eval_batches=1",
         "dropout=0.0",
+        "--device",
+        "cpu",  # gloo on any machine: the comparison is with a one-process CPU run
     ]
     out = tmp_path / "ddp"
     first = torchrun(*common, "--max-steps", "2", "--out", str(out))
@@ -107,6 +109,8 @@ def test_fsdp_two_processes_equal_one(tmp_path, tiny_ckpt, tiny_lm_data):
         "fsdp=true",
         "--lr",
         "1e-3",
+        "--device",
+        "cpu",
     ]
     run = torchrun(*common, "--batch-size", "2", "--out", str(tmp_path / "fsdp"))
     assert run.returncode == 0, run.stderr[-3000:]

@@ -81,6 +81,8 @@ def test_sigkill_at_any_moment_then_resume(tiny_lm_data, tiny_ckpt, tmp_path, ca
         "eval_batches=1",
         "warmup_steps=3",
         "log_every=1",
+        "--device",
+        "cpu",
         "--out",
         str(tmp_path / "b"),
     ]

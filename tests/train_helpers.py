@@ -48,7 +48,8 @@ def write_chat_data_dir(path: Path, n_train: int = 24, n_val: int = 3) -> Path:
 
 
 def quick_cfg(data: Path, out: Path, model: Path | str, **kw):
-    """A few-step config on a tiny model: constant lr, no warmup, small batches."""
+    """A few-step config on a tiny model: constant lr, no warmup, small batches; on the CPU in fp32, also on a GPU
+    machine, since tests compare against CPU references and against other CPU runs bitwise."""
     from owngpt.config import TrainConfig
 
     base = dict(
@@ -65,6 +66,7 @@ def quick_cfg(data: Path, out: Path, model: Path | str, **kw):
         eval_batches=2,
         log_every=1,
         seed=3,
+        device="cpu",
     )
     base.update(kw)
     return TrainConfig(**base)

@@ -100,8 +100,10 @@ def evaluate_checkpoint(
     split: str = "val",
     batch_size: int = 32,
     progress: bool = False,
+    device: Any = None,
 ) -> dict[str, Any]:
-    """Classify a data dir's `split` with a checkpoint; return the metrics and save `confusion_{split}.png`.
+    """Classify a data dir's `split` with a checkpoint (on `device`, None = cpu); return the metrics and save
+    `confusion_{split}.png`.
 
     The PNG goes to `out_dir`, by default a directory `eval-<checkpoint name>` next to the checkpoint.
     Gold labels are matched to the model's labels by name, so a data dir prepared separately works as long as its
@@ -122,7 +124,7 @@ def evaluate_checkpoint(
             f"{data.path}: split '{split}' has no examples (splits: "
             f"{', '.join(s for s in data.meta.get('splits', {}) if data.has_split(s)) or 'none'})"
         )
-    clf = load_classifier(ckpt)
+    clf = load_classifier(ckpt, device=device or "cpu")
     index = {name: i for i, name in enumerate(clf.labels)}
     unknown = sorted({str(r["label"]) for r in records} - set(index))
     if unknown:

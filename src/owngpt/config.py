@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt.device import check_spec
 from owngpt.errors import ConfigError
 
 
@@ -56,6 +57,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it, else fp32) | fp32 | bf16
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
     # what is trained
     freeze_embeddings: bool = False
@@ -92,6 +94,7 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{f.name}={v}: must be a finite number")
+        self.device = check_spec(self.device)
         positive = ("batch_size", "grad_accum", "eval_every", "log_every")
         for key in positive:
             if getattr(self, key) < 1:

@@ -68,11 +68,17 @@ def lm_stream_loss(
             att = torch.zeros(len(xs), width, dtype=torch.long)
             for r, (xa, ya) in enumerate(zip(xs, ys)):
                 x[r, : len(xa)], y[r, : len(ya)], att[r, : len(xa)] = torch.from_numpy(xa), torch.from_numpy(ya), 1
+            x, y, att = _on_model_device(model, x, y, att)
             logits = model(input_ids=x, attention_mask=att, use_cache=False).logits.float()
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
             total += loss.item()
             count += int((y != -100).sum())
     return total, count
+
+
+def _on_model_device(model: Any, *tensors: Any) -> tuple[Any, ...]:
+    device = next(model.parameters()).device
+    return tuple(t.to(device) for t in tensors)
 
 
 def masked_loss(model, examples: Sequence[tuple[list[int], list[int]]], batch_size: int = 8) -> tuple[float, int]:
@@ -93,6 +99,7 @@ def masked_loss(model, examples: Sequence[tuple[list[int], list[int]]], batch_si
                 x[r, : len(ids)], att[r, : len(ids)] = t, 1
                 lab = torch.where(torch.tensor(mask, dtype=torch.bool), t, torch.tensor(-100))
                 y[r, : len(ids) - 1] = lab[1:]  # position t predicts token t+1
+            x, y, att = _on_model_device(model, x, y, att)
             logits = model(input_ids=x, attention_mask=att, use_cache=False).logits.float()
             total += F.cross_entropy(
                 logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum"
@@ -140,8 +147,10 @@ def evaluate(
     candidates: int = 5,
     out_dir: str | None = None,
     progress: bool = True,
+    device: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on a data dir (lm, chat, classify) or a plain text file (lm)."""
+    """Evaluate a checkpoint on a data dir (lm, chat, classify) or a plain text file (lm); `device` (a torch
+    device, None = cpu) is where the model runs (see owngpt.device.inference_device)."""
     from owngpt.checkpoint import load_model, read_meta
     from owngpt.data.datadir import META, open_data_dir
     from owngpt.models import resolve_checkpoint
@@ -156,14 +165,14 @@ def evaluate(
         if d.task == "classify":
             from owngpt.classify_eval import evaluate_checkpoint
 
-            return evaluate_checkpoint(str(ckpt_path), str(data_path), out_dir=out_dir, split=split)
+            return evaluate_checkpoint(str(ckpt_path), str(data_path), out_dir=out_dir, split=split, device=device)
         tok = load_tokenizer(ckpt_path)
         check_same_tokenizer(tok, d.load_tokenizer(), ckpt_path, data_path)
         if not d.has_split(split):
             raise DataError(
                 f"{data_path} has no '{split}' split: prepare with --val-fraction > 0 or pass --split train"
             )
-        model = load_model(ckpt_path, task=read_meta(ckpt_path).get("task", "lm")).eval()
+        model = load_model(ckpt_path, task=read_meta(ckpt_path).get("task", "lm")).eval().to(device or "cpu")
         ctx = min(block_size or _trained(ckpt_path, model), _context(model))
         if d.task == "lm":
             tokens = d.tokens(split)
@@ -197,7 +206,7 @@ def evaluate(
             "`owngpt prepare --encoding ...`"
         ) from e
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    model = load_model(ckpt_path).eval()
+    model = load_model(ckpt_path).eval().to(device or "cpu")
     ctx = min(block_size or _trained(ckpt_path, model), _context(model))
     nll, count = lm_stream_loss(model, ids, ctx, batch_size, max_tokens, progress)
     return {
@@ -228,8 +237,8 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
         ids = prompt_ids(tok, msgs, max_tokens=ctx - max_new_tokens)
         torch.manual_seed(seed)
         out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            torch.tensor([ids], device=model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             do_sample=True,
             top_p=0.9,
             temperature=0.8,
@@ -253,7 +262,7 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
         from owngpt.mmi import history_latest_first, rerank
         from owngpt.models import resolve_checkpoint
 
-        backward = load_model(resolve_checkpoint(mmi)).eval()
+        backward = load_model(resolve_checkpoint(mmi)).eval().to(model.device)
         chosen = []
         for p in prompts:
             cands = sample(p, candidates)

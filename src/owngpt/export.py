@@ -161,7 +161,7 @@ def hf_decode_fn(model: Any, prompt: Sequence[int], n_tokens: int) -> Callable[[
     """A callable timing greedy decode of exactly `n_tokens` with transformers' generate; returns tokens/s."""
     import torch
 
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=next(model.parameters()).device)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else model.generation_config.eos_token_id
 
@@ -321,8 +321,10 @@ def export(
     gguf_type: str = "f16",
     measure_result: bool = True,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Export `ckpt` to `out` as `to`; returns (and writes) the report.
+    """Export `ckpt` to `out` as `to`; returns (and writes) the report. `device` (owngpt.device's forms) is where
+    the measurements of an hf export run; int8 and onnx results run on the CPU only, so they are measured there.
 
     The export and its report are built beside `out` and swapped in at the end (owngpt.outdir): an existing `out`
     is replaced only with `overwrite` and only when it is an owngpt checkpoint or export, never when it is or holds
@@ -333,7 +335,17 @@ def export(
     inputs = output_inputs(ckpt, data, eval_file)
     with replacing(out, kind=CHECKPOINT, overwrite=overwrite, inputs=inputs, suggest=to) as stage:
         return _export(
-            ckpt, Path(out), stage, to, data, eval_file, eval_tokens_max, decode_tokens, gguf_type, measure_result
+            ckpt,
+            Path(out),
+            stage,
+            to,
+            data,
+            eval_file,
+            eval_tokens_max,
+            decode_tokens,
+            gguf_type,
+            measure_result,
+            device,
         )
 
 
@@ -360,8 +372,10 @@ def _export(
     decode_tokens: int,
     gguf_type: str,
     measure_result: bool,
+    device: str,
 ) -> dict[str, Any]:
     """export()'s work, written into `stage` (the new `out` until it is swapped in)."""
+    measure_on = _measure_device(device, to) if measure_result else None
     model, tok, meta, src = load_fp32(ckpt)
     check_out(out, [("checkpoint", src)], suggest=to)  # a run dir given as CKPT resolves to a checkpoint inside
     tokens = None
@@ -425,6 +439,9 @@ def _export(
         }
     else:
         _say("measuring size, decode speed and perplexity against the original...")
+        model.to(measure_on)  # the export is written: the original may move
+        if kw.get("result_model") is not None:
+            kw["result_model"].to(measure_on)
         with _quiet():
             rep = measure(
                 model,
@@ -447,6 +464,22 @@ def _export(
     }
     write_report(stage, rep)
     return rep
+
+
+def _measure_device(spec: str, to: str) -> Any:
+    """Where an export is measured: `spec` for hf; the CPU for int8/onnx/gguf, whose results only run there (the
+    original is measured beside them on the same device, or the ratios would compare devices, not formats)."""
+    from owngpt.device import check_spec, inference_device
+
+    if to == "hf":
+        return inference_device(spec)
+    if check_spec(spec) not in ("auto", "cpu"):
+        raise ConfigError(
+            f"--device {spec}: a {to} export is measured on the CPU, where it runs; drop --device or use --device cpu"
+        )
+    import torch
+
+    return torch.device("cpu")
 
 
 def _hf_config_fixups(model: Any) -> None:

@@ -198,8 +198,9 @@ def quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_for_generation(spec: str, task: str | None = None) -> LoadedModel:
-    """Resolve a checkpoint (local dir or Hub id), load tokenizer and model (safetensors only), in eval mode.
+def load_for_generation(spec: str, task: str | None = None, device: Any = None) -> LoadedModel:
+    """Resolve a checkpoint (local dir or Hub id), load tokenizer and model (safetensors only), in eval mode, on
+    `device` (a torch device; None = cpu; see owngpt.device.inference_device).
 
     A classification checkpoint cannot generate: refused with a hint to use `owngpt predict`.
     """
@@ -218,7 +219,7 @@ def load_for_generation(spec: str, task: str | None = None) -> LoadedModel:
     tokenizer = load_tokenizer(path)
     quiet_loading()
     model = load_model(path, task=task or ckpt_task)
-    model.eval()
+    model.eval().to(device or "cpu")
     model.owngpt_context = trained_context(meta, model.config)  # read by context_length(): every path uses it
     if tokenizer.pad_token_id is None:  # left padding of a batch needs a pad id; masked out, so any id works
         tokenizer.pad_token = tokenizer.eos_token

@@ -49,8 +49,10 @@ from typing import Any
 
 from owngpt.checkpoint import run_relative
 from owngpt.config import TrainConfig, save_config
+from owngpt.device import Placement, announce, autocast_dtype, configure_matmul
 from owngpt.errors import CheckpointError, ConfigError, DataError
 from owngpt.outdir import RUN, Replacement, check_out, check_replaceable, kind_of, recover_old, swap_in
+from owngpt.train_step import LossMeter, Prefetcher, build_step, forward_and_loss, loss_scale, to_device
 
 Callback = Callable[[int, dict], None]
 STATE_DIR = "trainer"  # inside checkpoints/last: state.json + tensors.safetensors
@@ -72,30 +74,48 @@ class TrainResult:
 # --- distributed setup -------------------------------------------------------------------------------------------
 @dataclass
 class Dist:
-    """This process's place in a torchrun job (world 1 when run alone)."""
+    """This process's place in a torchrun job (world 1 when run alone), and its device (owngpt.device)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False  # we initialised the process group, so we destroy it
+    device: Any = None  # torch.device; set by setup (cpu when built by hand)
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            import torch
+
+            self.device = torch.device("cpu")
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     @staticmethod
-    def setup() -> Dist:
-        import torch
+    def setup(device: str = "auto") -> Dist:
+        """Join the torchrun job if there is one; `device` (auto | cpu | cuda | cuda:N | mps) picks each rank's
+        device: under torchrun, auto and cuda give rank r the GPU LOCAL_RANK (one device per rank, NCCL)."""
         import torch.distributed as td
 
+        from owngpt.device import resolve_device
+
         if td.is_available() and td.is_initialized():  # e.g. a test that spawned the processes itself
-            return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", td.get_rank())))
+            local = int(os.environ.get("LOCAL_RANK", td.get_rank()))
+            return Dist(td.get_rank(), td.get_world_size(), local, device=resolve_device(device, local))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
-            return Dist()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        td.init_process_group(backend)
-        return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group=True)
+            return Dist(device=resolve_device(device))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = resolve_device(device, local)
+        if dev.type == "mps":
+            raise ConfigError("--device mps runs one process: torch has no collective backend for Apple GPUs")
+        if dev.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(dev)  # NCCL's communicator and the cuda RNG state then belong to this rank's GPU
+        td.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return Dist(td.get_rank(), td.get_world_size(), local, owns_group=True, device=dev)
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -130,12 +150,6 @@ class Dist:
         box = [obj]
         td.broadcast_object_list(box, src=0)
         return box[0]
-
-    @property
-    def device(self):
-        import torch
-
-        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
     def close(self) -> None:
         if self.owns_group:
@@ -581,7 +595,7 @@ def _improves(new: float | None, best: float | None, higher: bool) -> bool:
 def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train as `cfg` says and return where the checkpoints are. Callbacks run after each evaluation (rank 0)
     as `cb(step, metrics)` and may raise to stop the run (the exception propagates; checkpoints so far stay)."""
-    dist = Dist.setup()
+    dist = Dist.setup(cfg.device)
     guard = Replacement()
     try:
         result = _train(dataclasses.replace(cfg), list(callbacks), dist, guard)
@@ -690,10 +704,11 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     if n_train == 0:
         raise ConfigError("nothing to train: every parameter is frozen")
 
-    use_bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    placement = Placement(device, autocast_dtype(device, cfg.precision))
+    configure_matmul(device)
+    if dist.main:
+        announce(placement, cfg.device)
+    autocast = placement.autocast()
 
     fwd = raw
     if dist.world > 1:
@@ -715,8 +730,10 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             fwd = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        fwd = torch.compile(fwd)
+    if cfg.compile and dist.world > 1:
+        fwd = torch.compile(fwd)  # DDP/FSDP: compile the wrapped module (torch splits its graph at gradient buckets)
+    # forward + loss, the part of the step that repeats: compiled as one function when alone (see train_step)
+    step_loss = forward_and_loss(task, fwd, compile=cfg.compile and dist.world == 1)
 
     sharded = dist.world > 1 and cfg.fsdp
     groups, names = param_groups(raw, cfg.weight_decay)
@@ -848,7 +865,14 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     )
     last_metrics: dict[str, float] = {}
     stopped_early = False
-    window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0.0, time.perf_counter()
+    # No host syncs between log steps: the loss accumulates on the device (LossMeter) and batches are built ahead
+    # in a thread (Prefetcher), pinned on cuda and copied asynchronously; see owngpt.train_step.
+    meter, window_t0 = LossMeter(device), time.perf_counter()
+    batches = Prefetcher(
+        lambda s: build_step(task, s, rows_per_step, dist.rank, cfg.batch_size, cfg.grad_accum, placement.pin_memory),
+        step,
+        total_steps,
+    )
     raw.train()
     try:
         while step < total_steps:
@@ -857,63 +881,49 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
             for g in optimizer.param_groups:
                 g["lr"] = lr
 
-            # this step's global batch; this rank takes rows [rank*B*A, (rank+1)*B*A), in micro-batches of B
-            rows = task.global_rows(step, rows_per_step)
-            mine = rows[dist.rank * cfg.batch_size * cfg.grad_accum :][: cfg.batch_size * cfg.grad_accum]
-            micro = [task.collate(mine[i : i + cfg.batch_size], "train") for i in range(0, len(mine), cfg.batch_size)]
-            micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
-            local_units = sum(task.batch_units(b) for b in micro)
-            local_tokens = sum(float(b["input_ids"].numel()) for b in micro)
-            (global_units,) = dist.all_sum([local_units])
-            global_units = max(global_units, 1.0)  # a batch with nothing to learn (all masked) gives zero grads
-
-            loss_sum = 0.0
+            # this step's share of the global batch (a pure function of the step), built ahead
+            sb = batches.get(step)
+            micro = [to_device(b, device) for b in sb.micro]
+            scale = loss_scale(sb, dist, device)  # world / loss units of the whole global batch
             for i, batch in enumerate(micro):
                 # DDP all-reduces gradients on backward; skip that for all but the last micro-batch
                 sync = i == len(micro) - 1 or dist.world == 1
                 ctx = fwd.no_sync() if not sync and hasattr(fwd, "no_sync") else contextlib.nullcontext()
                 with ctx:
                     with autocast:
-                        out_loss = task.loss(fwd, batch)
-                        if isinstance(out_loss, tuple):  # (sum, units) form: the sum is what counts
-                            out_loss = out_loss[0]
-                    # sum over the global batch's units; DDP then averages over ranks, hence the * world
-                    (out_loss * (dist.world / global_units)).backward()
-                loss_sum += float(out_loss.detach())
+                        scaled = step_loss(batch) * scale
+                    scaled.backward()
+                meter.add(scaled)  # stays on the device until a log step
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-
-            # ---- logging (the loss of the whole global batch) --------------------------------------------------------
-            loss_total, tokens = dist.all_sum([loss_sum, local_tokens])
-            train_loss = loss_total / global_units
-            window_loss, window_steps, window_tokens = (
-                window_loss + train_loss,
-                window_steps + 1,
-                window_tokens + tokens,
-            )
+            meter.end_step(sb.tokens)
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
+
+            # ---- logging (the loss of the whole global batch): the only reads of the device between evaluations
+            log_now = step % cfg.log_every == 0 or step == total_steps
+            eval_now = step % cfg.eval_every == 0 or step == total_steps
+            if log_now or eval_now:
+                loss_total, tokens = meter.read(dist)
+                if not math.isfinite(loss_total):
+                    kept = "; checkpoints/last holds the last good weights" if last_dir.is_dir() else ""
+                    raise ConfigError(
+                        f"the training loss became {loss_total / meter.steps} by step {step}: lower --lr or keep "
+                        f"grad_clip on{kept}"
+                    )
+            if log_now:
                 dt = max(time.perf_counter() - window_t0, 1e-9)
-                rec = {
-                    "step": step,
-                    "train_loss": window_loss / window_steps,
-                    "lr": lr,
-                    "tokens_per_s": window_tokens / dt,
-                }
+                rec = {"step": step, "train_loss": loss_total / meter.steps, "lr": lr, "tokens_per_s": tokens / dt}
                 bar.set_postfix(loss=f"{rec['train_loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 log.write(rec)
-                window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0.0, time.perf_counter()
-            if not math.isfinite(train_loss):
-                kept = "; checkpoints/last holds the last good weights" if last_dir.is_dir() else ""
-                raise ConfigError(
-                    f"the training loss became {train_loss} at step {step}: lower --lr or keep grad_clip on{kept}"
-                )
+                meter.reset()
+                window_t0 = time.perf_counter()
 
             # ---- evaluation, checkpoints, early stopping -------------------------------------------------------------
-            if step % cfg.eval_every == 0 or step == total_steps:
+            if eval_now:
+                eval_t0 = time.perf_counter()
                 metrics = evaluate()
                 if metric not in metrics:
                     raise ConfigError(f"metric={metric!r}: the {cfg.task} task reports {', '.join(metrics)}")
@@ -932,6 +942,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
                     save(best_dir, metrics, with_state=False)
                 save(last_dir, metrics, with_state=True)
                 guard.commit()  # a run replaced by --overwrite is deleted once this one has a checkpoint
+                window_t0 += time.perf_counter() - eval_t0  # tokens/s counts training time only
                 if dist.main:
                     for cb in callbacks:
                         cb(step, metrics)
@@ -941,6 +952,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
                         bar.write(f"early stop: {metric} did not improve for {bad_evals} evaluations", file=sys.stderr)
                     break
     finally:
+        batches.close()
         bar.close()
         log.close()
 

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from owngpt.device import add_device_argument
+
 HELP = "talk to a checkpoint in the terminal"
 DESCRIPTION = """Talk to a checkpoint in the terminal. Type a message and press Enter; answers stream as they are generated.
 
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mmi.add_argument("--debug", action="store_true", help="with --mmi: print every candidate and its loss (stderr)")
     add_sampling_arguments(parser, SamplingParams(max_new_tokens=128))
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from owngpt.chat import ChatREPL, ChatSettings, is_chat_model
+    from owngpt.device import inference_device
     from owngpt.generation import (
         context_length,
         load_for_generation,
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     params_from_args(args)  # bad flags fail before the model loads
-    lm = load_for_generation(args.checkpoint)
+    lm = load_for_generation(args.checkpoint, device=inference_device(args.device))
     params = params_from_args(args, context=context_length(lm.model), default_max_new_tokens=128)
     use_one_thread_for_small_models(lm.model)
     use_template = is_chat_model(lm) if args.format == "auto" else args.format == "chat"
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mmi:
         if params.greedy:
             raise ConfigError("--mmi needs sampled candidates: set --temperature above 0 (e.g. 0.8)")
-        mmi = load_for_generation(args.mmi)
+        mmi = load_for_generation(args.mmi, device=lm.model.device)
         if mmi.meta and mmi.task != "mmi":
             print(
                 f"warning: {args.mmi} was trained with task '{mmi.task}', not 'mmi' (owngpt train --task mmi); "

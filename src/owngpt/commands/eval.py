@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from owngpt.device import add_device_argument
+
 HELP = "loss/perplexity/bits-per-byte, or accuracy/F1, of a checkpoint"
 DESCRIPTION = """Evaluate a checkpoint on held-out data. What is reported depends on the data:
 
@@ -33,12 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="where to write eval.json (and a classifier's confusion matrix)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    add_device_argument(p)
+
 
 def run(args: argparse.Namespace) -> int:
     import json
     import os
     import sys
 
+    from owngpt.device import inference_device
     from owngpt.errors import ConfigError
     from owngpt.evaluate import evaluate, format_metrics
 
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         out_dir=args.out,
         progress=sys.stderr.isatty(),
+        device=inference_device(args.device),
     )
     if args.out:
         os.makedirs(args.out, exist_ok=True)

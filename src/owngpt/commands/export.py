@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from owngpt.device import add_device_argument
+
 HELP = "export a checkpoint: hf, int8, onnx, gguf"
 DESCRIPTION = """Export a checkpoint for deployment, then measure the result against the original.
 
@@ -59,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-measure", action="store_true", help="write the export only; skip speed and perplexity")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    add_device_argument(p)
+
 
 def run(args: argparse.Namespace) -> int:
     import json
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         gguf_type=args.gguf_type,
         measure_result=not args.no_measure,
         overwrite=args.overwrite,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(rep, indent=2))

@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from owngpt.device import add_device_argument
+
 HELP = "generate text from a checkpoint"
 DESCRIPTION = """Generate text from a checkpoint (a dir with config.json + model.safetensors, e.g. RUN/checkpoints/last).
 
@@ -49,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     out.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     add_sampling_arguments(parser, SamplingParams())
+    add_device_argument(parser)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    from owngpt.device import inference_device
     from owngpt.generation import (
         encode_prompt,
         generate_batch,
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             "text every time; use a temperature > 0 (e.g. 0.8) or --num-beams"
         )
     params_from_args(args, num_return_sequences=args.num_samples)  # bad flags fail before the model loads
-    lm = load_for_generation(args.checkpoint)
+    lm = load_for_generation(args.checkpoint, device=inference_device(args.device))
     # any length: past the model's trained context the window slides (owngpt.engine)
     params = params_from_args(args, num_return_sequences=args.num_samples).validate(lm.context_length)
     use_one_thread_for_small_models(lm.model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from owngpt.device import add_device_argument
+
 HELP = "classify texts with one checkpoint or an ensemble"
 DESCRIPTION = """Classify texts with a checkpoint trained by `owngpt train --task classify` (or any Hugging Face
 sequence classifier saved as safetensors) and write each text's label and class probabilities.
@@ -64,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="jsonl: {text, label, probs} per line (default); csv: text,label,p_<label>...",
     )
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from owngpt.device import inference_device
     from owngpt.errors import ConfigError
     from owngpt.predict import ensemble_predict, load_classifier, read_texts, write_predictions
 
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars per model: noise next to our own progress bar
-    classifiers = [load_classifier(c, device=args.device) for c in ckpts]
+    device = inference_device(args.device)
+    classifiers = [load_classifier(c, device=device) for c in ckpts]
     progress = len(texts) > 256 and sys.stderr.isatty()
     labels, probs = ensemble_predict(classifiers, texts, batch_size=args.batch_size, progress=progress)
     if args.output is None:

@@ -7,6 +7,8 @@ import ipaddress
 import os
 import sys
 
+from owngpt.device import add_device_argument
+
 HELP = "OpenAI-compatible HTTP server with a web chat page"
 DESCRIPTION = """\
 Serve a checkpoint over HTTP: the OpenAI API (GET /v1/models, POST /v1/completions, POST /v1/chat/completions with
@@ -85,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn log level (default info)",
     )
+    add_device_argument(p)
 
 
 def _is_loopback(host: str) -> bool:
@@ -133,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
 
+    from owngpt.device import inference_device
     from owngpt.serve.app import create_app
 
     app = create_app(
@@ -143,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         model_name=args.model_name,
         continuous=args.scheduler == "continuous",
+        device=inference_device(args.device),
     )
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(

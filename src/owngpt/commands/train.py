@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from owngpt.device import DEVICE_HELP
+
 HELP = "train a model (lm, chat, mmi, classify) from scratch or a checkpoint"
 DESCRIPTION = """Train a model on a data dir made by `owngpt prepare`, from scratch (a preset) or from a local
 Hugging Face checkpoint. Settings come from, in increasing priority: defaults < --config RUN.yaml < key=value
@@ -39,6 +41,7 @@ _FLAGS = [
     ("--dropout", "dropout", float, "dropout probability"),
     ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
     ("--freeze-layers", "freeze_layers", int, "freeze the first N transformer blocks"),
+    ("--device", "device", str, DEVICE_HELP),
 ]
 _SWITCHES = [
     ("--resume", "resume", "continue the run in --out from checkpoints/last"),

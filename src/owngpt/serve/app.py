@@ -102,6 +102,7 @@ def create_app(
     model_name: str | None = None,
     loaded: Loaded | None = None,
     continuous: bool = True,
+    device: Any = None,
 ) -> FastAPI:
     """The FastAPI app serving checkpoint `ckpt` (or an already `loaded` one). `api_key=None` disables the check."""
     if loaded is None:
@@ -113,6 +114,7 @@ def create_app(
             max_queue=max_queue,
             batch_wait_ms=batch_wait_ms,
             continuous=continuous,
+            device=device,
         )
     model_id = model_name or model_id_for(loaded.path)
     created = int(time.time())

@@ -207,7 +207,7 @@ class Classifier:
             ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
             # an empty text has no token to pool: it is classified as the end-of-text token alone
             ids = [x or [self.tokenizer.eos_token_id] for x in ids]
-            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.model.device)
             probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)  # (N, num_labels)
         out = []
         for p in probs.tolist():
@@ -250,8 +250,10 @@ def load(
     max_queue: int = 256,
     batch_wait_ms: float = 20.0,
     continuous: bool = True,
+    device: Any = None,
 ) -> Loaded:
-    """Load a checkpoint dir (safetensors only) as an Engine (lm, chat, mmi) or a Classifier (classify).
+    """Load a checkpoint dir (safetensors only) as an Engine (lm, chat, mmi) or a Classifier (classify), on `device`
+    (a torch device; None = cpu).
 
     `ckpt` may also be a Hub id (cached, or fetched once; see owngpt.models.resolve_checkpoint)."""
     from owngpt.checkpoint import load_model, read_meta
@@ -264,7 +266,7 @@ def load(
     task = meta.get("task", "lm")
     tokenizer = load_tokenizer(path)
     if task == "classify":
-        model = load_model(path, task="classify").eval()
+        model = load_model(path, task="classify").eval().to(device or "cpu")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if getattr(model.config, "pad_token_id", None) is None:  # GPT-2 classifiers pool at the last non-pad token
@@ -273,7 +275,7 @@ def load(
     if task not in ("lm", "chat", "mmi"):
         raise CheckpointError(f"{path}/owngpt.json: task {task!r} cannot be served (expected lm, chat, mmi, classify)")
     quiet_loading()
-    model = load_model(path, task="lm").eval()
+    model = load_model(path, task="lm").eval().to(device or "cpu")
     model.owngpt_context = trained_context(meta, model.config)  # the window every row reads (owngpt.engine)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
