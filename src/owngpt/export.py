@@ -734,7 +734,7 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
     with atomic_dir(out) as tmp:
         f = tmp / "model.gguf"
         w = gguf.GGUFWriter(str(f), "gpt2")
-        w.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "owngpt")).name or "owngpt")
+        w.add_name(Path(str(getattr(cfg, "name_or_path", "") or "owngpt")).name or "owngpt")
         w.add_context_length(cfg.n_positions)
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
