@@ -432,7 +432,9 @@ def test_pseudonymize_covers_file_names_and_every_field_of_meta_and_report(tmp_p
                 assert secret not in content, (secret, f)
     # without the flag the file name is kept (redacted of numbers only): the test above can fail
     _prepare_export(export, tmp_path / "plain", tokenizer="char")
-    assert b"Wang Wei" in (tmp_path / "plain" / "meta.json").read_bytes()
+    plain = json.loads((tmp_path / "plain" / "meta.json").read_text(encoding="utf-8"))
+    assert plain["inputs"][0]["path"] == "../Chats of Zhang San/WhatsApp Chat with Wang Wei.txt"  # data-dir relative
+    assert str(tmp_path) not in json.dumps(plain)
 
 
 def test_tokenizer_learns_no_digit_run_of_redacted_pii(tmp_path):

@@ -500,3 +500,22 @@ def test_cli_prints_the_report_table(tmp_path, capsys):
     code = main(["prepare", str(TANG), "--doc-sep", "%", "--tokenizer", "char", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert code == 0 and "ansi_escapes" in out and "documents" in out and "report.json" in out
+
+
+def test_near_duplicates_share_one_set_of_permutations_with_the_same_signatures():
+    # the oracle: a MinHash built the default way (its own seeded permutations) for each document
+    import datasketch
+    import numpy as np
+
+    from owngpt.data.clean import NearDuplicates
+
+    nd = NearDuplicates()
+    for text in ("床前明月光，疑是地上霜。举头望明月，低头思故乡。", "To be, or not to be, that is the question."):
+        grams = [text[i : i + 5].encode() for i in range(len(text) - 4)]
+        fresh = datasketch.MinHash(num_perm=64, seed=1)
+        fresh.update_batch(grams)
+        shared = nd._MinHash(num_perm=64, seed=1, **nd._shared)
+        shared.update_batch(grams)
+        assert np.array_equal(fresh.hashvalues, shared.hashvalues)
+    assert nd.check_and_add("床前明月光，疑是地上霜。举头望明月，低头思故乡。", "a:1") is None
+    assert nd.check_and_add("床前明月光，疑是地上霜。举头望明月，低头思故乡！", "b:1") is not None  # a near copy

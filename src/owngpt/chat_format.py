@@ -200,7 +200,7 @@ def render(
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     own = _own_template(tokenizer)
-    ids, mask = _render_exact(tokenizer, system + turns, train_on_prompt)
+    ids, mask, offsets = _render_exact(tokenizer, system + turns, train_on_prompt, with_offsets=True)
     if max_tokens is None or len(ids) <= max_tokens:
         return ids, mask
     if own is None:
@@ -220,9 +220,7 @@ def render(
     # Token counts of "system + turns[j:]" from the one tokenization: the tokens of the system message, plus those
     # from turn j's first character on. Own templates open each message with a special token or follow a special
     # token, so tokenization restarts there; the guess is checked below, and a wrong guess takes the general path.
-    text, _ = _own_text_and_spans(own, system + turns)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    token_starts = [a for a, _b in enc["offset_mapping"]]
+    token_starts = [a for a, _b in offsets]
     char_starts, pos = [], 0
     for i, m in enumerate(system + turns):
         char_starts.append(pos)
@@ -267,13 +265,13 @@ def _render_dropping_turns(tokenizer, system, turns, max_tokens, train_on_prompt
         return ids[-max_tokens:], mask[-max_tokens:]
 
 
-def _render_exact(tokenizer, messages: Sequence[Message], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+def _render_exact(tokenizer, messages: Sequence[Message], train_on_prompt: bool, with_offsets: bool = False):
+    """(ids, mask) of the whole conversation, and the tokens' character offsets with `with_offsets`."""
     text, spans = _assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    if train_on_prompt:
-        return ids, [1] * len(ids)
-    return ids, _span_mask(enc["offset_mapping"], spans)
+    mask = [1] * len(ids) if train_on_prompt else _span_mask(enc["offset_mapping"], spans)
+    return (ids, mask, enc["offset_mapping"]) if with_offsets else (ids, mask)
 
 
 def _span_mask(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

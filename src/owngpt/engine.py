@@ -76,7 +76,8 @@ class IncrementalDecoder:
     """Turns a stream of token ids into text pieces that never split a character.
 
     With byte fallback or byte-level BPE one character can span several tokens; decoding a partial sequence gives
-    U+FFFD. Like vLLM's and TGI's detokenizers, we decode a short window (a few tokens already emitted + the new ones)
+    U+FFFD. Like vLLM's and TGI's detokenizers (and tokenizers' DecodeStream, used where the tokenizer has a
+    `tokenizers` backend), we decode a short window (a few tokens already emitted + the new ones)
     and only release the new text once it no longer ends in U+FFFD. Concatenated pieces equal decoding the whole
     for valid text. At the end (`flush`), an incomplete character is dropped rather than shown as U+FFFD: it is a
     reply cut by a length limit, not text. (Invalid byte sequences mid-text, from an untrained model, still show.)
@@ -87,12 +88,33 @@ class IncrementalDecoder:
         self.ids: list[int] = list(context_ids[-_DECODE_CONTEXT:]) if _DECODE_CONTEXT else []
         self.prefix = 0  # start of the window
         self.read = len(self.ids)  # ids before this have been released as text
+        # tokenizers' public DecodeStream does the window's work in Rust; the window over decode() below stays for
+        # tokenizers without a `tokenizers` backend and for streams DecodeStream refuses (invalid bytes)
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream: Any = None
+        if self.backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(ids=list(self.ids), skip_special_tokens=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.stream is not None:
+            try:
+                piece = self.stream.step(self.backend, int(token_id))
+            except Exception:  # DecodeStream refuses a window whose decoded start changed (invalid bytes from an
+                # untrained model, which ByteFallback decodes as one U+FFFD): the window below goes on from here
+                self.stream = None
+            else:
+                if piece is None:
+                    return ""
+                # the window's bookkeeping too: flush() (or the window, if it takes over) decodes from the start of
+                # the last released piece, a character boundary
+                self.prefix, self.read = self.read, len(self.ids)
+                return piece
         prefix_text = self._decode(self.ids[self.prefix : self.read])
         new_text = self._decode(self.ids[self.prefix :])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):

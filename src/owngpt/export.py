@@ -807,7 +807,7 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
     with atomic_dir(out) as tmp:
         f = tmp / "model.gguf"
         w = gguf.GGUFWriter(str(f), "gpt2")
-        w.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "owngpt")).name or "owngpt")
+        w.add_name(Path(str(getattr(cfg, "name_or_path", "") or "owngpt")).name or "owngpt")
         # the trained context, not the position table: llama.cpp would otherwise read untrained positions
         w.add_context_length(getattr(model, "owngpt_context", None) or cfg.n_positions)
         w.add_embedding_length(cfg.n_embd)

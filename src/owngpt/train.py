@@ -223,19 +223,10 @@ def _tupled(x: Any) -> Any:
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def named_optimizer_state(optimizer: Any, names: list[str]) -> dict[str, Any]:
-    """optimizer.state_dict() with parameter names instead of indexes (the form FSDP's full state dict has)."""
-    sd = optimizer.state_dict()
-    return {
-        "state": {names[i]: st for i, st in sd["state"].items()},
-        "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]],
-    }
-
-
 def _state_files(state: dict[str, Any], osd: dict[str, Any], rngs: list[dict[str, Any]]) -> dict[str, bytes]:
     """The trainer state as files for the checkpoint: tensors in safetensors (no pickle), the rest in JSON.
 
-    `osd` is the optimizer state keyed by parameter name (see named_optimizer_state).
+    `osd` is the optimizer state keyed by parameter name (torch.distributed.checkpoint's get_optimizer_state_dict).
     """
     from safetensors.torch import save as st_save
 
@@ -294,7 +285,7 @@ def _named_saved_state(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[st
 
 
 def _load_optimizer(
-    optimizer: Any, names: list[str], meta: dict[str, Any], tensors: dict[str, Any], fsdp_model: Any = None
+    optimizer: Any, names: list[str], meta: dict[str, Any], tensors: dict[str, Any], model: Any, sharded: bool = False
 ) -> None:
     if sorted(meta["param_names"]) != sorted(names):
         raise CheckpointError(
@@ -302,18 +293,11 @@ def _load_optimizer(
             "LoRA changed?): resume with the run's original settings"
         )
     named = _named_saved_state(meta, tensors)
-    if fsdp_model is not None:  # FSDP: torch shards the full state over the ranks
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    # torch's name-keyed optimizer state, for one process as for FSDP (which shards the full state over the ranks)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(fsdp_model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-        return
-    index = {n: i for i, n in enumerate(names)}
-    optimizer.load_state_dict(
-        {
-            "state": {index[n]: st for n, st in named["state"].items()},
-            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in named["param_groups"]],
-        }
-    )
+    options = StateDictOptions(full_state_dict=True) if sharded else None
+    set_optimizer_state_dict(model, optimizer, named, options=options)
 
 
 # --- observability ---------------------------------------------------------------------------------------------
@@ -752,7 +736,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     # ---- resume -------------------------------------------------------------------------------------------------
     step, best, best_step, bad_evals = 0, None, None, 0
     if state_meta is not None:
-        _load_optimizer(optimizer, names, state_meta, state_tensors, raw if sharded else None)
+        _load_optimizer(optimizer, names, state_meta, state_tensors, raw, sharded)
         step = state_meta["step"]
         best, best_step = _reconcile_best(out / "checkpoints", state_meta, metric, dist)
         bad_evals = state_meta["bad_evals"]
@@ -799,7 +783,10 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
             full_weights = get_model_state_dict(raw, options=opts)
             osd = get_optimizer_state_dict(raw, optimizer, options=opts) if with_state else None
         else:
-            full_weights, osd = None, named_optimizer_state(optimizer, names) if with_state else None
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            # parameter names as keys (the same form as FSDP's full state dict above), from torch's public API
+            full_weights, osd = None, get_optimizer_state_dict(raw, optimizer) if with_state else None
         if not dist.main:
             return
         if full_weights is not None:

@@ -207,13 +207,19 @@ class NearDuplicates:
         self._MinHash = datasketch.MinHash
         self.lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.num_perm, self.ngram, self.n = num_perm, ngram, 0
+        # the seeded permutations, drawn once and shared by every document's MinHash (datasketch draws them again
+        # for each new MinHash otherwise); the same seed gives the same signatures
+        template = self._MinHash(num_perm=num_perm, seed=1)
+        self._shared = {"permutations": template.permutations}
+        if hasattr(template, "scheme"):  # datasketch >= 2 asks which hashing scheme the permutations belong to
+            self._shared["scheme"] = template.scheme
 
     def check_and_add(self, text: str, where: str) -> str | None:
         """The location of an earlier near-duplicate of `text`, or None (and then `text` is indexed)."""
         s = " ".join(text.lower().split())
         if len(s) < self.ngram:
             return None
-        m = self._MinHash(num_perm=self.num_perm, seed=1)
+        m = self._MinHash(num_perm=self.num_perm, seed=1, **self._shared)
         m.update_batch([s[i : i + self.ngram].encode("utf-8") for i in range(len(s) - self.ngram + 1)])
         hits = self.lsh.query(m)
         if hits:

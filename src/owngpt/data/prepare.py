@@ -658,7 +658,7 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     for i, f in enumerate(files):
         if not f.sha256:  # read by another reader (chat exports): checksum it now
             f.sha256, f.bytes = _sha256(f.path)
-        name = f.name
+        name = _portable(f.path, cfg.out)  # relative to the data dir, or the file name alone: no user's folders
         if cfg.source_format is not None and cfg.pseudonymize:  # "WhatsApp Chat with Wang Wei.txt": a contact
             from owngpt.data.personal import file_alias
 
