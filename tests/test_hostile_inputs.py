@@ -111,6 +111,7 @@ CHECKPOINT_CASES = {
     "model.safetensors empty": write_file("model.safetensors", b""),
     "a weight missing": edit_weights(lambda t: t.pop("transformer.ln_f.weight")),
     "an unexpected weight": edit_weights(_extra_tensor),
+    "tokenizer.json truncated": truncate("tokenizer.json", 0.5),
 }
 
 
