@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -133,11 +132,11 @@ def write_section(rows: list[dict], base: float, args: argparse.Namespace) -> No
         "## Prepare: peak memory against input size",
         "",
         f"`owngpt prepare` with `--max-memory-mb {args.max_memory_mb}` (the default), BPE tokenizer trained on the "
-        f"input. Peak RSS of the prepare process (`getrusage(RUSAGE_CHILDREN)`), and what it adds over a process that "
-        f"only imports prepare's libraries ({base:.0f} MB, measured in the same run). {platform.processor() or ''} "
+        f"input (`--doc-sep blank` for the documents). Peak RSS of the prepare process (`getrusage(RUSAGE_CHILDREN)`), and what it adds over a process that "
+        f"only imports prepare's libraries ({base:.0f} MB, measured in the same run). "
         f"{os.cpu_count()} cores, shared with other jobs while it ran (times are indicative only).",
         "",
-        "| input | documents | peak RSS (MB) | over the imports (MB) | wall (s) | exit |",
+        "| input | input documents | peak RSS (MB) | over the imports (MB) | wall (s) | exit |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -146,8 +145,8 @@ def write_section(rows: list[dict], base: float, args: argparse.Namespace) -> No
         )
     lines += [
         "",
-        "Before this change one 200 MB line grew to 24 GB and was killed (about 130 bytes per character): the whole "
-        "line went to the tokenizer at once. Now a plain-text document longer than 1/16 of `--max-memory-mb` is cut "
+        "Before this change (issue #19, on main 0b380db) one 200 MB line grew to 24 GB and was killed (about 130 "
+        "bytes per character): the whole line went to the tokenizer at once. Now a plain-text document longer than 1/16 of `--max-memory-mb` is cut "
         "into consecutive documents (`long_document_split` in report.json), and texts reach the tokenizer in pieces "
         "of 1/1024 of it, cut where the tokens do not change.",
         "",

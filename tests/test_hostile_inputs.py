@@ -111,6 +111,7 @@ CHECKPOINT_CASES = {
     "model.safetensors empty": write_file("model.safetensors", b""),
     "a weight missing": edit_weights(lambda t: t.pop("transformer.ln_f.weight")),
     "an unexpected weight": edit_weights(_extra_tensor),
+    "tokenizer.json truncated": truncate("tokenizer.json", 0.5),
 }
 
 
@@ -530,3 +531,20 @@ def test_a_nan_loss_before_any_checkpoint_claims_none(tiny_lm_data, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "loss became nan at step 1" in err and "Traceback" not in err
     assert "checkpoints/last holds" not in err and not (out / "checkpoints" / "last").exists()
+
+
+# --- what must still load ------------------------------------------------------------------------------------------------
+
+
+def test_a_masked_lm_without_pooler_still_becomes_a_classifier(tmp_path):
+    """BERT/RoBERTa masked-LM checkpoints have no pooler: fine-tuning one into a classifier makes it fresh, as
+    transformers does; the strict checks must not refuse that, nor BERT's unsaved position_ids buffer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from owngpt.checkpoint import check_dir, load_model
+
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    assert check_dir(tmp_path / "mlm")
+    model = load_model(tmp_path / "mlm", task="classify", ignore_mismatched_sizes=True, num_labels=3)
+    assert model.config.num_labels == 3 and model.bert.pooler is not None

@@ -187,13 +187,17 @@ def check_weights(path: str | os.PathLike, config: Any, task: str = "lm", new_he
     for name, param in model.named_parameters():  # tied weights (lm_head = wte) appear once
         key = strip(name)
         is_head = not base and not name.startswith(prefix)
+        # A pooler is absent from masked-LM checkpoints (BERT, RoBERTa) and made fresh when one is fine-tuned
+        # into a classifier, which is the usual way to start one: transformers initialises it, as it does a head.
+        fresh_ok = (new_head or base) and key.startswith("pooler.")
         if key not in have:
-            if not (new_head and is_head):
+            if not (new_head and is_head) and not fresh_ok:
                 missing.append(key)
         elif tuple(param.shape) != have[key] and not (new_head and is_head):
             wrong.append(f"{key} {list(have[key])} where the config needs {list(param.shape)}")
-    # weights no parameter or buffer takes (tied aliases count; old files' ignorable buffers are transformers' list)
-    known = {strip(k) for k in model.state_dict()}
+    # weights no parameter or buffer takes (tied aliases count; so do buffers that are no longer saved, such as
+    # BERT's position_ids, and the keys transformers lists as ignorable in old files)
+    known = {strip(k) for k in model.state_dict()} | {strip(k) for k, _ in model.named_buffers()}
     ignorable = [re.compile(r) for r in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
     extra = [
         strip(k)
@@ -332,11 +336,15 @@ def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
         )
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{p}: transformers could not load it as a {cls.__name__}: {e}") from e
-    head = {n.split(".")[0] for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
-    unexpected = sorted(
-        k for k in info.get("unexpected_keys", ()) if not (new_head and k.split(".")[0] in head | {"lm_head"})
+    body = model.base_model_prefix + "."
+    # With a new head, the old task's head (lm_head, cls.predictions...) is left out and the new one (and a pooler
+    # that masked-LM checkpoints lack) is initialised: what transformers reports for that is expected.
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not (new_head and not k.startswith(body)))
+    missing = sorted(
+        k
+        for k in info.get("missing_keys", ())
+        if not (new_head and (not k.startswith(body) or k.startswith(body + "pooler.")))
     )
-    missing = sorted(k for k in info.get("missing_keys", ()) if not (new_head and k.split(".")[0] in head))
     if unexpected or missing:
         what = "unexpected weights " + ", ".join(unexpected[:3]) if unexpected else ""
         what += ("; " if what else "") + ("missing weights " + ", ".join(missing[:3]) if missing else "")

@@ -222,8 +222,9 @@ def load_tokenizer(path: str | os.PathLike):
             f"{p}: a tokenizer file is nested too deeply to be real; copy the directory again"
         ) from None
     except Exception as e:  # tokenizers raises plain Exceptions for a damaged tokenizer.json
+        where = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else p
         raise CheckpointError(
-            f"{p}: transformers could not load a tokenizer from it ({e}); the files are damaged: copy them again"
+            f"{where}: transformers could not load a tokenizer from it ({e}); the file is damaged: copy it again"
         ) from None
     _join_cjk_wordpieces(tok)
     return tok

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("OWNGPT_API_KEY") or None
     if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
         raise ConfigError(  # a blank key protects nothing; stray spaces never match what a client sends
-            f"--api-key / OWNGPT_API_KEY {api_key!r}: a key must not be blank or start or end with spaces; "
+            "--api-key / OWNGPT_API_KEY: a key must not be blank or start or end with spaces (not shown here); "
             "make one with `python -c 'import secrets; print(secrets.token_urlsafe())'`"
         )
     if api_key is None:

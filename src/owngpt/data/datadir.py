@@ -4,6 +4,7 @@ Format (version 1), documented for users in docs/data.md:
 
     DATA_DIR/
       meta.json          format, version, task, tokenizer summary, token dtype, per-split counts, input checksums
+                         files: {relative path: {bytes, sha256}} of every file below (checked on open)
       report.json        the cleaning report (what came in, what each rule dropped, examples)
       tokenizer/         a Hugging Face tokenizer dir: AutoTokenizer.from_pretrained(DATA_DIR/"tokenizer") loads it
       # task "lm"
