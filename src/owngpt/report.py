@@ -131,6 +131,9 @@ LABELS: dict[str, dict[str, str]] = {
     "val_ppl": {"en": "validation perplexity", "zh": "验证困惑度"},
     "train_loss": {"en": "train loss", "zh": "训练损失"},
     "setting": {"en": "setting", "zh": "设置"},
+    "unit_documents": {"en": "documents", "zh": "篇文档"},
+    "unit_examples": {"en": "examples", "zh": "条样本"},
+    "unit_tokens": {"en": "tokens", "zh": "个 token"},
 }
 
 
@@ -717,8 +720,8 @@ def build_sections(runs: Sequence[RunFacts], lang: str) -> list[Section]:
             unit = "documents" if "documents" in s else "examples"
             if not s:
                 return Cell("—")
-            extra = f", {s['tokens']:,} tokens" if "tokens" in s else ""
-            return Cell(f"{s.get(unit, 0):,} {unit}{extra}", s.get(unit))
+            extra = f", {s['tokens']:,} {L('unit_tokens')}" if "tokens" in s else ""
+            return Cell(f"{s.get(unit, 0):,} {L('unit_' + unit)}{extra}", s.get(unit))
         if what == "tokenizer":
             t = meta.get("tokenizer") or {}
             return Cell(t.get("kind", "—") + (f" ({t['source']})" if t.get("source") else ""), t.get("kind"))
