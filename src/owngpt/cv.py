@@ -254,6 +254,10 @@ def cross_validate(cfg: TrainConfig, callbacks: Sequence[Any] = (), train_fn: An
         sizes.append((len(train_idx), len(val_idx)))
     result = summarize(out, fold_dirs, metric, sizes)
     _write_summary(result)
+    if cfg.report:  # RUN/report.html with the folds' table (never fails the run)
+        from owngpt.report import report_after_run
+
+        report_after_run(out)
     return result
 
 
