@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+# every benchmark imports this module: its timed train() runs (and `owngpt train` subprocesses, which inherit the
+# environment) write no report card, whose sampling would count as training time
+os.environ.setdefault("OWNGPT_NO_REPORT", "1")
 
 
 def write_section(name: str, body: str, doc: Path = DOC, title: str = "# Benchmarks\n") -> None:

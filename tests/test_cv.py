@@ -84,7 +84,8 @@ def cls_data(tmp_path):
     return fixtures.write_classify_data_dir(tmp_path / "cls", rows, rows[:4])
 
 
-def test_cv_trains_k_folds_on_their_own_data_dirs(tmp_path, cls_data, capsys):
+def test_cv_trains_k_folds_on_their_own_data_dirs(tmp_path, cls_data, capsys, monkeypatch):
+    monkeypatch.delenv("OWNGPT_NO_REPORT", raising=False)
     code = main(
         [
             "train",
@@ -124,6 +125,11 @@ def test_cv_trains_k_folds_on_their_own_data_dirs(tmp_path, cls_data, capsys):
     assert len(seen) == 24  # the val folds cover the train split exactly once (8 each)
     folds = summary["folds"]
     assert summary["mean"]["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in folds]))
+    # the cv run's own report card holds the folds' table
+    html = (run / "report.html").read_text()
+    assert 'id="cv"' in html
+    for f in folds:
+        assert f'data-key="cv.{f["fold"]}.accuracy" data-run="0" data-value="{f["accuracy"]!r}"' in html
 
 
 def test_tune_optimises_the_cross_validated_mean(tmp_path, cls_data):

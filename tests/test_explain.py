@@ -133,6 +133,11 @@ def test_explain_writes_a_self_contained_page_for_each_kind(tiny_ckpt, classifie
     assert main(["explain", str(classifier), "--text", "so good", "--out", str(cls_page), "--steps", "16"]) == 0
     html = cls_page.read_text()
     assert 'id="attribution"' in html and "Completeness" in html
+    zh_page = tmp_path / "zh.html"
+    assert (
+        main(["explain", str(classifier), "--text", "好", "--out", str(zh_page), "--steps", "8", "--lang", "zh"]) == 0
+    )
+    assert "完备性" in zh_page.read_text() and 'lang="zh-CN"' in zh_page.read_text()
     # refuses to replace a file without --overwrite, and bad head numbers, with a clear error
     assert main(["explain", str(tiny_ckpt), "--text", TEXT, "--out", str(lm_page)]) == 2
     assert main(["explain", str(tiny_ckpt), "--text", TEXT, "--out", str(tmp_path / "x.html"), "--head", "9"]) == 2

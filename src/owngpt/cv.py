@@ -254,6 +254,10 @@ def cross_validate(cfg: TrainConfig, callbacks: Sequence[Any] = (), train_fn: An
         sizes.append((len(train_idx), len(val_idx)))
     result = summarize(out, fold_dirs, metric, sizes)
     _write_summary(result)
+    if cfg.report:  # RUN/report.html with the folds' table (never fails the run)
+        from owngpt.report import report_after_run
+
+        report_after_run(out)
     return result
 
 
@@ -263,23 +267,25 @@ def format_cv(r: CVResult) -> str:
     def f(v: float | None, digits: int = 4) -> str:
         return "—" if v is None else f"{v:.{digits}f}"
 
+    extra = r.metric not in ("accuracy", "macro_f1")  # e.g. val_loss: its own column
     lines = [
         f"# {r.k}-fold cross-validation ({r.run_dir})",
         "",
-        f"| fold | train | val | best step | accuracy | macro-F1 | {r.metric} |",
-        "|---|---|---|---|---|---|---|",
+        "| fold | train | val | best step | accuracy | macro-F1 |" + (f" {r.metric} |" if extra else ""),
+        "|---|---|---|---|---|---|" + ("---|" if extra else ""),
     ]
     for fr in r.folds:
         lines.append(
             f"| {fr.fold} | {fr.train_examples} | {fr.val_examples} | {fr.best_step} | {f(fr.accuracy)} | "
-            f"{f(fr.macro_f1)} | {f(fr.metric)} |"
+            f"{f(fr.macro_f1)} |" + (f" {f(fr.metric)} |" if extra else "")
         )
 
-    def pm(key: str) -> str:
-        return f"{f(r.mean.get(key))} ± {f(r.std.get(key))}" if key in r.mean else "—"
+    def pm(key: str, digits: int = 4) -> str:
+        return f"{f(r.mean.get(key), digits)} ± {f(r.std.get(key), digits)}" if key in r.mean else "—"
 
     lines += [
-        f"| mean ± std | | | {pm('best_step')} | {pm('accuracy')} | {pm('macro_f1')} | {pm(r.metric)} |",
+        f"| mean ± std | | | {pm('best_step', 0)} | {pm('accuracy')} | {pm('macro_f1')} |"
+        + (f" {pm(r.metric)} |" if extra else ""),
         "",
         f"Validation {r.metric}, averaged over the folds, peaked at step {r.peak_step} ({f(r.peak_value)}): "
         "train the final model on all the data for about that many steps.",

@@ -187,6 +187,73 @@ img{max-width:100%}
 """
 
 
+# the page's words in English and Chinese (--lang)
+_TEXTS: dict[str, dict[str, str]] = {
+    "en": {
+        "lm_title": "Explanation: language model",
+        "surprisal": "Surprisal of each token",
+        "surprisal_help": "Colour: -ln p(token | the text before it), in nats, redder = more surprising (hover for "
+        "the value). The mean is the loss <code>owngpt eval</code> reports for this text.",
+        "tokens": "tokens",
+        "mean_surprisal": "mean surprisal (nats/token)",
+        "perplexity": "perplexity",
+        "most_surprising": "most surprising",
+        "attention": "Attention: layer {layer}, head {head}",
+        "attention_help": "Row = the token attending, column = the token attended to (hover for the weight). "
+        "Choose another with --layer and --head.",
+        "cut": " Only the first {n} tokens are drawn.",
+        "all_heads": "All heads",
+        "all_heads_help": "Every layer (rows) and head (columns), the same rows and columns as above.",
+        "truncated": "The text was longer than the model's context: only its beginning was scored.",
+        "cls_title": "Explanation: classifier",
+        "predicted": "predicted",
+        "probability": "probability",
+        "why": "Why: each token's attribution",
+        "why_help": "Integrated gradients ({steps} steps, Captum) on the token embeddings, towards p({target}). "
+        "Green raised it, red lowered it; hover for the value. The baseline is the same text with every token "
+        "replaced by the pad token (special tokens kept).",
+        "raises": "raises",
+        "lowers": "lowers",
+        "completeness": "Completeness",
+        "sum": "sum of attributions",
+        "text": "text",
+        "baseline": "baseline",
+        "error": "difference (integration error)",
+        "strongest": "Strongest tokens",
+    },
+    "zh": {
+        "lm_title": "解释：语言模型",
+        "surprisal": "每个 token 的惊奇度",
+        "surprisal_help": "颜色：-ln p(token | 前文)，单位 nats，越红越出乎模型意料（悬停可看数值）。"
+        "平均值就是 <code>owngpt eval</code> 对这段文本给出的损失。",
+        "tokens": "token 数",
+        "mean_surprisal": "平均惊奇度（nats/token）",
+        "perplexity": "困惑度",
+        "most_surprising": "最出乎意料",
+        "attention": "注意力：第 {layer} 层，第 {head} 个头",
+        "attention_help": "行 = 发出注意力的 token，列 = 被关注的 token（悬停可看权重）。用 --layer 和 --head 选择其他层和头。",
+        "cut": "只画出前 {n} 个 token。",
+        "all_heads": "所有注意力头",
+        "all_heads_help": "每一层（行）和每个头（列），行列含义同上。",
+        "truncated": "文本超过了模型的上下文长度：只评估了开头部分。",
+        "cls_title": "解释：分类模型",
+        "predicted": "预测",
+        "probability": "概率",
+        "why": "原因：每个 token 的贡献",
+        "why_help": "在词嵌入上计算积分梯度（{steps} 步，Captum），目标是 p({target})。绿色表示提高、红色表示降低该概率；"
+        "悬停可看数值。基线是把每个普通 token 换成填充 token 的同一段文本（特殊 token 保留）。",
+        "raises": "提高",
+        "lowers": "降低",
+        "completeness": "完备性",
+        "sum": "贡献之和",
+        "text": "文本",
+        "baseline": "基线",
+        "error": "差值（积分误差）",
+        "strongest": "贡献最大的 token",
+    },
+}
+
+
 def _page(title: str, body: str, lang: str = "en") -> str:
     return (
         "<!DOCTYPE html>\n"
@@ -243,7 +310,7 @@ def _overview_png(attn: Any) -> bytes:
     return buf.getvalue()
 
 
-def render_lm(r: dict[str, Any], layer: int, head: int) -> str:
+def render_lm(r: dict[str, Any], layer: int, head: int, lang: str = "en") -> str:
     attn = r["attentions"]
     n_layer, n_head = attn.shape[:2]
     if not (-n_layer <= layer < n_layer) or not (0 <= head < n_head):
@@ -271,32 +338,31 @@ def render_lm(r: dict[str, Any], layer: int, head: int) -> str:
         rows.append(f"<tr><th>{html.escape(_shown(r['pieces'][q]))}</th>{cells}</tr>")
     overview = base64.b64encode(_overview_png(attn)).decode("ascii")
     ppl = math.exp(min(r["mean_surprisal"], 50))
-    cut = f" (only the first {T} tokens)" if T < len(r["ids"]) else ""
+    cut = _TEXTS[lang]["cut"].format(n=T) if T < len(r["ids"]) else ""
+    t = _TEXTS[lang]
+    worst = 1 + int(max(range(len(s)), key=lambda i: s[i]))
     body = (
-        f"<h1>Explanation: language model</h1><p class='muted'>{html.escape(r['checkpoint'])}</p>"
-        "<h2>Surprisal of each token</h2>"
-        "<p>Colour: -ln p(token | the text before it), in nats, redder = more surprising (hover for the value). "
-        "The mean is the loss <code>owngpt eval</code> reports for this text.</p>"
-        f'<table class="kv"><tr><th>tokens</th><td data-key="tokens">{len(r["ids"])}</td></tr>'
-        f'<tr><th>mean surprisal (nats/token)</th><td data-key="mean_surprisal" data-value="{r["mean_surprisal"]!r}">'
+        f"<h1>{t['lm_title']}</h1><p class='muted'>{html.escape(r['checkpoint'])}</p>"
+        f"<h2>{t['surprisal']}</h2><p>{t['surprisal_help']}</p>"
+        f'<table class="kv"><tr><th>{t["tokens"]}</th><td data-key="tokens">{len(r["ids"])}</td></tr>'
+        f'<tr><th>{t["mean_surprisal"]}</th><td data-key="mean_surprisal" data-value="{r["mean_surprisal"]!r}">'
         f"{r['mean_surprisal']:.4f}</td></tr>"
-        f'<tr><th>perplexity</th><td data-key="perplexity">{ppl:.3f}</td></tr>'
-        f"<tr><th>most surprising</th><td>{html.escape(_shown(r['pieces'][1 + int(max(range(len(s)), key=lambda i: s[i]))]))} "
+        f'<tr><th>{t["perplexity"]}</th><td data-key="perplexity">{ppl:.3f}</td></tr>'
+        f"<tr><th>{t['most_surprising']}</th><td>{html.escape(_shown(r['pieces'][worst]))} "
         f"({max(s):.3f} nats)</td></tr></table>"
         f'<div class="tokens" id="surprisal">{"".join(spans)}</div>'
-        f"<h2>Attention: layer {layer}, head {head}</h2>"
-        f"<p>Row = the token attending, column = the token attended to (hover for the weight){cut}. "
-        "Choose another with --layer and --head.</p>"
+        f"<h2>{t['attention'].format(layer=layer, head=head)}</h2>"
+        f"<p>{t['attention_help']}{cut}</p>"
         f'<table class="attn" id="attention"><tr><th></th>{head_row}</tr>{"".join(rows)}</table>'
-        "<h2>All heads</h2><p>Every layer (rows) and head (columns), the same rows and columns as above.</p>"
-        f'<img alt="attention of every layer and head" src="data:image/png;base64,{overview}">'
+        f"<h2>{t['all_heads']}</h2><p>{t['all_heads_help']}</p>"
+        f'<img alt="{t["all_heads"]}" src="data:image/png;base64,{overview}">'
     )
     if r.get("truncated"):
-        body += "<p class='muted'>The text was longer than the model's context: only its beginning was scored.</p>"
-    return _page("owngpt explain", body)
+        body += f"<p class='muted'>{t['truncated']}</p>"
+    return _page("owngpt explain", body, lang)
 
 
-def render_classifier(r: dict[str, Any]) -> str:
+def render_classifier(r: dict[str, Any], lang: str = "en") -> str:
     scores = r["attributions"]
     scale = max((abs(v) for v in scores), default=0.0) or 1.0
     spans = []
@@ -310,28 +376,27 @@ def render_classifier(r: dict[str, Any]) -> str:
     order = sorted(range(len(scores)), key=lambda i: -abs(scores[i]))[:8]
     top = "".join(f"<tr><td>{html.escape(_shown(r['pieces'][i]))}</td><td>{scores[i]:+.4f}</td></tr>" for i in order)
     total = sum(scores)
+    t = _TEXTS[lang]
+    target = html.escape(r["target"])
+    diff = r["prob"] - r["baseline_prob"]
     body = (
-        f"<h1>Explanation: classifier</h1><p class='muted'>{html.escape(r['checkpoint'])}</p>"
-        f'<p style="font-size:1.3em">predicted: <b id="label" data-value="{html.escape(r["target"])}">'
-        f"{html.escape(r['target'])}</b> with probability "
-        f'<b id="prob" data-value="{r["prob"]!r}">{r["prob"]:.4f}</b></p>'
+        f"<h1>{t['cls_title']}</h1><p class='muted'>{html.escape(r['checkpoint'])}</p>"
+        f'<p style="font-size:1.3em">{t["predicted"]}: <b id="label" data-value="{target}">{target}</b>, '
+        f'{t["probability"]} <b id="prob" data-value="{r["prob"]!r}">{r["prob"]:.4f}</b></p>'
         f'<table class="kv">{probs}</table>'
-        "<h2>Why: each token's attribution</h2>"
-        f"<p>Integrated gradients ({r['n_steps']} steps, Captum) on the token embeddings, towards "
-        f"p({html.escape(r['target'])}). Green raised it, red lowered it; hover for the value. The baseline is the "
-        "same text with every token replaced by the pad token (special tokens kept).</p>"
-        '<p class="legend"><span style="background:rgba(30,150,60,.6)">raises</span>'
-        '<span style="background:rgba(220,40,40,.6)">lowers</span></p>'
+        f"<h2>{t['why']}</h2><p>{t['why_help'].format(steps=r['n_steps'], target=target)}</p>"
+        f'<p class="legend"><span style="background:rgba(30,150,60,.6)">{t["raises"]}</span>'
+        f'<span style="background:rgba(220,40,40,.6)">{t["lowers"]}</span></p>'
         f'<div class="tokens" id="attribution">{"".join(spans)}</div>'
-        "<h2>Completeness</h2>"
-        f'<table class="kv"><tr><th>sum of attributions</th><td data-key="sum" data-value="{total!r}">{total:+.4f}'
-        f"</td></tr><tr><th>p({html.escape(r['target'])} | text) − p(… | baseline)</th>"
-        f'<td data-key="difference" data-value="{r["prob"] - r["baseline_prob"]!r}">'
-        f"{r['prob']:.4f} − {r['baseline_prob']:.4f} = {r['prob'] - r['baseline_prob']:+.4f}</td></tr>"
-        f'<tr><th>difference (integration error)</th><td data-key="delta">{r["delta"]:+.2e}</td></tr></table>'
-        f"<h2>Strongest tokens</h2><table class='kv'>{top}</table>"
+        f"<h2>{t['completeness']}</h2>"
+        f'<table class="kv"><tr><th>{t["sum"]}</th><td data-key="sum" data-value="{total!r}">{total:+.4f}'
+        f"</td></tr><tr><th>p({target} | {t['text']}) − p({target} | {t['baseline']})</th>"
+        f'<td data-key="difference" data-value="{diff!r}">'
+        f"{r['prob']:.4f} − {r['baseline_prob']:.4f} = {diff:+.4f}</td></tr>"
+        f'<tr><th>{t["error"]}</th><td data-key="delta">{r["delta"]:+.2e}</td></tr></table>'
+        f"<h2>{t['strongest']}</h2><table class='kv'>{top}</table>"
     )
-    return _page("owngpt explain", body)
+    return _page("owngpt explain", body, lang)
 
 
 def write_explanation(
@@ -343,6 +408,7 @@ def write_explanation(
     n_steps: int = 64,
     target: str | None = None,
     overwrite: bool = False,
+    lang: str = "en",
 ) -> tuple[Path, dict[str, Any]]:
     """Explain `text` with the checkpoint (a classifier or a language model, from its owngpt.json) into `out`."""
     from owngpt.checkpoint import read_meta
@@ -350,6 +416,8 @@ def write_explanation(
 
     if not text:
         raise ConfigError("--text is empty: give the text to explain")
+    if lang not in _TEXTS:
+        raise ConfigError(f"--lang {lang}: expected one of {', '.join(_TEXTS)}")
     path = Path(out)
     if path.suffix.lower() != ".html":
         raise ConfigError(f"--out {path}: give a file name ending in .html")
@@ -358,10 +426,10 @@ def write_explanation(
     task = read_meta(resolve_checkpoint(ckpt)).get("task", "lm")
     if task == "classify":
         r = explain_classifier(ckpt, text, n_steps=n_steps, target=target)
-        page = render_classifier(r)
+        page = render_classifier(r, lang)
     else:
         r = explain_lm(ckpt, text)
-        page = render_lm(r, layer, head)
+        page = render_lm(r, layer, head, lang)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(page, encoding="utf-8")

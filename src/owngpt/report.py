@@ -131,6 +131,16 @@ LABELS: dict[str, dict[str, str]] = {
     "val_ppl": {"en": "validation perplexity", "zh": "验证困惑度"},
     "train_loss": {"en": "train loss", "zh": "训练损失"},
     "setting": {"en": "setting", "zh": "设置"},
+    "cv": {"en": "Cross-validation", "zh": "交叉验证"},
+    "fold": {"en": "fold", "zh": "折"},
+    "mean_std": {"en": "mean ± std", "zh": "平均 ± 标准差"},
+    "cv_peak": {
+        "en": "step where the validation metric, averaged over the folds, was best",
+        "zh": "各折平均验证指标最佳的步数",
+    },
+    "unit_documents": {"en": "documents", "zh": "篇文档"},
+    "unit_examples": {"en": "examples", "zh": "条样本"},
+    "unit_tokens": {"en": "tokens", "zh": "个 token"},
 }
 
 
@@ -156,6 +166,7 @@ class RunFacts:
     checkpoints: list[dict[str, Any]]
     model: dict[str, Any] = field(default_factory=dict)  # samples / dialogue / classification
     notes: list[str] = field(default_factory=list)
+    cv: dict[str, Any] | None = None  # cv.json of a cross-validation run dir (owngpt.cv)
 
 
 def _read_json(path: Path) -> Any:
@@ -505,6 +516,7 @@ def collect(
         metrics=metric_facts(history, config, task),
         speed=speed_facts(run, history, config, ckpt),
         checkpoints=checkpoint_facts(run),
+        cv=_read_json(run / "cv.json"),
     )
     if not samples:
         facts.model = {"kind": "skipped"}
@@ -717,8 +729,8 @@ def build_sections(runs: Sequence[RunFacts], lang: str) -> list[Section]:
             unit = "documents" if "documents" in s else "examples"
             if not s:
                 return Cell("—")
-            extra = f", {s['tokens']:,} tokens" if "tokens" in s else ""
-            return Cell(f"{s.get(unit, 0):,} {unit}{extra}", s.get(unit))
+            extra = f", {s['tokens']:,} {L('unit_tokens')}" if "tokens" in s else ""
+            return Cell(f"{s.get(unit, 0):,} {L('unit_' + unit)}{extra}", s.get(unit))
         if what == "tokenizer":
             t = meta.get("tokenizer") or {}
             return Cell(t.get("kind", "—") + (f" ({t['source']})" if t.get("source") else ""), t.get("kind"))
@@ -837,10 +849,46 @@ def build_sections(runs: Sequence[RunFacts], lang: str) -> list[Section]:
         Section("checkpoints", L("checkpoints"), [kv([(f"{x}/", f"checkpoint.{x}") for x in names_ck], ck_cell)])
     )
 
+    # cross-validation (a run dir made by `owngpt train ... cv=K`)
+    if any(r.cv for r in runs):
+        cv_cols = [_cv_blocks(r, lang) for r in runs]
+        secs.append(Section("cv", L("cv"), [Columns([r.name for r in runs], cv_cols)] if n > 1 else cv_cols[0]))
+
     # what the model does
     cols = [_model_blocks(r, lang) for r in runs]
     secs.append(Section("model", L("model_does"), [Columns([r.name for r in runs], cols)] if n > 1 else cols[0]))
     return secs
+
+
+def _cv_blocks(r: RunFacts, lang: str) -> list[Any]:
+    L = lambda k: label(k, lang)  # noqa: E731
+    cv = r.cv
+    if not cv:
+        return [Text("—")]
+    head = [L("fold"), L("split_train"), L("split_val"), L("best_step"), L("accuracy"), L("macro_f1")]
+    rows = [
+        [
+            Cell(str(f["fold"])),
+            _num(f["train_examples"]),
+            _num(f["val_examples"]),
+            _num(f["best_step"]),
+            _num(f["accuracy"]),
+            _num(f["macro_f1"]),
+        ]
+        for f in cv["folds"]
+    ]
+    mean, std = cv.get("mean", {}), cv.get("std", {})
+
+    def pm(k: str, digits: int = 4) -> Cell:
+        if k not in mean:
+            return Cell("—")
+        return Cell(f"{mean[k]:.{digits}f} ± {std.get(k, 0):.{digits}f}", mean[k])
+
+    rows.append([Cell(L("mean_std")), Cell(""), Cell(""), pm("best_step", 0), pm("accuracy"), pm("macro_f1")])
+    blocks: list[Any] = [Table(head, rows, key="cv")]
+    if cv.get("peak_step") is not None:
+        blocks.append(Text(f"{L('cv_peak')} ({cv['metric']}): {cv['peak_step']} ({cv['peak_value']:.4f})"))
+    return blocks
 
 
 def _cfg_cell(v: Any) -> Cell:

@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", type=int, default=0, help="lm: the head whose attention is drawn (default 0)")
     p.add_argument("--steps", type=int, default=64, help="classify: integrated-gradients steps (default 64)")
     p.add_argument("--target", default=None, help="classify: explain this label instead of the predicted one")
+    p.add_argument("--lang", default="en", choices=("en", "zh"), help="the page's words in English or Chinese")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         n_steps=args.steps,
         target=args.target,
         overwrite=args.overwrite,
+        lang=args.lang,
     )
     if r["kind"] == "classify":
         print(f"{r['target']} (p = {r['prob']:.4f})")
