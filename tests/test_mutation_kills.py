@@ -1,0 +1,45 @@
+"""Tests written to kill mutants that tools/mutate.py found surviving (docs/testing.md lists them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fixtures
+from owngpt.config import TrainConfig
+from owngpt.data.datadir import open_data_dir
+from owngpt.data.privacy import id_checksum_ok, redact
+from owngpt.errors import DataError
+from owngpt.tasks.base import get_task
+
+
+def test_an_lm_split_needs_exactly_block_size_plus_one_tokens(tmp_path):
+    # kills tasks/lm `len(tokens) < block_size + 1` -> `<=` and `block_size + 1` -> `block_size - 1`
+    data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
+    n_val = len(np.fromfile(tmp_path / "lm" / "val.bin", dtype=np.uint16))
+    task = get_task("lm")(data, data.load_tokenizer(), TrainConfig(task="lm"), n_val - 1)
+    (batch,) = [task.collate(task.eval_rows("val", 0), "val")]  # one window: T inputs and their T next tokens
+    assert batch["input_ids"].shape == (1, n_val - 1)
+    short = get_task("lm")(data, data.load_tokenizer(), TrainConfig(task="lm"), n_val)
+    with pytest.raises(DataError, match=r"val\.bin holds \d+ tokens, fewer than block_size \+ 1"):
+        short.eval_rows("val", 0)
+
+
+def test_full_width_at_signs_and_digits_are_read_as_ascii():
+    # kills data/privacy's full-width map with '＠' (U+FF20) moved to another code point
+    assert redact("mail a＠b.cn ok")[0] == "mail <EMAIL> ok"
+    assert redact("tel １３９１２３４５６７８")[0] == "tel <PHONE>"
+
+
+def _iso7064_check(body: str) -> str:
+    """GB 11643's check character by ISO 7064 MOD 11-2, weights computed as 2^(17-i) mod 11 (not a table)."""
+    total = sum(int(c) * pow(2, 17 - i, 11) for i, c in enumerate(body))
+    return "10X98765432"[total % 11]
+
+
+@pytest.mark.parametrize("body", ["11010519491231002", "44052418800101001", "37078219850724261", "51343619880101123"])
+def test_id_checksum_is_iso_7064_mod_11_2(body):
+    # kills a changed weight in id_checksum_ok (the standard example has a 0 where weight 10 applies)
+    good = _iso7064_check(body)
+    assert id_checksum_ok(body + good)
+    assert not any(id_checksum_ok(body + c) for c in "0123456789X" if c != good)
