@@ -21,8 +21,37 @@ def test_an_lm_split_needs_exactly_block_size_plus_one_tokens(tmp_path):
     (batch,) = [task.collate(task.eval_rows("val", 0), "val")]  # one window: T inputs and their T next tokens
     assert batch["input_ids"].shape == (1, n_val - 1)
     short = get_task("lm")(data, data.load_tokenizer(), TrainConfig(task="lm"), n_val)
-    with pytest.raises(DataError, match=r"val\.bin holds \d+ tokens, fewer than block_size \+ 1"):
+    with pytest.raises(DataError, match=rf"val\.bin holds {n_val} tokens, fewer than block_size \+ 1 = {n_val + 1}"):
         short.eval_rows("val", 0)
+
+
+def _lm_task(data, block_size: int, seed: int = 0):
+    return get_task("lm")(data, data.load_tokenizer(), TrainConfig(task="lm", seed=seed), block_size)
+
+
+def test_lm_rows_cover_every_offset_where_a_window_and_its_next_token_fit(tmp_path):
+    # kills global_rows' `len - T` -> `len + T`, and a low bound of 1 (offset 0 never drawn)
+    data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
+    n = len(np.fromfile(tmp_path / "lm" / "train.bin", dtype=np.uint16))
+    T = 16
+    task = _lm_task(data, T, seed=1)
+    rows = [r for step in range(40) for r in task.global_rows(step, 500)]  # 20,000 offsets, seeded
+    assert min(rows) == 0 and max(rows) == n - T - 1
+    # an epoch is as many windows as cover the train tokens once, at least one
+    assert task.num_train_examples() == n // T
+    assert _lm_task(data, n - 1).num_train_examples() == 1
+
+
+def test_lm_eval_blocks_written_out(tmp_path):
+    # kills eval_rows' `(len - 1) // T` -> `(len + 1) // T` (a last window past the end)
+    data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
+    n = len(np.fromfile(tmp_path / "lm" / "val.bin", dtype=np.uint16))
+    for T in range(2, 41):
+        task = _lm_task(data, T)
+        k = max(i for i in range(n) if i * T + 1 <= n)  # the most blocks whose inputs and next tokens fit
+        assert task.eval_rows("val", 0) == [i * T for i in range(k)], T
+        capped = task.eval_rows("val", 3)
+        assert len(capped) == min(3, k) and capped[0] == 0 and capped[-1] == (k - 1) * T  # spread, both ends kept
 
 
 def test_full_width_at_signs_and_digits_are_read_as_ascii():
