@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -72,3 +76,24 @@ def test_id_checksum_is_iso_7064_mod_11_2(body):
     good = _iso7064_check(body)
     assert id_checksum_ok(body + good)
     assert not any(id_checksum_ok(body + c) for c in "0123456789X" if c != good)
+
+
+def test_an_int8_checkpoint_missing_tensors_names_the_first_five(tiny_ckpt, tmp_path):
+    # kills quantize's `left[:5]` -> `left[:6]`: the error names at most five missing tensors
+    from safetensors.torch import load_file
+
+    from owngpt.checkpoint import load_config
+    from owngpt.errors import CheckpointError
+    from owngpt.export import export
+    from owngpt.quantize import build_quantized_model
+
+    out = tmp_path / "int8"
+    export(tiny_ckpt, out, "int8", measure_result=False)
+    info = json.loads((out / "owngpt.json").read_text())["quantization"]
+    tensors = load_file(str(out / "model.safetensors"))
+    dropped = [k for k in tensors if k.endswith("ln_1.weight") or k.endswith("ln_2.weight") or "ln_f" in k]
+    assert len(dropped) >= 6
+    with pytest.raises(CheckpointError, match="lacks tensors") as e:
+        build_quantized_model(load_config(out), {k: v for k, v in tensors.items() if k not in dropped}, info)
+    named = re.search(r"lacks tensors (\[.*?\])", str(e.value)).group(1)
+    assert len(ast.literal_eval(named)) == 5

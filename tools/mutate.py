@@ -63,7 +63,7 @@ MODULES: dict[str, list[str]] = {
     "data/prepare": ["tests/test_split_scales_weights.py", "tests/test_prepare.py"],
     "data/datadir": ["tests/test_prepare.py", "tests/test_train_oracles.py"],
     "data/privacy": ["tests/test_privacy_properties.py", "tests/test_mutation_kills.py", "tests/test_privacy.py"],
-    "quantize": ["tests/test_split_scales_weights.py", "tests/test_quantize.py"],
+    "quantize": ["tests/test_split_scales_weights.py", "tests/test_quantize.py", "tests/test_mutation_kills.py"],
 }
 
 _CMP_SWAP = {
