@@ -69,6 +69,9 @@ def test_a_top_token_above_top_p_is_always_chosen_and_greedy_rows_take_the_argma
     # catches: an empty nucleus when the top token alone exceeds top_p ("invalid multinomial distribution")
     assert sample_tokens([0.06, 0.9, 0.04], 200, top_p=0.5) == [1] * 200
     assert sample_tokens([0.3, 0.2, 0.5], 20, temperature=0.0, top_p=0.1) == [2] * 20
+    # exactly at the boundary: the first of two equal tokens already reaches top_p = 0.5, so only one is kept
+    assert len(set(sample_tokens([0.5, 0.5], 200, top_p=0.5))) == 1
+    assert set(sample_tokens([0.5, 0.5], 200, top_p=0.51)) == {0, 1}
 
 
 def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch():

@@ -45,7 +45,11 @@ MODULES: dict[str, list[str]] = {
         "tests/test_train.py::test_overfits_and_writes_the_run_dir",
         "tests/test_resume.py::test_stopped_and_resumed_equals_uninterrupted",
     ],
-    "tasks/lm": ["tests/test_train_oracles.py", "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop"],
+    "tasks/lm": [
+        "tests/test_mutation_kills.py",
+        "tests/test_train_oracles.py",
+        "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
+    ],
     "tasks/chat": ["tests/test_train.py", "tests/test_chat.py"],
     "tasks/classify": ["tests/test_split_scales_weights.py", "tests/test_classify.py"],
     "tasks/base": ["tests/test_train_oracles.py", "tests/test_train.py"],
@@ -58,8 +62,8 @@ MODULES: dict[str, list[str]] = {
     ],
     "data/prepare": ["tests/test_split_scales_weights.py", "tests/test_prepare.py"],
     "data/datadir": ["tests/test_prepare.py", "tests/test_train_oracles.py"],
-    "data/privacy": ["tests/test_privacy_properties.py", "tests/test_privacy.py"],
-    "quantize": ["tests/test_split_scales_weights.py", "tests/test_quantize.py"],
+    "data/privacy": ["tests/test_privacy_properties.py", "tests/test_mutation_kills.py", "tests/test_privacy.py"],
+    "quantize": ["tests/test_split_scales_weights.py", "tests/test_quantize.py", "tests/test_mutation_kills.py"],
 }
 
 _CMP_SWAP = {
