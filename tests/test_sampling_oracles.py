@@ -138,3 +138,27 @@ def test_server_row_ending_on_a_partial_stop_string_keeps_it(tiny_ckpt):
         assert held.text == text and "".join(pieces) == text and held.finish_reason == "length"
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "buf, stops, kept",
+    [
+        ("abx", ["xy"], 1),  # "x" may become "xy"
+        ("abxy", ["xyz"], 2),
+        ("ab", ["xy"], 0),
+        ("abc", ["abcd", "cz"], 3),  # the longest candidate wins
+        ("abc", ["cz", "abcd"], 3),  # whatever the order of the stops
+        ("x", ["xy"], 1),  # the whole buffer
+        ("xy", ["xy"], 0),  # a whole stop string is not held back (the caller cuts at it)
+        ("aab", ["aabb", "ab"], 3),
+        ("", ["xy"], 0),
+        ("zab", ["abcd"], 2),  # not the longest possible prefix ("abc"), the next one down
+    ],
+)
+def test_held_back_is_the_longest_suffix_that_starts_a_stop_string(buf, stops, kept):
+    # an oracle by brute force beside the table: every suffix, every stop string's proper prefixes
+    from owngpt.engine import held_back
+
+    brute = max([k for k in range(1, len(buf) + 1) for s in stops if k < len(s) and buf.endswith(s[:k])], default=0)
+    assert brute == kept
+    assert held_back(buf, stops) == kept

@@ -55,11 +55,9 @@ MODULES: dict[str, list[str]] = {
     "tasks/base": ["tests/test_train_oracles.py", "tests/test_train.py"],
     "chat_format": ["tests/test_chat_format_contract.py", "tests/test_chat_format.py"],
     "generation": ["tests/test_sampling_oracles.py", "tests/test_generate.py"],
-    "serve/engine": [
-        "tests/test_sampling_oracles.py",
-        "tests/test_serve.py::test_engine_batched_greedy_equals_transformers_alone",
-        "tests/test_serve.py::test_engine_seed_stop_and_cancel_are_per_row",
-    ],
+    # the one decode engine (rows, sampling through transformers' processors, stop strings, the window)
+    "engine": ["tests/test_sampling_oracles.py", "tests/test_engine.py"],
+    "serve/engine": ["tests/test_serve.py", "tests/test_frontends.py"],
     "data/prepare": ["tests/test_split_scales_weights.py", "tests/test_prepare.py"],
     "data/datadir": ["tests/test_prepare.py", "tests/test_train_oracles.py"],
     "data/privacy": ["tests/test_privacy_properties.py", "tests/test_mutation_kills.py", "tests/test_privacy.py"],
