@@ -2,7 +2,7 @@
 
     train(cfg) ->  setup (data, tokenizer, model, optimizer, maybe resume)
                ->  for each optimizer step: global batch -> this rank's micro-batches -> forward/backward
-                   -> clip -> AdamW step; log; every eval_every steps: evaluate, save last/best, early stop
+                   -> clip -> optimizer step (AdamW, or Muon + AdamW: owngpt.optim); log; every eval_every steps: evaluate, save last/best, early stop
                ->  final evaluation and save
 
 What a task contributes (data, loss, metrics) is behind `owngpt.tasks.base.Task`; models come from transformers
@@ -19,7 +19,7 @@ The run dir:
     RUN/checkpoints/merged/  LoRA runs with merge_lora: the merged model alone
 
 Exact resume. Everything that decides the future of a run is saved at each checkpoint, inside checkpoints/last so
-that weights and trainer state are replaced together by one rename: weights, AdamW moments, step (the learning
+that weights and trainer state are replaced together by one rename: weights, optimizer state (AdamW moments; Muon's momentum), step (the learning
 rate is a pure function of the step, so the "scheduler" is the step), python/numpy/torch RNG states of every rank
 (dropout), best metric and patience counter. The data position needs no state: a task's batch at step s is a pure
 function of (seed, s). So a run killed at any moment and resumed ends with the same weights, bitwise, on CPU.
@@ -49,6 +49,7 @@ from typing import Any
 
 from owngpt.config import TrainConfig, save_config
 from owngpt.errors import CheckpointError, ConfigError, DataError
+from owngpt.optim import build_optimizer, check_saved_optimizer, resolve_optimizer, set_lr
 
 Callback = Callable[[int, dict], None]
 STATE_DIR = "trainer"  # inside checkpoints/last: state.json + tensors.safetensors
@@ -154,21 +155,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     if cfg.schedule == "linear":
         return cfg.lr - ratio * (cfg.lr - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
-
-
-def param_groups(model: Any, weight_decay: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """AdamW groups: weight decay on 2-D weights (matmuls, embeddings) only, none on biases and norms (nanoGPT).
-
-    Returns the groups and the parameter names in optimizer order (the key of the saved optimizer state).
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [(n, p) for n, p in named if p.dim() >= 2]
-    no_decay = [(n, p) for n, p in named if p.dim() < 2]
-    groups = [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
-    ]
-    return groups, [n for n, _ in decay] + [n for n, _ in no_decay]
 
 
 # --- trainer state (resume) ------------------------------------------------------------------------------------
@@ -526,6 +512,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
 
         tokenizer.chat_template = CHAT_TEMPLATE  # stored in the checkpoint for apply_chat_template
     source = resolve_model_source(cfg.model)
+    cfg.optimizer = resolve_optimizer(cfg, source.pretrained)  # `auto` -> adamw | muon, recorded in config.yaml
     block_size = _resolve_block_size(cfg, source)
     cfg.block_size = block_size
     check_tokenizer(tokenizer, data.path, source, _model_vocab(source, tokenizer))
@@ -607,11 +594,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
         fwd = torch.compile(fwd)
 
     sharded = dist.world > 1 and cfg.fsdp
-    groups, names = param_groups(raw, cfg.weight_decay)
-    # the fused kernel (one pass over each tensor) on CPU too: 5-10% of a small model's step; FSDP's sharded
-    # DTensor parameters take the default (foreach) implementation
-    fused = device.type in ("cuda", "cpu") and not sharded
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    optimizer, names, lr_scales = build_optimizer(raw, cfg, device.type, sharded)  # AdamW, or Muon + AdamW
 
     # ---- length of the run ----------------------------------------------------------------------------------------
     rows_per_step = cfg.batch_size * cfg.grad_accum * dist.world  # the global batch
@@ -623,6 +606,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
     # ---- resume -------------------------------------------------------------------------------------------------
     step, best, best_step, bad_evals = 0, None, None, 0
     if state_meta is not None:
+        check_saved_optimizer(state_meta.get("config", {}), cfg.optimizer)
         _load_optimizer(optimizer, names, state_meta, state_tensors, raw if sharded else None)
         step, best, best_step = state_meta["step"], state_meta["best_metric"], state_meta["best_step"]
         bad_evals = state_meta["bad_evals"]
@@ -738,8 +722,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
         while step < total_steps:
             # learning rate of this step (a pure function of the step, see lr_at)
             lr = lr_at(step, cfg, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr, lr_scales)
 
             # this step's global batch; this rank takes rows [rank*B*A, (rank+1)*B*A), in micro-batches of B
             rows = task.global_rows(step, rows_per_step)
