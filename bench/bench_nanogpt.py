@@ -150,7 +150,9 @@ def main() -> None:
         own = val_loss(load_model(res.last_checkpoint), char_dir, RECIPE["block"])
         ref, ref_est, ref_s = nanogpt_run(repo, seed, steps)
         rows.append((seed, own, own_s, ref, ref_est, ref_s))
-        print(f"seed {seed}: owngpt {own:.4f} ({own_s:.0f} s); nanoGPT {ref:.4f}, its estimate {ref_est:.4f} ({ref_s:.0f} s)")
+        print(
+            f"seed {seed}: owngpt {own:.4f} ({own_s:.0f} s); nanoGPT {ref:.4f}, its estimate {ref_est:.4f} ({ref_s:.0f} s)"
+        )
     med = [statistics.median(r[i] for r in rows) for i in range(1, 6)]
     lines = "".join(f"| seed {r[0]} | {r[1]:.4f} | {r[3]:.4f} | {r[4]:.4f} | {r[2]:.0f} | {r[5]:.0f} |\n" for r in rows)
     wins = sum(r[1] <= r[3] for r in rows)
@@ -161,7 +163,7 @@ Command: `python bench/bench_nanogpt.py --nanogpt NANOGPT_CHECKOUT{" --quick" if
 {commit or "checkout"}) — {time.strftime("%Y-%m-%d")}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.
 
 nanoGPT's CPU recipe ({steps} steps) run by nanoGPT's own `train.py` (as its README says; only the seed varied) and
-by owngpt's `train()`, {len(rows)} seed{'s' if len(rows) > 1 else ''}, both scored over the whole validation split ({n_val:,} characters) in windows
+by owngpt's `train()`, {len(rows)} seed{"s" if len(rows) > 1 else ""}, both scored over the whole validation split ({n_val:,} characters) in windows
 of 64. The fourth column is nanoGPT's own estimate at step {steps} (20 random batches), the figure behind the
 "about 1.88" of its README and of the training issue's target.
 
