@@ -108,7 +108,7 @@ def test_gpt2_conv1d_matrices_get_the_update_of_their_linear_layout():
             assert (p.detach() - linear_layout[n].detach().t()).abs().max().item() < 0.03 * moved, n
 
 
-def test_muon_run_stopped_and_resumed_is_bitwise_equal(tiny_lm_data, tiny_llama_ckpt, tmp_path):
+def test_muon_run_stopped_and_resumed_is_bitwise_equal(tiny_lm_data, tiny_llama_ckpt, tmp_path, capsys):
     class Stop(Exception):
         pass
 
@@ -121,6 +121,7 @@ def test_muon_run_stopped_and_resumed_is_bitwise_equal(tiny_lm_data, tiny_llama_
         optimizer="muon",
     )  # fmt: skip
     a = train(quick_cfg(tiny_lm_data, tmp_path / "a", tiny_llama_ckpt, **kw))
+    assert "optimizer: Muon (lr 0.02) on 14 block matrices, AdamW (lr 0.003) on the 6 other" in capsys.readouterr().err
     with pytest.raises(Stop):
         train(quick_cfg(tiny_lm_data, tmp_path / "b", tiny_llama_ckpt, **kw), callbacks=[stop_at_4])
     b = train(quick_cfg(tiny_lm_data, tmp_path / "b", tiny_llama_ckpt, resume=True, **kw))

@@ -184,6 +184,18 @@ FSDP_REFUSAL = (
 )
 
 
+def describe(cfg: Any, optimizer: Any) -> str:
+    """One log line: which optimizer trains how many tensors at which peak lr."""
+    if isinstance(optimizer, HybridOptimizer):
+        n_muon = sum(len(g["params"]) for g in optimizer.muon.param_groups)
+        n_adamw = sum(len(g["params"]) for g in optimizer.adamw.param_groups)
+        return (
+            f"optimizer: Muon (lr {cfg.muon_lr:g}) on {n_muon} block matrices, AdamW (lr {cfg.lr:g}) on the "
+            f"{n_adamw} other tensors (embeddings, head, norms, biases)"
+        )
+    return f"optimizer: AdamW (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g} on matrices and embeddings)"
+
+
 def set_lr(optimizer: Any, lr: float, scales: list[float]) -> None:
     """The step's learning rate on every param group, times the group's scale (Muon's lr ratio and shape factor)."""
     for g, s in zip(optimizer.param_groups, scales, strict=True):

@@ -50,6 +50,7 @@ from typing import Any
 from owngpt.config import TrainConfig, save_config
 from owngpt.errors import CheckpointError, ConfigError, DataError
 from owngpt.optim import build_optimizer, check_saved_optimizer, resolve_optimizer, set_lr
+from owngpt.optim import describe as describe_optimizer
 
 Callback = Callable[[int, dict], None]
 STATE_DIR = "trainer"  # inside checkpoints/last: state.json + tensors.safetensors
@@ -595,6 +596,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist) -> TrainResu
 
     sharded = dist.world > 1 and cfg.fsdp
     optimizer, names, lr_scales = build_optimizer(raw, cfg, device.type, sharded)  # AdamW, or Muon + AdamW
+    _say(dist, describe_optimizer(cfg, optimizer))
 
     # ---- length of the run ----------------------------------------------------------------------------------------
     rows_per_step = cfg.batch_size * cfg.grad_accum * dist.world  # the global batch
