@@ -2,7 +2,8 @@
 
     train(cfg) ->  setup (data, tokenizer, model, optimizer, maybe resume)
                ->  for each optimizer step: global batch -> this rank's micro-batches -> forward/backward
-                   -> clip -> optimizer step (AdamW, or Muon + AdamW: owngpt.optim); log; every eval_every steps: evaluate, save last/best, early stop
+                   -> clip -> optimizer step (AdamW, or Muon + AdamW: owngpt.optim); log;
+                   every eval_every steps: evaluate, save last/best, early stop
                ->  final evaluation and save
 
 What a task contributes (data, loss, metrics) is behind `owngpt.tasks.base.Task`; models come from transformers
@@ -19,9 +20,9 @@ The run dir:
     RUN/checkpoints/merged/  LoRA runs with merge_lora: the merged model alone
 
 Exact resume. Everything that decides the future of a run is saved at each checkpoint, inside checkpoints/last so
-that weights and trainer state are replaced together by one rename: weights, optimizer state (AdamW moments; Muon's momentum), step (the learning
-rate is a pure function of the step, so the "scheduler" is the step), python/numpy/torch RNG states of every rank
-(dropout), best metric and patience counter. The data position needs no state: a task's batch at step s is a pure
+that weights and trainer state are replaced together by one rename: weights, optimizer state (AdamW moments; Muon's
+momentum), step (the learning rate is a pure function of the step, so the "scheduler" is the step),
+python/numpy/torch RNG states of every rank (dropout), best metric and patience counter. The data position needs no state: a task's batch at step s is a pure
 function of (seed, s). So a run killed at any moment and resumed ends with the same weights, bitwise, on CPU.
 
 Scale-out. Under `torchrun --nproc_per_node N` each rank takes its slice of the same global batch
