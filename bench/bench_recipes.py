@@ -111,9 +111,21 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.88, help="validation loss to time (default 1.88)")
     ap.add_argument("--speed-steps", type=int, default=30, help="steps of each speed run (0 skips them)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    ap.add_argument(
+        "--from-log",
+        nargs="+",
+        metavar="STDERR_LOG",
+        help="write the tables from the stderr logs of earlier runs of this script (e.g. seeds run as separate "
+        "processes) instead of training",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     mid = min(1000, args.steps)
+    if args.from_log:
+        results, speeds = read_logs(args.from_log)
+        args.seeds = [r["seed"] for r in results[RUNS[0]]]
+        report(args, mid, results, speeds)
+        return
 
     results: dict[tuple[str, str], list[dict]] = {k: [] for k in RUNS}
     speeds: list[tuple[str, str, float, float]] = []
@@ -151,6 +163,28 @@ def main() -> None:
                 report(args, mid, results, speeds)
         finally:
             clock.close()
+
+
+def read_logs(paths: list[str]) -> tuple[dict, list]:
+    """The per-run result lines and speed lines this script prints to stderr, from one or more logs."""
+    import re
+
+    results: dict[tuple[str, str], list[dict]] = {k: [] for k in RUNS}
+    speeds = []
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines():
+            m = re.match(r"^(\S+) \+ (adamw|muon), seed \d+: (\{.*\})$", line)
+            if m and (m.group(1), m.group(2)) in results:
+                results[(m.group(1), m.group(2))].append(json.loads(m.group(3)))
+            m = re.match(r"^speed (\S+): adamw (\d+), muon (\d+) tokens/s$", line)
+            if m:
+                model = m.group(1)
+                speeds.append(
+                    (model, "llama" if model.startswith("llama") else "gpt2", float(m.group(2)), float(m.group(3)))
+                )
+    for rows in results.values():
+        rows.sort(key=lambda r: r["seed"])
+    return results, speeds
 
 
 def report(args: argparse.Namespace, mid: int, results: dict, speeds: list) -> None:
