@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.88, help="validation loss to time (default 1.88)")
     ap.add_argument("--speed-steps", type=int, default=30, help="steps of each speed run (0 skips them)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    ap.add_argument("--note", default="", help="a paragraph added under the tables (what disturbed this run)")
     ap.add_argument(
         "--from-log",
         nargs="+",
@@ -217,20 +218,32 @@ def report(args: argparse.Namespace, mid: int, results: dict, speeds: list) -> N
         "",
         f"| model + optimizer | val loss @ {mid} (per seed) | val loss @ {args.steps} (per seed) | median @ "
         f"{args.steps} | steps to {args.target} (per seed) | median time to {args.target} (s) | median train time "
-        f"(s) | time vs GPT-2+AdamW |",
-        "|---|---|---|---|---|---|---|---|",
+        f"(s) | time vs GPT-2+AdamW | time to {args.target} from tokens/s (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    rate = {(m, "adamw"): a for m, _, a, _ in speeds} | {(m, "muon"): mu for m, _, _, mu in speeds}
+    tokens_per_step = RECIPE["batch"] * RECIPE["block"]
     for model, opt in RUNS:
         rows = results[(model, opt)]
         if not rows:
             continue
         t = med(rows, "train_s")
+        hit = med(rows, "hit_step")
+        derived = fmt(hit * tokens_per_step / rate[(model, opt)], ".0f") if hit and (model, opt) in rate else "-"
         lines.append(
             f"| {LABEL[model]} (`{model}`) + {'AdamW' if opt == 'adamw' else 'Muon'} | "
             f"{', '.join(fmt(r['mid']) for r in rows)} | {', '.join(fmt(r['end']) for r in rows)} | "
             f"**{fmt(med(rows, 'end'))}** | {', '.join(str(r['hit_step']) if r['hit_step'] else '-' for r in rows)} | "
-            f"{fmt(med(rows, 'hit_s'), '.0f')} | {t:.0f} | {t / base_train:.2f}x |"
+            f"{fmt(med(rows, 'hit_s'), '.0f')} | {t:.0f} | {t / base_train:.2f}x | {derived} |"
         )
+    lines += [
+        "",
+        f"The last column is the median number of steps to {args.target} x {tokens_per_step} tokens a step / the "
+        "preset's tokens/s with that optimizer from the speed table below (measured back to back, so less disturbed "
+        "by other jobs than the long runs' wall times).",
+    ]
+    if args.note:
+        lines += ["", args.note]
     if speeds:
         lines += [
             "",
