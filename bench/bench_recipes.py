@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.88, help="validation loss to time (default 1.88)")
     ap.add_argument("--speed-steps", type=int, default=30, help="steps of each speed run (0 skips them)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    ap.add_argument(
+        "--only", nargs="+", metavar="MODEL+OPT", help="run only these of the four (e.g. llama-tiny+muon tiny+muon)"
+    )
     ap.add_argument("--note", default="", help="a paragraph added under the tables (what disturbed this run)")
     ap.add_argument(
         "--from-log",
@@ -144,6 +147,8 @@ def main() -> None:
         try:
             for seed in args.seeds:
                 for model, opt in RUNS:
+                    if args.only and f"{model}+{opt}" not in args.only:
+                        continue
                     curve, total = quality_run(
                         data, work / f"{model}-{opt}-{seed}", model, opt, args.steps, seed, args.eval_every, clock
                     )
