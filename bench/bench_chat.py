@@ -44,6 +44,7 @@ def run_language(name: str, src: Path, work: Path, steps: int, samples: int) -> 
             data=str(data),
             out=str(work / f"{name}-{task}"),
             model="tiny",
+            optimizer="adamw",  # what docs/benchmarks.md's chat numbers were measured with (a preset's default is Muon)
             max_steps=steps,
             batch_size=16,
             block_size=128,

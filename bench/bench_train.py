@@ -136,6 +136,7 @@ def owngpt_loop(
         data=str(data_dir),
         out=str(out),
         model=model,
+        optimizer="adamw",  # nanoGPT's recipe (owngpt's default for a preset is Muon: see bench_recipes.py)
         max_steps=steps,
         batch_size=r["batch"],
         block_size=r["block"],

@@ -44,6 +44,12 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_ckpt(tmp_path_factory) -> Path:
+    """A random tiny LLaMA-style LM checkpoint (char tokenizer, chat template). Do not modify it in tests."""
+    return fixtures.save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
 def tiny_lm_data(tmp_path_factory) -> Path:
     """A small language-modelling data dir in the documented format. Do not modify it in tests."""
     return fixtures.write_lm_data_dir(tmp_path_factory.mktemp("data") / "lm")

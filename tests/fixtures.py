@@ -70,12 +70,35 @@ def tiny_gpt2(
     return GPT2LMHeadModel(cfg).eval()
 
 
-def save_tiny_checkpoint(path: Path, task: str = "lm", **kw) -> Path:
-    """A random tiny GPT-2 checkpoint dir in owngpt's format (chat template included)."""
+def tiny_llama(
+    tokenizer,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 2,
+    n_positions: int = 128,
+    seed: int = 0,
+    task: str = "lm",
+    num_labels: int = 2,
+):
+    """A random tiny LLaMA-style model built as owngpt's llama presets are (owngpt.model_init.preset_config)."""
+    import torch
+
+    from owngpt.model_init import preset_config, preset_model_class
+
+    shape = {"arch": "llama", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "n_positions": n_positions}
+    overrides = {"num_labels": num_labels} if task == "classify" else {}
+    cfg = preset_config({**shape, "intermediate_size": 88}, tokenizer, 0.0, overrides)
+    torch.manual_seed(seed)
+    kind = "sequence_classification" if task == "classify" else "causal_lm"
+    return preset_model_class(cfg, kind)(cfg).eval()
+
+
+def save_tiny_checkpoint(path: Path, task: str = "lm", arch: str = "gpt2", **kw) -> Path:
+    """A random tiny GPT-2 (or, with arch="llama", LLaMA-style) checkpoint dir in owngpt's format."""
     from owngpt.checkpoint import save_checkpoint
 
     tok = char_tokenizer()
-    model = tiny_gpt2(tok, task=task, **kw)
+    model = (tiny_llama if arch == "llama" else tiny_gpt2)(tok, task=task, **kw)
     if task != "classify":
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id

@@ -181,13 +181,13 @@ def test_gguf_char_vocab_tokenizes_like_owngpt():
 
 
 def test_gguf_refuses_other_architectures(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
     from owngpt.checkpoint import save_checkpoint
 
     tok = fixtures.char_tokenizer()
-    m = LlamaForCausalLM(
-        LlamaConfig(
+    m = MistralForCausalLM(
+        MistralConfig(
             vocab_size=len(tok),
             hidden_size=32,
             intermediate_size=64,
@@ -196,8 +196,8 @@ def test_gguf_refuses_other_architectures(tmp_path):
             num_key_value_heads=2,
         )
     )
-    ck = save_checkpoint(tmp_path / "llama", m, tok, {"task": "lm"})
-    with pytest.raises(CheckpointError, match="GPT-2 architecture.*convert_hf_to_gguf"):
+    ck = save_checkpoint(tmp_path / "mistral", m, tok, {"task": "lm"})
+    with pytest.raises(CheckpointError, match="GPT-2 and LLaMA architectures.*convert_hf_to_gguf"):
         export(ck, tmp_path / "g", "gguf", measure_result=False)
     assert not (tmp_path / "g").exists()
 

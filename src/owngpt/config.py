@@ -18,6 +18,7 @@ from typing import Any
 
 from owngpt.device import check_spec
 from owngpt.errors import ConfigError
+from owngpt.optim import FSDP_REFUSAL
 
 
 @dataclass
@@ -37,7 +38,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches accumulated per optimizer step
     block_size: int | None = None  # tokens per sequence; default min(model context, 256)
     # optimizer and schedule
-    lr: float = 1e-3
+    optimizer: str = "auto"  # auto (muon from scratch, adamw for a pretrained model) | adamw | muon
+    lr: float = 1e-3  # AdamW's peak lr (with optimizer=muon: for embeddings, head, norms and biases)
     min_lr: float | None = None  # floor of the cosine/linear decay; default lr / 10
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 100
@@ -45,6 +47,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
+    muon_lr: float = 0.02  # optimizer=muon: peak lr of the hidden matrices, same schedule shape as lr
+    muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum of Muon
+    muon_weight_decay: float = 0.0  # optimizer=muon: decoupled decay of the hidden matrices (x muon_lr per step)
     dropout: float = 0.0
     seed: int = 1337
     # evaluation, checkpoints, early stopping
@@ -86,6 +91,7 @@ class TrainConfig:
             "task": ("lm", "chat", "mmi", "classify"),
             "schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "fp32", "bf16"),
+            "optimizer": ("auto", "adamw", "muon"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -101,6 +107,15 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be at least 1")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"muon_lr={self.muon_lr} must be positive")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError(FSDP_REFUSAL)
+        if self.optimizer == "muon" and self.lora:
+            raise ConfigError(
+                "optimizer=muon with lora=true is not supported: LoRA's rank-r factors are not the full hidden "
+                "matrices Muon orthogonalises; use optimizer=adamw (the default for fine-tuning)"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps} must be at least 1")
         if self.block_size is not None and self.block_size < 2:

@@ -37,6 +37,7 @@ class Estimate:
     assumed_utilisation: float
     train_tokens_per_s: float
     inference_tokens_per_s: float
+    arch: str = "gpt2"  # model_type: gpt2, llama, ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +57,7 @@ def _shape(spec: str, vocab_size: int | None) -> tuple[str, dict[str, int], int 
     if name is not None:
         shape = dict(PRESETS[name])
         shape["vocab_size"] = vocab_size or 50257
-        return "preset", shape, None
+        return "preset", shape, preset_parameters(shape, shape["vocab_size"])
     from owngpt.models import resolve_checkpoint
 
     path = resolve_checkpoint(spec)
@@ -70,6 +71,7 @@ def _shape(spec: str, vocab_size: int | None) -> tuple[str, dict[str, int], int 
         "n_head": int(get("n_head", "num_attention_heads")),
         "n_positions": int(get("n_positions", "max_position_embeddings", default=1024)),
         "vocab_size": int(vocab_size or cfg.vocab_size),
+        "arch": getattr(cfg, "model_type", None) or "unknown",
     }
     exact = None
     try:  # count exactly on the meta device: no memory, no weights read
@@ -88,6 +90,20 @@ def gpt2_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: int
     """GPT-2 parameter count with tied input/output embeddings: per block 12d^2 + 13d, plus embeddings and ln_f."""
     d = n_embd
     return vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def llama_parameters(n_layer: int, n_embd: int, vocab_size: int, intermediate_size: int) -> int:
+    """LLaMA-style count with tied embeddings, no biases: per block q, k, v, o (4d^2), SwiGLU's gate, up and down
+    (3·d·ffn) and two RMSNorm weights; plus the embedding and the final norm. No position table (rotary)."""
+    d = n_embd
+    return vocab_size * d + n_layer * (4 * d * d + 3 * d * intermediate_size + 2 * d) + d
+
+
+def preset_parameters(preset: dict[str, Any], vocab_size: int) -> int:
+    """Parameter count of a preset (owngpt.models.PRESETS entry) for `vocab_size`."""
+    if preset.get("arch") == "llama":
+        return llama_parameters(preset["n_layer"], preset["n_embd"], vocab_size, preset["intermediate_size"])
+    return gpt2_parameters(preset["n_layer"], preset["n_embd"], vocab_size, preset["n_positions"])
 
 
 def measure_matmul_gflops(seconds: float = 0.3, n: int = 1024) -> float:
@@ -145,6 +161,7 @@ def estimate(
         assumed_utilisation=utilisation,
         train_tokens_per_s=0.0,
         inference_tokens_per_s=0.0,
+        arch=s.get("arch", "gpt2"),
     )
     rate = gflops if gflops is not None else measure_matmul_gflops()
     est.measured_gflops = rate
@@ -172,7 +189,7 @@ def _fmt_count(n: float) -> str:
 def format_estimate(e: Estimate, total_tokens: int | None = None) -> str:
     lines = [
         f"model            {e.model} ({'from-scratch preset' if e.kind == 'preset' else 'local checkpoint'})",
-        f"shape            {e.n_layer} layers, {e.n_head} heads, {e.n_embd} dims, vocab {e.vocab_size}, "
+        f"shape            {e.arch}, {e.n_layer} layers, {e.n_head} heads, {e.n_embd} dims, vocab {e.vocab_size}, "
         f"context {e.context}",
         f"parameters       {_fmt_count(e.parameters)} ({e.parameters:,})",
         f"batch            {e.batch_size} x {e.seq_len} tokens",
@@ -180,7 +197,8 @@ def format_estimate(e: Estimate, total_tokens: int | None = None) -> str:
         f"  inference fp32 {_fmt_bytes(e.inference_fp32_bytes)}   bf16 {_fmt_bytes(e.inference_bf16_bytes)}"
         "   (weights + KV cache for the batch)",
         f"  training  fp32 {_fmt_bytes(e.train_fp32_bytes)}   bf16 {_fmt_bytes(e.train_bf16_bytes)}"
-        f"   (weights, grads, AdamW state, activations {_fmt_bytes(e.activations_fp32_bytes)} in fp32)",
+        f"   (weights, grads, AdamW state, activations {_fmt_bytes(e.activations_fp32_bytes)} in fp32; "
+        "Muon keeps one buffer per matrix instead of AdamW's two: less)",
         f"speed on this machine (matmul measured now: {e.measured_gflops:.0f} GFLOP/s fp32; "
         f"assuming {e.assumed_utilisation:.0%} utilisation)",
         f"  training       ~{e.train_tokens_per_s:,.0f} tokens/s  ({e.flops_per_token / 1e6:.1f} MFLOP per token)",

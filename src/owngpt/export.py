@@ -10,7 +10,7 @@ Targets:
   - int8: owngpt.quantize's format; loads through owngpt.checkpoint.load_model (generate, chat, serve).
   - onnx: `model.onnx` with a KV cache (inputs input_ids, attention_mask, position_ids, past_key_values.{i}.{key,value};
           outputs logits, present.{i}.{key,value}); checked against PyTorch at export (|dlogit| <= ONNX_TOLERANCE).
-  - gguf: GPT-2 architecture only, llama.cpp's tensor names and metadata, written with the `gguf` package.
+  - gguf: GPT-2 and LLaMA architectures, llama.cpp's tensor names and metadata, written with the `gguf` package.
 """
 
 from __future__ import annotations
@@ -779,10 +779,21 @@ def _is_byte_token(t: str) -> bool:
     return len(t) == 6 and t.startswith("<0x") and t.endswith(">")
 
 
+def llama_cpp_rope_permute(w: Any, n_head: int) -> Any:
+    """Reorder q_proj/k_proj rows for llama.cpp's LLaMA rotary embedding.
+
+    transformers rotates the pairs (i, i + head_dim/2) of each head (rotate_half); llama.cpp's LLaMA graph rotates
+    adjacent pairs (2i, 2i+1). Interleaving the two halves of each head's rows makes the second compute the first:
+    the same permutation as llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute).
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Path:
-    """A GGUF file for llama.cpp (GPT-2 architecture): tensor names mapped with gguf's own GPT-2 name map.
+    """A GGUF file for llama.cpp (GPT-2 or LLaMA architecture): tensor names mapped with gguf's own name maps.
 
     GPT-2's Conv1D weights are stored [in, out]; GGUF (like nn.Linear) wants [out, in], so they are transposed.
+    LLaMA's q/k projections are permuted for llama.cpp's rotary layout (llama_cpp_rope_permute).
     1-D tensors (norms, biases) stay f32 as llama.cpp expects; matrices are f16 or f32 (`dtype`).
     """
     import numpy as np
@@ -790,31 +801,52 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
 
     gguf = require("gguf", "export")
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "gpt2":
+    arch = getattr(cfg, "model_type", None)
+    if arch not in ("gpt2", "llama"):
         raise CheckpointError(
-            f"gguf export supports the GPT-2 architecture only (this checkpoint is {cfg.model_type!r}); export with "
-            "`owngpt export CKPT --out DIR --to hf` and convert DIR with llama.cpp's convert_hf_to_gguf.py"
+            f"gguf export supports the GPT-2 and LLaMA architectures (this checkpoint is {cfg.model_type!r}); "
+            "export with `owngpt export CKPT --out DIR --to hf` and convert DIR with llama.cpp's convert_hf_to_gguf.py"
         )
     if dtype not in ("f16", "f32"):
         raise ConfigError(f"--gguf-type {dtype}: choose f16 or f32")
     from transformers.pytorch_utils import Conv1D
 
     fields = gguf_tokenizer_fields(tokenizer, cfg.vocab_size)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
+    n_layer = cfg.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2, n_layer)
     conv = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     with atomic_dir(out) as tmp:
         f = tmp / "model.gguf"
-        w = gguf.GGUFWriter(str(f), "gpt2")
+        w = gguf.GGUFWriter(str(f), arch)
         w.add_name(Path(str(getattr(cfg, "name_or_path", "") or "owngpt")).name or "owngpt")
-        # the trained context, not the position table: llama.cpp would otherwise read untrained positions
-        w.add_context_length(getattr(model, "owngpt_context", None) or cfg.n_positions)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
-        w.add_head_count(cfg.n_head)
-        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        w.add_block_count(n_layer)
+        if arch == "llama":
+            heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            rope = getattr(cfg, "rope_parameters", None) or {}
+            if rope.get("rope_type", "default") != "default":
+                raise CheckpointError(
+                    f"gguf export: rope scaling {rope.get('rope_type')!r} is not written by owngpt; export with "
+                    "--to hf and convert with llama.cpp's convert_hf_to_gguf.py"
+                )
+            # the trained context, not the position table: llama.cpp would otherwise read untrained positions
+            w.add_context_length(getattr(model, "owngpt_context", None) or cfg.max_position_embeddings)
+            w.add_embedding_length(cfg.hidden_size)
+            w.add_feed_forward_length(cfg.intermediate_size)
+            w.add_head_count(heads)
+            w.add_head_count_kv(kv_heads)
+            w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+            w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+            w.add_rope_dimension_count(head_dim)
+            w.add_vocab_size(cfg.vocab_size)
+        else:
+            w.add_context_length(getattr(model, "owngpt_context", None) or cfg.n_positions)
+            w.add_embedding_length(cfg.n_embd)
+            w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+            w.add_head_count(cfg.n_head)
+            w.add_layer_norm_eps(cfg.layer_norm_epsilon)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-2" if _is_byte_level(tokenizer) else "default")
@@ -829,18 +861,20 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
             w.add_eos_token_id(eos)
         if tokenizer.pad_token_id is not None:
             w.add_pad_token_id(tokenizer.pad_token_id)
-        w.add_add_bos_token(False)  # GPT-2 does not prepend BOS
+        w.add_add_bos_token(False)  # owngpt's models are trained without a BOS token in front
         if getattr(tokenizer, "chat_template", None):
             w.add_chat_template(tokenizer.chat_template)
         for name, t in model.state_dict().items():
             if tied and name == "lm_head.weight":
-                continue  # llama.cpp reuses token_embd when output.weight is absent (GPT-2 ties them)
+                continue  # llama.cpp reuses token_embd when output.weight is absent (tied embeddings)
             gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise CheckpointError(f"gguf export: no llama.cpp name for tensor {name}")
             t = t.detach().to(torch.float32)
             if name in conv:
                 t = t.t()
+            elif arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+                t = llama_cpp_rope_permute(t, heads if ".q_proj." in name else kv_heads)
             a = np.ascontiguousarray(t.numpy())
             if dtype == "f16" and a.ndim == 2:
                 a = a.astype(np.float16)

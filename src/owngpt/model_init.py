@@ -1,6 +1,6 @@
 """Building the model a run trains: from a preset or a local checkpoint; checks, freezing and LoRA.
 
-Models always come from transformers (`GPT2LMHeadModel` for presets, `AutoModelForCausalLM` /
+Models always come from transformers (`GPT2LMHeadModel` or `LlamaForCausalLM` for presets, `AutoModelForCausalLM` /
 `AutoModelForSequenceClassification` for checkpoints); this module only decides which one, refuses the
 combinations that cannot work (a tokenizer the model was not trained with, a block size beyond its context) and
 applies what the run asks for (dropout, freezing, LoRA through peft).
@@ -79,37 +79,75 @@ def set_dropout(config: Any, p: float) -> None:
             setattr(config, key, p)
 
 
+def preset_config(preset: dict[str, Any], tokenizer: Any, dropout: float, overrides: dict[str, Any]) -> Any:
+    """The transformers config of a from-scratch preset (GPT2Config or LlamaConfig) for this tokenizer."""
+    from owngpt.models import preset_arch
+
+    p = dropout
+    special = dict(
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if preset_arch(preset) == "llama":
+        from transformers import LlamaConfig
+
+        fields = dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=preset["n_positions"],
+            hidden_size=preset["n_embd"],
+            intermediate_size=preset["intermediate_size"],
+            num_hidden_layers=preset["n_layer"],
+            num_attention_heads=preset["n_head"],
+            num_key_value_heads=preset["n_head"],
+            # tied input/output embeddings as GPT-2 (and small LLaMA-family models): at 128 dims with a 50k
+            # vocabulary the embedding is most of the model, two copies would double it
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            attention_dropout=p,  # LLaMA has no residual/embedding dropout, only on attention probabilities
+            **special,
+        )
+        return LlamaConfig(**{**fields, **overrides})
+    from transformers import GPT2Config
+
+    fields = dict(
+        vocab_size=len(tokenizer),
+        n_positions=preset["n_positions"],
+        n_embd=preset["n_embd"],
+        n_layer=preset["n_layer"],
+        n_head=preset["n_head"],
+        # exact GELU (as nanoGPT and BERT) instead of GPT-2's tanh approximation `gelu_new`, which transformers
+        # computes in eight elementwise ops: on this CPU the fused exact kernel's forward + backward is 5x
+        # faster (0.8 vs 4.0 ms on a 12x64x512 activation), a 20% shorter training step at nanoGPT's CPU size.
+        # The two differ by < 5e-4 anywhere; checkpoints record it in config.json.
+        activation_function="gelu",
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+        **special,
+    )
+    return GPT2Config(**{**fields, **overrides})
+
+
+def preset_model_class(config: Any, model_kind: str) -> Any:
+    """transformers' class for a preset config: (GPT2|Llama)(LMHeadModel|ForCausalLM|ForSequenceClassification)."""
+    import transformers
+
+    classify = model_kind == "sequence_classification"
+    if config.model_type == "llama":
+        return transformers.LlamaForSequenceClassification if classify else transformers.LlamaForCausalLM
+    return transformers.GPT2ForSequenceClassification if classify else transformers.GPT2LMHeadModel
+
+
 def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any:
     """A fresh model: preset (random init seeded by cfg.seed) or a local checkpoint's weights (safetensors)."""
     import torch
 
     overrides = task.model_config_overrides()
     if source.kind == "preset":
-        from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-
-        p = cfg.dropout
-        fields = dict(
-            vocab_size=len(tokenizer),
-            n_positions=source.preset["n_positions"],
-            n_embd=source.preset["n_embd"],
-            n_layer=source.preset["n_layer"],
-            n_head=source.preset["n_head"],
-            # exact GELU (as nanoGPT and BERT) instead of GPT-2's tanh approximation `gelu_new`, which transformers
-            # computes in eight elementwise ops: on this CPU the fused exact kernel's forward + backward is 5x
-            # faster (0.8 vs 4.0 ms on a 12x64x512 activation), a 20% shorter training step at nanoGPT's CPU size.
-            # The two differ by < 5e-4 anywhere; checkpoints record it in config.json.
-            activation_function="gelu",
-            resid_pdrop=p,
-            embd_pdrop=p,
-            attn_pdrop=p,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        config = GPT2Config(**{**fields, **overrides})
+        config = preset_config(source.preset, tokenizer, cfg.dropout, overrides)
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
-        cls = GPT2ForSequenceClassification if task.model_kind == "sequence_classification" else GPT2LMHeadModel
-        return cls(config)
+        return preset_model_class(config, task.model_kind)(config)
     from owngpt.checkpoint import load_config, load_model, read_meta
 
     if read_meta(source.path).get("quantization"):
@@ -162,8 +200,11 @@ def freeze(model: Any, embeddings: bool, layers: int) -> list[str]:
 
 
 def default_lora_targets(model: Any) -> list[str] | str:
-    if getattr(model.config, "model_type", "") == "gpt2":
+    model_type = getattr(model.config, "model_type", "")
+    if model_type == "gpt2":
         return ["c_attn", "c_proj", "c_fc"]  # GPT-2's attention and MLP projections (transformers' Conv1D)
+    if model_type == "llama":  # attention and SwiGLU projections; not lm_head (tied to the embeddings)
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return "all-linear"
 
 

@@ -9,6 +9,7 @@
   ||output weights||, the product because a neuron with either side near zero contributes nothing) are removed, so
   c_fc and c_proj really shrink and `config.n_inner` records the new width; the same count per layer, since GPT-2's
   config has one n_inner. The result is a plain GPT-2 checkpoint that transformers loads from config.json alone.
+  LLaMA-style models (SwiGLU: gate, up and down projections) shrink the same way; `intermediate_size` records it.
 - Structured `heads`: refused. transformers 5 dropped `prune_heads` and `config.pruned_heads`, and GPT-2's attention
   needs n_head x head_dim == n_embd, so a model with fewer heads cannot be described by config.json without custom
   code.
@@ -85,16 +86,19 @@ def magnitude_prune(model: Any, amount: float, scope: str = "global") -> Any:
 
 
 def prune_mlp(model: Any, amount: float) -> int:
-    """Remove the `amount` fraction of least important MLP neurons in every GPT-2 block; returns the new n_inner."""
+    """Remove the `amount` fraction of least important MLP neurons in every block (GPT-2 or LLaMA-style); returns the
+    new MLP width (config.n_inner for GPT-2, config.intermediate_size for LLaMA)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) == "llama":
+        return _prune_swiglu(model, amount)
+    if getattr(cfg, "model_type", None) != "gpt2":
+        raise ConfigError(
+            f"--structured mlp supports the GPT-2 and LLaMA architectures (this checkpoint is {cfg.model_type!r}); "
+            "use unstructured pruning (no --structured) for other models"
+        )
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    cfg = model.config
-    if getattr(cfg, "model_type", None) != "gpt2":
-        raise ConfigError(
-            f"--structured mlp supports the GPT-2 architecture (this checkpoint is {cfg.model_type!r}); "
-            "use unstructured pruning (no --structured) for other models"
-        )
     blocks = model.transformer.h
     inner = blocks[0].mlp.c_fc.weight.shape[1]
     keep_n = max(1, round(inner * (1 - amount)))
@@ -110,6 +114,33 @@ def prune_mlp(model: Any, amount: float) -> int:
             new_proj.bias.copy_(proj.bias)
         block.mlp.c_fc, block.mlp.c_proj = new_fc, new_proj
     cfg.n_inner = keep_n
+    return keep_n
+
+
+def _prune_swiglu(model: Any, amount: float) -> int:
+    """LLaMA's SwiGLU MLP, down(silu(gate(x)) * up(x)): a neuron is a row of gate and up and a column of down;
+    its importance is the product of the three norms (any one near zero silences it)."""
+    import torch
+
+    layers = model.model.layers
+    inner = layers[0].mlp.gate_proj.weight.shape[0]
+    keep_n = max(1, round(inner * (1 - amount)))
+    for layer in layers:
+        mlp = layer.mlp  # nn.Linear: gate/up.weight (inner, C), down.weight (C, inner); no biases in LLaMA presets
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        importance = (
+            gate.weight.detach().norm(dim=1) * up.weight.detach().norm(dim=1) * down.weight.detach().norm(dim=0)
+        )
+        keep = importance.topk(keep_n).indices.sort().values
+        for name, old, rows in (("gate_proj", gate, True), ("up_proj", up, True), ("down_proj", down, False)):
+            w = old.weight.detach()[keep] if rows else old.weight.detach()[:, keep]
+            new = torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, dtype=w.dtype)
+            with torch.no_grad():
+                new.weight.copy_(w)
+                if old.bias is not None:
+                    new.bias.copy_(old.bias.detach()[keep] if rows else old.bias.detach())
+            setattr(mlp, name, new)
+    model.config.intermediate_size = keep_n
     return keep_n
 
 
@@ -225,10 +256,9 @@ def _prune(
     info: dict[str, Any] = {"sparsity": amount, "structured": structured, "scope": None if structured else scope}
     if structured == "mlp":
         before = sum(p.numel() for p in model.parameters())
-        info["n_inner"] = {
-            "before": original.config.n_inner or 4 * original.config.n_embd,
-            "after": prune_mlp(model, amount),
-        }
+        c = original.config
+        width = c.intermediate_size if c.model_type == "llama" else (c.n_inner or 4 * c.n_embd)
+        info["n_inner"] = {"before": width, "after": prune_mlp(model, amount)}  # the MLP width, either architecture
         info["parameters"] = {"before": before, "after": sum(p.numel() for p in model.parameters())}
     else:
         magnitude_prune(model, amount, scope)

@@ -193,6 +193,11 @@ def build_quantized_model(config: Any, tensors: dict[str, Any], info: dict[str, 
         head = info.get("output_head")
         if head:  # the head reuses the same int8 matrix (the tie), as a dynamic int8 linear
             _set_module(model, head, _int8_linear(*tied, None))
+    # buffers computed at init and never saved (LLaMA's rotary `inv_freq`) are still on the meta device: build
+    # those modules again from the config, on the CPU
+    for mname, mod in list(model.named_modules()):
+        if any(b.is_meta and n in mod._non_persistent_buffers_set for n, b in mod.named_buffers(recurse=False)):
+            _set_module(model, mname, type(mod)(config=config))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"int8 checkpoint lacks tensors {left[:5]}: it is incomplete or from another model")

@@ -2,7 +2,8 @@
 
     train(cfg) ->  setup (data, tokenizer, model, optimizer, maybe resume)
                ->  for each optimizer step: global batch -> this rank's micro-batches -> forward/backward
-                   -> clip -> AdamW step; log; every eval_every steps: evaluate, save last/best, early stop
+                   -> clip -> optimizer step (AdamW, or Muon + AdamW: owngpt.optim); log;
+                   every eval_every steps: evaluate, save last/best, early stop
                ->  final evaluation and save
 
 What a task contributes (data, loss, metrics) is behind `owngpt.tasks.base.Task`; models come from transformers
@@ -19,9 +20,9 @@ The run dir:
     RUN/checkpoints/merged/  LoRA runs with merge_lora: the merged model alone
 
 Exact resume. Everything that decides the future of a run is saved at each checkpoint, inside checkpoints/last so
-that weights and trainer state are replaced together by one rename: weights, AdamW moments, step (the learning
-rate is a pure function of the step, so the "scheduler" is the step), python/numpy/torch RNG states of every rank
-(dropout), best metric and patience counter. The data position needs no state: a task's batch at step s is a pure
+that weights and trainer state are replaced together by one rename: weights, optimizer state (AdamW moments; Muon's
+momentum), step (the learning rate is a pure function of the step, so the "scheduler" is the step),
+python/numpy/torch RNG states of every rank (dropout), best metric and patience counter. The data position needs no state: a task's batch at step s is a pure
 function of (seed, s). So a run killed at any moment and resumed ends with the same weights, bitwise, on CPU.
 
 Scale-out. Under `torchrun --nproc_per_node N` each rank takes its slice of the same global batch
@@ -51,6 +52,8 @@ from owngpt.checkpoint import run_relative
 from owngpt.config import TrainConfig, save_config
 from owngpt.device import Placement, announce, autocast_dtype, configure_matmul
 from owngpt.errors import CheckpointError, ConfigError, DataError
+from owngpt.optim import build_optimizer, check_saved_optimizer, resolve_optimizer, set_lr, torch_optimizers
+from owngpt.optim import describe as describe_optimizer
 from owngpt.outdir import RUN, Replacement, check_out, check_replaceable, kind_of, recover_old, swap_in
 from owngpt.train_step import LossMeter, Prefetcher, build_step, forward_and_loss, loss_scale, to_device
 
@@ -172,21 +175,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
-def param_groups(model: Any, weight_decay: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """AdamW groups: weight decay on 2-D weights (matmuls, embeddings) only, none on biases and norms (nanoGPT).
-
-    Returns the groups and the parameter names in optimizer order (the key of the saved optimizer state).
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [(n, p) for n, p in named if p.dim() >= 2]
-    no_decay = [(n, p) for n, p in named if p.dim() < 2]
-    groups = [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
-    ]
-    return groups, [n for n, _ in decay] + [n for n, _ in no_decay]
-
-
 # --- trainer state (resume) ------------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
     import numpy as np
@@ -297,7 +285,7 @@ def _load_optimizer(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True) if sharded else None
-    set_optimizer_state_dict(model, optimizer, named, options=options)
+    set_optimizer_state_dict(model, torch_optimizers(optimizer), named, options=options)
 
 
 # --- observability ---------------------------------------------------------------------------------------------
@@ -630,6 +618,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
 
         tokenizer.chat_template = CHAT_TEMPLATE  # stored in the checkpoint for apply_chat_template
     source = resolve_model_source(cfg.model)
+    cfg.optimizer = resolve_optimizer(cfg, source.pretrained)  # `auto` -> adamw | muon, recorded in config.yaml
     block_size = _resolve_block_size(cfg, source)
     cfg.block_size = block_size
     trained_ctx = _trained_context(source, block_size)
@@ -720,11 +709,8 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     step_loss = forward_and_loss(task, fwd, compile=cfg.compile and dist.world == 1)
 
     sharded = dist.world > 1 and cfg.fsdp
-    groups, names = param_groups(raw, cfg.weight_decay)
-    # the fused kernel (one pass over each tensor) on CPU too: 5-10% of a small model's step; FSDP's sharded
-    # DTensor parameters take the default (foreach) implementation
-    fused = device.type in ("cuda", "cpu") and not sharded
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    optimizer, names, lr_scales = build_optimizer(raw, cfg, device.type, sharded)  # AdamW, or Muon + AdamW
+    _say(dist, describe_optimizer(cfg, optimizer))
 
     # ---- length of the run ----------------------------------------------------------------------------------------
     rows_per_step = cfg.batch_size * cfg.grad_accum * dist.world  # the global batch
@@ -736,6 +722,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     # ---- resume -------------------------------------------------------------------------------------------------
     step, best, best_step, bad_evals = 0, None, None, 0
     if state_meta is not None:
+        check_saved_optimizer(state_meta.get("config", {}), cfg.optimizer)
         _load_optimizer(optimizer, names, state_meta, state_tensors, raw, sharded)
         step = state_meta["step"]
         best, best_step = _reconcile_best(out / "checkpoints", state_meta, metric, dist)
@@ -781,12 +768,12 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             full_weights = get_model_state_dict(raw, options=opts)
-            osd = get_optimizer_state_dict(raw, optimizer, options=opts) if with_state else None
+            osd = get_optimizer_state_dict(raw, torch_optimizers(optimizer), options=opts) if with_state else None
         else:
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
             # parameter names as keys (the same form as FSDP's full state dict above), from torch's public API
-            full_weights, osd = None, get_optimizer_state_dict(raw, optimizer) if with_state else None
+            full_weights, osd = None, get_optimizer_state_dict(raw, torch_optimizers(optimizer)) if with_state else None
         if not dist.main:
             return
         if full_weights is not None:
@@ -865,8 +852,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
         while step < total_steps:
             # learning rate of this step (a pure function of the step, see lr_at)
             lr = lr_at(step, cfg, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr, lr_scales)
 
             # this step's share of the global batch (a pure function of the step), built ahead
             sb = batches.get(step)

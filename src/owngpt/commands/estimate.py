@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="a preset (tiny, mini, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local model dir",
+        help="a preset (tiny, mini, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl; llama-tiny, llama-mini, "
+        "llama-small, llama-base, llama-medium, llama-large, llama-xl) or a local model dir",
     )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")

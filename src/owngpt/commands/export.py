@@ -16,7 +16,7 @@ targets (--to):
   onnx   OUT/model.onnx with a KV cache (inputs input_ids, attention_mask, position_ids,
          past_key_values.N.key/value; outputs logits, present.N.key/value) for onnxruntime; logits checked
          against PyTorch at export (max |difference| <= 1e-3)
-  gguf   OUT/model.gguf for llama.cpp (GPT-2 architecture only; others: --to hf, then llama.cpp's
+  gguf   OUT/model.gguf for llama.cpp (GPT-2 and LLaMA architectures; others: --to hf, then llama.cpp's
          convert_hf_to_gguf.py)
 
 Every export writes OUT/report.json and prints: size on disk of the weights, decode tokens/s (greedy, batch 1) and,

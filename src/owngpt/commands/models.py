@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     print("From-scratch presets (random initial weights; parameters with GPT-2's 50,257-token vocabulary):")
-    print(f"  {'--model':<22}{'layers':>7}{'heads':>7}{'dims':>7}{'context':>9}{'params':>10}")
+    print(f"  {'--model':<22}{'arch':>6}{'layers':>7}{'heads':>7}{'dims':>7}{'context':>9}{'params':>10}")
     for p in presets:
         print(
-            f"  {p['model']:<22}{p['n_layer']:>7}{p['n_head']:>7}{p['n_embd']:>7}{p['n_positions']:>9}"
+            f"  {p['model']:<22}{p['arch']:>6}{p['n_layer']:>7}{p['n_head']:>7}{p['n_embd']:>7}{p['n_positions']:>9}"
             f"{_fmt_params(p['parameters']):>10}"
         )
     print("  (bare gpt2, gpt2-medium, ... mean OpenAI's pretrained weights from the Hub, never these presets)")

@@ -24,7 +24,10 @@ examples:
   torchrun --nproc_per_node 4 -m owngpt train --data data/big --out runs/big --model small   (data parallel)
 
 presets (--model): tiny (4 layers x 128), mini (6 x 192), small (6 x 384), scratch:gpt2 (12 x 768),
-scratch:gpt2-medium, scratch:gpt2-large, scratch:gpt2-xl; or a local checkpoint dir."""
+scratch:gpt2-medium, scratch:gpt2-large, scratch:gpt2-xl (GPT-2); llama-tiny, llama-mini, llama-small,
+llama-base (12 x 768), llama-medium, llama-large, llama-xl (LLaMA-style: rotary positions, RMSNorm, SwiGLU);
+or a local checkpoint dir. optimizer=auto trains a preset with Muon (+ AdamW for embeddings, head, norms) and
+fine-tunes a checkpoint with AdamW; see docs/training.md."""
 
 # (flag, config key, type, help): the common settings as flags; everything else via key=value
 _FLAGS = [
@@ -33,7 +36,8 @@ _FLAGS = [
     ("--epochs", "epochs", float, "passes over the train split (default 1 when --max-steps is not given)"),
     ("--batch-size", "batch_size", int, "sequences per micro-batch per process"),
     ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimizer step"),
-    ("--lr", "lr", float, "peak learning rate"),
+    ("--lr", "lr", float, "peak learning rate (AdamW's; Muon's is muon_lr)"),
+    ("--optimizer", "optimizer", str, "auto (muon from scratch, adamw for a pretrained model) | adamw | muon"),
     ("--block-size", "block_size", int, "tokens per sequence (default: min(model context, 256))"),
     ("--eval-every", "eval_every", int, "steps between evaluations and checkpoints"),
     ("--patience", "patience", int, "evaluations without improvement before stopping early"),
@@ -107,7 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="a preset (tiny, mini, small, scratch:gpt2...) or a local Hugging Face checkpoint dir (default tiny)",
+        help="a preset (tiny, mini, small, scratch:gpt2..., llama-tiny, llama-mini...) or a local Hugging Face "
+        "checkpoint dir (default tiny)",
     )
     p.add_argument(
         "--config", default=None, metavar="RUN.yaml", help="settings from a YAML file (e.g. a run's config.yaml)"

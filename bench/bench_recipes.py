@@ -1,0 +1,271 @@
+"""From-scratch recipes on nanoGPT's CPU budget: GPT-2 or LLaMA-style model, AdamW or Muon, through owngpt's `train()`.
+
+    nice python bench/bench_recipes.py                       # the numbers in docs/benchmarks.md (bench:recipes)
+    python bench/bench_recipes.py --steps 300 --seeds 1 --no-write   # a quick check
+
+Quality: nanoGPT's CPU recipe (bench_train.RECIPE: character-level Tiny Shakespeare, 4 layers, 4 heads, 128 dims,
+batch 12 x 64, warmup 100, cosine to lr/10, AdamW lr 1e-3, weight decay 0.1, beta2 0.99, clip 1.0, no dropout) for
+`--steps` steps, four ways, interleaved per seed:
+
+    tiny       + adamw   nanoGPT's recipe (GPT-2, what bench_train/bench_nanogpt measure)
+    tiny       + muon    Muon (muon_lr 0.02) on the block matrices, AdamW 1e-3 on embeddings, head, norms, biases
+    llama-tiny + adamw   LLaMA-style (rotary, RMSNorm, SwiGLU 344, tied embeddings)
+    llama-tiny + muon
+
+Every run evaluates on the whole validation split every `--eval-every` steps. Reported: the loss at steps 1,000 and
+--steps of the same run (the cosine runs to --steps, so step 1,000 is mid-schedule), and the training wall time until
+the first evaluation at or below --target (nanoGPT README's 1.88): wall time of the call minus the time spent in
+evaluations (measured by wrapping the task's evaluate in this process), checkpoint saves included.
+
+Speed: training tokens/s of every preset pair (GPT-2 and LLaMA-style, tiny/mini/small) with each optimizer, batch
+12 x 64, median of the logged windows after the first.
+
+One intra-op thread (what the small model runs fastest with on a shared CPU, see NOTES), `nice`d by the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _doc  # bench/ is on sys.path when a script runs
+import torch
+from bench_train import RECIPE, prepare
+
+RUNS = (("tiny", "adamw"), ("tiny", "muon"), ("llama-tiny", "adamw"), ("llama-tiny", "muon"))
+LABEL = {"tiny": "GPT-2", "llama-tiny": "LLaMA-style"}
+
+
+class EvalClock:
+    """Seconds spent inside the LM task's evaluate (wrapped for the duration of the benchmark)."""
+
+    def __init__(self) -> None:
+        from owngpt.tasks.base import CausalLMTask
+
+        self.cls, self.original, self.seconds = CausalLMTask, CausalLMTask.evaluate, 0.0
+        clock = self
+
+        def timed(task, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return clock.original(task, *args, **kwargs)
+            finally:
+                clock.seconds += time.perf_counter() - t
+
+        CausalLMTask.evaluate = timed
+
+    def close(self) -> None:
+        self.cls.evaluate = self.original
+
+
+def config(data: Path, out: Path, model: str, optimizer: str, steps: int, seed: int, **kw):
+    from owngpt.config import TrainConfig
+
+    r = RECIPE
+    base = dict(
+        task="lm", data=str(data), out=str(out), model=model, optimizer=optimizer, max_steps=steps,
+        batch_size=r["batch"], block_size=r["block"], lr=r["lr"], min_lr=r["min_lr"], warmup_steps=r["warmup"],
+        weight_decay=r["weight_decay"], beta2=r["beta2"], grad_clip=r["grad_clip"], dropout=0.0, seed=seed,
+        log_every=50, overwrite=True,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quality_run(data: Path, out: Path, model: str, optimizer: str, steps: int, seed: int, every: int, clock):
+    """(curve [(step, val_loss, train seconds)], total seconds) of one run."""
+    from owngpt.train import train
+
+    curve: list[tuple[int, float, float]] = []
+    t0, e0 = time.perf_counter(), clock.seconds
+
+    def record(step: int, metrics: dict) -> None:
+        curve.append((step, metrics["val_loss"], time.perf_counter() - t0 - (clock.seconds - e0)))
+
+    cfg = config(data, out, model, optimizer, steps, seed, eval_every=every, eval_batches=0)
+    train(cfg, callbacks=[record])
+    return curve, time.perf_counter() - t0
+
+
+def speed_run(data: Path, out: Path, model: str, optimizer: str, steps: int) -> float:
+    from owngpt.train import train
+
+    cfg = config(data, out, model, optimizer, steps, 1, eval_every=steps, eval_batches=1, log_every=10)
+    train(cfg)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [x["tokens_per_s"] for x in recs if "tokens_per_s" in x][1:]
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2000, help="steps of every quality run (default 2000)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds (default 1 2)")
+    ap.add_argument("--eval-every", type=int, default=200, help="steps between whole-split evaluations")
+    ap.add_argument("--target", type=float, default=1.88, help="validation loss to time (default 1.88)")
+    ap.add_argument("--speed-steps", type=int, default=30, help="steps of each speed run (0 skips them)")
+    ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    ap.add_argument(
+        "--only", nargs="+", metavar="MODEL+OPT", help="run only these of the four (e.g. llama-tiny+muon tiny+muon)"
+    )
+    ap.add_argument("--note", default="", help="a paragraph added under the tables (what disturbed this run)")
+    ap.add_argument(
+        "--from-log",
+        nargs="+",
+        metavar="STDERR_LOG",
+        help="write the tables from the stderr logs of earlier runs of this script (e.g. seeds run as separate "
+        "processes) instead of training",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    mid = min(1000, args.steps)
+    if args.from_log:
+        results, speeds = read_logs(args.from_log)
+        args.seeds = [r["seed"] for r in results[RUNS[0]]]
+        report(args, mid, results, speeds)
+        return
+
+    results: dict[tuple[str, str], list[dict]] = {k: [] for k in RUNS}
+    speeds: list[tuple[str, str, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
+        work = Path(tmp)
+        data = prepare(work / "char", "char")
+        if args.speed_steps:  # first: short, and what a reader of a partial run needs too
+            for gpt2, llama in (("tiny", "llama-tiny"), ("mini", "llama-mini"), ("small", "llama-small")):
+                for model in (gpt2, llama):
+                    a = speed_run(data, work / f"speed-{model}-a", model, "adamw", args.speed_steps)
+                    m = speed_run(data, work / f"speed-{model}-m", model, "muon", args.speed_steps)
+                    speeds.append((model, "llama" if model.startswith("llama") else "gpt2", a, m))
+                    print(f"speed {model}: adamw {a:.0f}, muon {m:.0f} tokens/s", file=sys.stderr, flush=True)
+        clock = EvalClock()
+        try:
+            for seed in args.seeds:
+                for model, opt in RUNS:
+                    if args.only and f"{model}+{opt}" not in args.only:
+                        continue
+                    curve, total = quality_run(
+                        data, work / f"{model}-{opt}-{seed}", model, opt, args.steps, seed, args.eval_every, clock
+                    )
+                    at = dict((s, v) for s, v, _ in curve)
+                    hit = next(((s, t) for s, v, t in curve if v <= args.target), None)
+                    row = {
+                        "seed": seed,
+                        "mid": at.get(mid),
+                        "end": at[args.steps],
+                        "hit_step": hit[0] if hit else None,
+                        "hit_s": hit[1] if hit else None,
+                        "train_s": curve[-1][2],
+                        "total_s": total,
+                    }
+                    results[(model, opt)].append(row)
+                    print(f"{model} + {opt}, seed {seed}: {json.dumps(row)}", file=sys.stderr, flush=True)
+                # after every seed: a run stopped later (shared machine, deadline) still leaves its table
+                report(args, mid, results, speeds)
+        finally:
+            clock.close()
+
+
+def read_logs(paths: list[str]) -> tuple[dict, list]:
+    """The per-run result lines and speed lines this script prints to stderr, from one or more logs."""
+    import re
+
+    results: dict[tuple[str, str], list[dict]] = {k: [] for k in RUNS}
+    speeds = []
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines():
+            m = re.match(r"^(\S+) \+ (adamw|muon), seed \d+: (\{.*\})$", line)
+            if m and (m.group(1), m.group(2)) in results:
+                results[(m.group(1), m.group(2))].append(json.loads(m.group(3)))
+            m = re.match(r"^speed (\S+): adamw (\d+), muon (\d+) tokens/s$", line)
+            if m:
+                model = m.group(1)
+                speeds.append(
+                    (model, "llama" if model.startswith("llama") else "gpt2", float(m.group(2)), float(m.group(3)))
+                )
+    for rows in results.values():
+        rows.sort(key=lambda r: r["seed"])
+    return results, speeds
+
+
+def report(args: argparse.Namespace, mid: int, results: dict, speeds: list) -> None:
+    seeds = [r["seed"] for r in results[RUNS[0]]]
+
+    def med(rows, key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return statistics.median(vals) if len(vals) == len(rows) else None
+
+    def fmt(x, spec=".4f"):
+        return "not reached" if x is None else format(x, spec)
+
+    base_train = med(results[RUNS[0]], "train_s")
+    lines = [
+        "## from-scratch recipes: GPT-2 or LLaMA-style, AdamW or Muon (`bench/bench_recipes.py`)",
+        "",
+        f"Command: `nice python bench/bench_recipes.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
+        f"--eval-every {args.eval_every} --speed-steps {args.speed_steps}` — {time.strftime('%Y-%m-%d')}, "
+        f"{platform.machine()}, torch {torch.__version__}, one intra-op thread; seeds finished: "
+        f"{', '.join(map(str, seeds))}.",
+        "**The machine (2 cores) was shared with seven other engineers' jobs during this run**: wall times are",
+        "inflated (several times slower than alone) and noisy; compare rows of the same run, not other sections.",
+        "",
+        f"nanoGPT's CPU recipe (character-level Tiny Shakespeare, 4 layers, 4 heads, 128 dims, batch 12 x 64, warmup "
+        f"100, cosine to lr/10 over {args.steps} steps, AdamW lr 1e-3; Muon lr 0.02 on the block matrices), through "
+        f"owngpt's `train()`, each run once per seed, interleaved. Validation loss over the whole validation split "
+        f"(111,540 characters) every {args.eval_every} steps; the step-{mid} loss is mid-schedule of the same run. "
+        f"Time to {args.target}: training wall time until the first evaluation at or below it (evaluations excluded, "
+        "checkpoint saves included), so it is a multiple of the evaluation interval's time.",
+        "",
+        f"| model + optimizer | val loss @ {mid} (per seed) | val loss @ {args.steps} (per seed) | median @ "
+        f"{args.steps} | steps to {args.target} (per seed) | median time to {args.target} (s) | median train time "
+        f"(s) | time vs GPT-2+AdamW | time to {args.target} from tokens/s (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rate = {(m, "adamw"): a for m, _, a, _ in speeds} | {(m, "muon"): mu for m, _, _, mu in speeds}
+    tokens_per_step = RECIPE["batch"] * RECIPE["block"]
+    for model, opt in RUNS:
+        rows = results[(model, opt)]
+        if not rows:
+            continue
+        t = med(rows, "train_s")
+        hit = med(rows, "hit_step")
+        derived = fmt(hit * tokens_per_step / rate[(model, opt)], ".0f") if hit and (model, opt) in rate else "-"
+        lines.append(
+            f"| {LABEL[model]} (`{model}`) + {'AdamW' if opt == 'adamw' else 'Muon'} | "
+            f"{', '.join(fmt(r['mid']) for r in rows)} | {', '.join(fmt(r['end']) for r in rows)} | "
+            f"**{fmt(med(rows, 'end'))}** | {', '.join(str(r['hit_step']) if r['hit_step'] else '-' for r in rows)} | "
+            f"{fmt(med(rows, 'hit_s'), '.0f')} | {t:.0f} | {t / base_train:.2f}x | {derived} |"
+        )
+    lines += [
+        "",
+        f"The last column is the median number of steps to {args.target} x {tokens_per_step} tokens a step / the "
+        "preset's tokens/s with that optimizer from the speed table below (measured back to back, so less disturbed "
+        "by other jobs than the long runs' wall times).",
+    ]
+    if args.note:
+        lines += ["", args.note]
+    if speeds:
+        lines += [
+            "",
+            "Speed: training tokens/s at batch 12 x 64 (character vocabulary), median of 10-step windows after the "
+            f"first, one {args.speed_steps}-step run each, in the same run as the table above.",
+            "",
+            "| preset | arch | AdamW tokens/s | Muon tokens/s | Muon / AdamW |",
+            "|---|---|---|---|---|",
+        ]
+        for model, arch, a, m in speeds:
+            lines.append(f"| `{model}` | {arch} | {a:,.0f} | {m:,.0f} | {m / a:.2f}x |")
+    body = "\n".join(lines)
+    print(body)
+    print(json.dumps({f"{m}+{o}": r for (m, o), r in results.items()}), file=sys.stderr)
+    if not args.no_write:
+        _doc.write_section("recipes", body)
+
+
+if __name__ == "__main__":
+    main()
