@@ -238,7 +238,8 @@ def test_gguf_export_of_llama_computes_transformers_logits_in_llama_cpps_layout(
     read back with gguf's reader and run through _llama_cpp_forward; logits and greedy tokens must be transformers'."""
     from gguf import GGUFReader
 
-    path = export(tiny_llama_ckpt, tmp_path / "g", "gguf", measure_result=False, gguf_type="f32")["output"]
+    path = tmp_path / "g"
+    export(tiny_llama_ckpt, path, "gguf", measure_result=False, gguf_type="f32")
     r = GGUFReader(os.path.join(path, "model.gguf"))
 
     def field(name):
