@@ -6,7 +6,7 @@ import argparse
 
 HELP = "prepare the bundled sample, train a small model in minutes, sample from it"
 DESCRIPTION = """The whole owngpt path on bundled data, offline, in about five minutes on a laptop CPU:
-prepare (clean + character tokenizer), train the `tiny` preset from scratch with nanoGPT's CPU recipe, print samples.
+prepare (clean + character tokenizer), train `llama-tiny` (RoPE, RMSNorm, SwiGLU) with Muon on nanoGPT's CPU budget, print samples.
 It leaves a data dir and a run dir whose checkpoint `owngpt generate`, `chat` and `serve` take.
 
 examples:
