@@ -172,20 +172,21 @@ def main() -> None:
             f"| {r['turns']:,} | {r['tokens']:,} | {fmt(r['old'])} | {fmt(r['new'])} | {r['old'] / r['new']:.0f}x | "
             f"{fmt(r.get('old_trunc'))} | {fmt(r['new_trunc'])} |"
         )
+    sizes = ", ".join(f"{r['turns']:,}" for r in rows)
     per_turn_new = ", ".join(f"{r['new'] / r['turns'] * 1e6:.0f}" for r in rows)
     per_turn_old = ", ".join(f"{r['old'] / r['turns'] * 1e3:.1f}" for r in rows)
     lines += [
         "",
-        f"Per turn, before: {per_turn_old} ms (it grows with the number of turns: every reply re-renders the "
+        f"Per turn at {sizes} turns, before: {per_turn_old} ms (it grows with the number of turns: every reply re-renders the "
         f"conversation before it, and every token is tested against every reply); after: {per_turn_new} µs. "
         "owngpt's own work (building the text and spans, the mask: "
         + ", ".join(f"{r['own'] / r['turns'] * 1e6:.1f}" for r in rows)
         + " µs per turn, timed apart) is linear. Encoding the rendered text as one string with the `tokenizers` "
-        "library grows with its length ("
+        "library, as render did before (`tokenizer(text)`): "
         + ", ".join(f"{r['tokenize'] / r['turns'] * 1e6:.0f}" for r in rows)
-        + " µs per turn, timed apart); render now cuts the text at its special tokens (`<|im_start|>`, `<|im_end|>`, "
-        "which the library splits on first anyway) and encodes the pieces in one `encode_batch`, with the same ids "
-        "and offsets (asserted in the run): "
+        + " µs per turn; cut at its special tokens (`<|im_start|>`, `<|im_end|>`, which the library splits on "
+        "first anyway) into pieces of about 2,000 characters encoded in one `encode_batch`, as render does now, with "
+        "the same ids and offsets (asserted in the run): "
         + ", ".join(f"{r['segments'] / r['turns'] * 1e6:.0f}" for r in rows)
         + " µs per turn, timed apart. The max_tokens path grew with the cube of the turns before, which is why the "
         f"baseline is not run there beyond {args.old_limit_turns:,} turns. Foreign chat templates (a model's own) "
