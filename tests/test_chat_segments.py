@@ -117,3 +117,18 @@ def test_the_spanning_token_only_stops_the_cuts_it_spans():
     rule = cf._segment_rule(_spanning_token())
     assert rule is not None and cf.IM_START in rule[1] and cf.IM_END not in rule[1]
     assert cf._segment_rule(_first_piece_prefix()) is None
+
+
+def test_truncation_left_on_the_backend_is_not_applied_to_pieces():
+    """transformers leaves truncation set on the shared backend after a truncating call; pieces must not inherit it."""
+    tok = fixtures.char_tokenizer()
+    conv = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} 床前明月光"} for i in range(200)]
+    expected = old_render(tok, conv)
+    assert cf.render(tok, conv) == expected  # the piece path's rule is found and kept for this tokenizer
+    tok("hi there " * 50, truncation=True, max_length=4)
+    assert cf.render(tok, conv) == expected
+    tok("hi there " * 50, truncation=True, max_length=4)  # and truncation still set when the rule is first found
+    tok2 = fixtures.char_tokenizer()
+    tok2("hi there " * 50, truncation=True, max_length=4)
+    assert cf.render(tok2, conv) == expected
+    assert cf._segment_rule(tok2) is not None  # not refused for good because of a passing state

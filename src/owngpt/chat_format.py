@@ -302,8 +302,8 @@ def _segment_rule(tokenizer) -> tuple[re.Pattern, dict[str, int]] | None:
     strips nothing around it (lstrip/rstrip), needs no word boundary (single_word) and has no word character at its
     ends (so a single_word token next to it sees the same boundary either way), encodes alone to its one id, and
     that no other added token overlaps or contains (else the library could match across the cut). The tokenizer
-    must split on special tokens (not `split_special_tokens`/`encode_special_tokens`) and have no truncation or
-    padding set; and a probe checks that pieces are processed alike wherever they stand (a Metaspace pre-tokenizer
+    must split on special tokens (not `split_special_tokens`/`encode_special_tokens`; truncation or padding left
+    on the backend is checked in `_encode`, per call), and a probe checks that pieces are processed alike wherever they stand (a Metaspace pre-tokenizer
     with prepend_scheme="first", say, treats the first piece differently: such a tokenizer is refused).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -325,7 +325,7 @@ def _segment_rule(tokenizer) -> tuple[re.Pattern, dict[str, int]] | None:
 
 
 def _compute_segment_rule(backend) -> tuple[re.Pattern, dict[str, int]] | None:
-    if getattr(backend, "encode_special_tokens", False) or backend.truncation or backend.padding:
+    if getattr(backend, "encode_special_tokens", False):
         return None
     added = backend.get_added_tokens_decoder()
     contents = [t.content for t in added.values()]
@@ -398,9 +398,12 @@ def _encode_pieces(
 
 def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of `text` (no special tokens added), as `tokenizer(text)` gives them."""
-    rule = _segment_rule(tokenizer)
+    # truncation or padding left on the backend by an earlier call would apply to each piece (checked per call:
+    # transformers sets them on the shared backend and only resets them on its next call)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rule = None if backend is None or backend.truncation or backend.padding else _segment_rule(tokenizer)
     if rule is not None:
-        return _encode_pieces(tokenizer.backend_tokenizer, rule[0], rule[1], text)
+        return _encode_pieces(backend, rule[0], rule[1], text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
