@@ -238,6 +238,24 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     assert "not an owngpt run dir" in capsys.readouterr().err
 
 
+def test_report_replaces_only_its_own_pages(lm_run, tmp_path, capsys):
+    """--out at a page of the user's (or next to a .md of theirs) is refused untouched; an owngpt report is replaced."""
+    run, _ = lm_run
+    mine, twin = tmp_path / "mine.html", tmp_path / "notes.md"
+    mine.write_text("<html>my page</html>")
+    twin.write_text("my notes")
+    for out in (mine, tmp_path / "notes.html"):
+        assert main(["report", str(run), "--out", str(out), "--no-samples"]) == 2
+        assert "is not an owngpt report" in capsys.readouterr().err
+    assert mine.read_text() == "<html>my page</html>" and twin.read_text() == "my notes"
+    assert not (tmp_path / "notes.html").exists()
+    assert main(["report", str(run), "--out", str(mine), "--no-samples", "--overwrite"]) == 0
+    assert tuple(parse(mine).sections) == SECTIONS
+    mine.with_suffix(".md").write_text("stale")
+    assert main(["report", str(run), "--out", str(mine), "--no-samples"]) == 0  # our own page: replaced as it is
+    assert mine.with_suffix(".md").read_text() != "stale"
+
+
 def test_tune_writes_the_report_of_its_best_trial_only(tmp_path, tiny_lm_data, monkeypatch):
     pytest.importorskip("optuna")
     from owngpt.tune import Param, tune

@@ -1039,6 +1039,7 @@ def render_html(runs: Sequence[RunFacts], sections: Sequence[Section], lang: str
         f'<html lang="{"zh-CN" if lang == "zh" else "en"}"><head><meta charset="utf-8">'
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
         "style-src 'unsafe-inline'\">"
+        f'<meta name="generator" content="{GENERATOR}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f'<h1>{html.escape(title)}</h1><p class="muted">{sub}<br>{label("made", lang)} {when}</p>'
@@ -1095,6 +1096,17 @@ def default_lang() -> str:
     return "zh" if loc.lower().startswith("zh") else "en"
 
 
+GENERATOR = "owngpt report"  # marks a page this module wrote: the only kind it replaces without --overwrite
+
+
+def _ours(html_path: Path) -> bool:
+    try:
+        with open(html_path, encoding="utf-8", errors="replace") as f:
+            return f'<meta name="generator" content="{GENERATOR}">' in f.read(4096)
+    except OSError:
+        return False
+
+
 def write_report(
     run_dirs: Sequence[str | os.PathLike],
     out: str | os.PathLike | None = None,
@@ -1104,15 +1116,32 @@ def write_report(
     mmi: str | None = None,
     max_new_tokens: int = 200,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write the HTML report (and its Markdown twin next to it) of one run, or of two side by side.
 
     Default place: RUN/report.html for one run, RUN_A/compare_<RUN_B name>.html for two. Returns (html, md).
+    An earlier owngpt report there is replaced; any other existing file (the page or its twin) only with `overwrite`.
     """
     if lang not in LANGS:
         raise ConfigError(f"--lang {lang}: expected one of {', '.join(LANGS)}")
     if not 1 <= len(run_dirs) <= 2:
         raise ConfigError("owngpt report takes one run dir, or two to compare")
+    if out is None:
+        first = Path(run_dirs[0])
+        out = first / ("report.html" if len(run_dirs) == 1 else f"compare_{Path(run_dirs[1]).resolve().name}.html")
+    html_path = Path(out)
+    if html_path.suffix.lower() != ".html":
+        raise ConfigError(f"--out {html_path}: the report is an .html file (the Markdown twin is written next to it)")
+    if html_path.exists() and html_path.is_dir():
+        raise ConfigError(f"--out {html_path} is a directory; give a file name ending in .html")
+    if not overwrite:  # owngpt deletes only what it made: a page of yours (or its .md name) is never replaced
+        for f in (html_path, html_path.with_suffix(".md")):
+            if f.exists() and not (html_path.is_file() and _ours(html_path)):
+                raise ConfigError(
+                    f"--out {html_path}: {f} exists and is not an owngpt report; choose another --out, or pass "
+                    "--overwrite to replace it"
+                )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in the middle of ours
@@ -1120,13 +1149,6 @@ def write_report(
         runs = [collect(d, samples, prompts, mmi, max_new_tokens, seed) for d in run_dirs]
     finally:
         hf_logging.enable_progress_bar()
-    if out is None:
-        out = runs[0].path / ("report.html" if len(runs) == 1 else f"compare_{runs[1].name}.html")
-    html_path = Path(out)
-    if html_path.suffix.lower() != ".html":
-        raise ConfigError(f"--out {html_path}: the report is an .html file (the Markdown twin is written next to it)")
-    if html_path.exists() and html_path.is_dir():
-        raise ConfigError(f"--out {html_path} is a directory; give a file name ending in .html")
     html_path.parent.mkdir(parents=True, exist_ok=True)
     sections = build_sections(runs, lang)
     md_path = html_path.with_suffix(".md")

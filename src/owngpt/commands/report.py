@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200, help="lm: tokens per sample (default 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--mmi", default=None, help="chat: an MMI (backward) checkpoint; dialogue turns shown both ways")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (or its .md twin) that owngpt did not write"
+    )
     p.add_argument("--no-samples", action="store_true", help="do not load the model (no samples, no confusion matrix)")
 
 
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         mmi=args.mmi,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     print(f"{html_path}\n{md_path}")
     return 0
