@@ -866,8 +866,15 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
             w.add_chat_template(tokenizer.chat_template)
         for name, t in model.state_dict().items():
             if tied and name == "lm_head.weight":
-                continue  # llama.cpp reuses token_embd when output.weight is absent (tied embeddings)
-            gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+                if arch == "gpt2":
+                    # llama.cpp's GPT-2 graph requires `output.weight` ("missing tensor 'output.weight'") and its
+                    # own converter writes the tied embedding again under that name; LLaMA reuses token_embd.
+                    name = "lm_head.weight"
+                    gname = "output.weight"
+                else:
+                    continue  # llama.cpp's LLaMA reuses token_embd when output.weight is absent (tied embeddings)
+            else:
+                gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise CheckpointError(f"gguf export: no llama.cpp name for tensor {name}")
             t = t.detach().to(torch.float32)
