@@ -475,6 +475,9 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
                 timeout=60000,
             )
             assert page.inner_text(".msg.completion .prompt") == "ROMEO:"
+            # 24 characters of a char model that never writes its end token: cut by the limit, and the page says so
+            assert page.get_attribute(".msg.completion", "data-finish") == "length"
+            assert "Max tokens limit, 24" in page.inner_text(".msg.note.cut")
             assert page.locator(".msg.user").count() == 0
             # switched to chat mode: the page says the model is not chat-tuned, and chats
             page.select_option("#mode", "chat")

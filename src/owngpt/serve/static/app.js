@@ -141,6 +141,7 @@ async function complete(text) {
   setStatus("generating…");
   controller = new AbortController();
   let out = "";
+  let finish = null;
   try {
     const body = requestBody(null);
     delete body.messages;
@@ -159,7 +160,9 @@ async function complete(text) {
         cont.textContent = out;
         div.scrollIntoView({ block: "end" });
       }
+      finish = chunk.choices?.[0]?.finish_reason || finish;
     }
+    showFinish(div, finish);
     setStatus("ready");
   } catch (err) {
     if (err.name === "AbortError") setStatus("stopped");
@@ -184,6 +187,7 @@ async function send(text) {
   setBusy(true);
   setStatus("generating…");
   let reply = "";
+  let finish = null;
   controller = new AbortController();
   try {
     for (let attempt = 0; ; attempt++) {
@@ -204,6 +208,7 @@ async function send(text) {
           bubble.textContent = reply;
           bubble.scrollIntoView({ block: "end" });
         }
+        finish = chunk.choices?.[0]?.finish_reason || finish;
       }
       break;
     }
@@ -212,6 +217,7 @@ async function send(text) {
       bubble.classList.add("empty");
       bubble.textContent = "(no text: the model ended its reply at once)";
     }
+    showFinish(bubble, finish);
     setStatus("ready");
   } catch (err) {
     if (err.name === "AbortError") {
@@ -228,6 +234,20 @@ async function send(text) {
     controller = null;
     setBusy(false);
   }
+}
+
+// A reply cut by the token limit looks like one the model ended: say so under it, with the way to get more.
+function showFinish(msg, finish) {
+  msg.dataset.finish = finish || "";
+  if (finish !== "length") return;
+  const note = document.createElement("div");
+  note.className = "msg note cut";
+  const limit = parseInt($("max-tokens").value, 10);
+  note.textContent =
+    limit > 0
+      ? `(cut off at the Max tokens limit, ${limit}: raise it in the settings for longer replies)`
+      : "(cut off: the model's context is full)";
+  msg.after(note);
 }
 
 function setBusy(busy) {
