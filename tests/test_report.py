@@ -256,6 +256,24 @@ def test_report_replaces_only_its_own_pages(lm_run, tmp_path, capsys):
     assert mine.with_suffix(".md").read_text() != "stale"
 
 
+def test_report_writes_pictures_only_into_its_own_folder(lm_run, tmp_path, capsys):
+    """page_files/ holding a user's pictures (same names as ours) is refused untouched; ours is written again."""
+    run, _ = lm_run
+    page = tmp_path / "page.html"
+    theirs = tmp_path / "page_files"
+    theirs.mkdir()
+    (theirs / "loss.png").write_bytes(b"my holiday photo")
+    assert main(["report", str(run), "--out", str(page), "--no-samples"]) == 2
+    assert "was not made by owngpt report" in capsys.readouterr().err
+    assert (theirs / "loss.png").read_bytes() == b"my holiday photo" and not page.exists()
+    assert main(["report", str(run), "--out", str(page), "--no-samples", "--overwrite"]) == 0
+    assert (theirs / "loss.png").read_bytes().startswith(b"\x89PNG")
+    ours = tmp_path / "ours.html"
+    assert main(["report", str(run), "--out", str(ours), "--no-samples"]) == 0
+    assert main(["report", str(run), "--out", str(ours), "--no-samples"]) == 0  # a report's own folder: rewritten
+    assert "(ours_files/loss.png)" in ours.with_suffix(".md").read_text()
+
+
 def test_tune_writes_the_report_of_its_best_trial_only(tmp_path, tiny_lm_data, monkeypatch):
     pytest.importorskip("optuna")
     from owngpt.tune import Param, tune

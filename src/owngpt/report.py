@@ -1107,6 +1107,18 @@ def _ours(html_path: Path) -> bool:
         return False
 
 
+ASSETS_MARK = ".owngpt-report"  # in <page>_files/: the folder (and the pictures in it) are the report's own
+
+
+def _our_assets(assets: Path, html_path: Path) -> bool:
+    """The pictures folder is ours: it has our mark, or (reports written before the mark) only PNGs beside our page."""
+    if not assets.is_dir():
+        return False
+    if (assets / ASSETS_MARK).is_file() or not any(assets.iterdir()):  # an empty folder holds nothing to lose
+        return True
+    return _ours(html_path) and all(f.is_file() and f.suffix == ".png" for f in assets.iterdir())
+
+
 def write_report(
     run_dirs: Sequence[str | os.PathLike],
     out: str | os.PathLike | None = None,
@@ -1142,6 +1154,12 @@ def write_report(
                     f"--out {html_path}: {f} exists and is not an owngpt report; choose another --out, or pass "
                     "--overwrite to replace it"
                 )
+    assets = html_path.with_name(html_path.stem + "_files")  # the Markdown's pictures
+    if not overwrite and assets.exists() and not _our_assets(assets, html_path):
+        raise ConfigError(
+            f"--out {html_path}: the folder {assets} (where the Markdown's pictures go) exists and was not made by "
+            "owngpt report; choose another --out, or pass --overwrite to write the pictures into it"
+        )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in the middle of ours
@@ -1152,7 +1170,8 @@ def write_report(
     html_path.parent.mkdir(parents=True, exist_ok=True)
     sections = build_sections(runs, lang)
     md_path = html_path.with_suffix(".md")
-    assets = html_path.with_name(html_path.stem + "_files")
+    assets.mkdir(exist_ok=True)
+    (assets / ASSETS_MARK).write_text(f"made by {GENERATOR}: its pictures are replaced by the next report\n")
     _atomic_write(html_path, render_html(runs, sections, lang))
     _atomic_write(md_path, render_markdown(runs, sections, lang, assets))
     return html_path, md_path
