@@ -40,10 +40,11 @@ TOKENIZE = [
     "It's 2026-11-30, they'll pay 1234567 coins!!  Really?\n\n\n   indented\ttab",
     "naïve café, Ærø; emoji 🙂 end   ",
 ]
-# max |logit - owngpt's logit| accepted per --gguf-type, over prompt and continuation.
-# Measured here (logits of scale 4-8): f32 2e-6 for LLaMA, 5e-4 for GPT-2 (ggml's GELU reads an f16 table); f16
-# <= 2e-3; q8_0 <= 3e-2.
-TOLERANCE = {"f32": 1e-3, "f16": 5e-3, "q8_0": 6e-2}
+# max |logit - owngpt's logit| accepted per --gguf-type, as a fraction of the largest |logit| (over prompt and
+# continuation). Measured here on models whose logits reach 6-11: f32 (with an f32 KV cache) 3e-7 for LLaMA and 8e-5
+# for GPT-2 (ggml's GELU reads an f16 table); f16 5e-4; q8_0 0.4-1.1%, 2.2% on the Muon-trained llama-tiny (the
+# weights' rounding alone, run in PyTorch, gives about half of it; llama.cpp also rounds activations to 8 bits).
+TOLERANCE = {"f32": 2e-4, "f16": 1.5e-3, "q8_0": 4e-2}
 
 
 def _tokenizer(kind: str):
@@ -138,7 +139,7 @@ CASES = [
 def owngpt_greedy(checkpoints):
     """owngpt's greedy continuation of each prompt (its generation engine) and its logits over prompt + continuation
     (a full forward pass), per checkpoint: the oracle, computed once for the three GGUF types."""
-    made: dict[Path, list[tuple[str, list[int], Any, Any]]] = {}
+    made: dict[Path, list[tuple[str, list[int], Any, Any, str]]] = {}
 
     def get(ckpt: Path):
         if ckpt not in made:
@@ -151,7 +152,8 @@ def owngpt_greedy(checkpoints):
                 )
                 with torch.no_grad():
                     ref = lm.model(torch.tensor([ids + want[0].token_ids])).logits[0].numpy()
-                made[ckpt].append((prompt, ids, want[0], ref))
+                text = lm.tokenizer.decode(want[0].token_ids, skip_special_tokens=True)
+                made[ckpt].append((prompt, ids, want[0], ref, text))
         return made[ckpt]
 
     return get
@@ -169,32 +171,80 @@ def _llama_cpp_greedy(llm, ids: list[int], n: int) -> tuple[list[int], np.ndarra
     return got, np.asarray(llm.scores[: llm.n_tokens])
 
 
-@pytest.mark.parametrize("arch,tok_kind,dtype", CASES)
-def test_llama_cpp_continues_a_prompt_as_owngpt_does(checkpoints, owngpt_greedy, tmp_path, arch, tok_kind, dtype):
-    """llama.cpp's logits are owngpt's within TOLERANCE[dtype], and its greedy continuation is owngpt's, token for
-    token and as text.
+def _assert_continues_like_owngpt(llm, cases, tolerance: float, min_steps: int = N_NEW // 2) -> None:
+    """llama.cpp's greedy tokens are owngpt's, and its logits are within `tolerance` (relative to the largest logit)
+    of owngpt's.
 
     Tokens are compared up to the first step where owngpt's top-2 logit margin is at most twice the logit error
-    measured in this run: only there may rounding legitimately flip the argmax. On these trained models that never
-    happens within N_NEW tokens (margins >= 0.08, errors <= 0.03), so the whole continuation is compared; the bound
-    keeps the test honest if another platform's kernels round differently, and a floor keeps it from shrinking away.
-    """
+    measured at that step: only there may rounding legitimately flip the argmax (and later steps then see other
+    tokens). On the four 60-step test models that never happens within N_NEW tokens (margins >= 0.08, errors <= 0.03),
+    so the whole continuation is compared; the bound keeps the test honest where other kernels round differently,
+    and `min_steps` keeps it from shrinking away."""
+    for prompt, ids, want, ref, text in cases:
+        assert len(want.token_ids) == N_NEW  # no end-of-text within the horizon
+        assert llm.tokenize(prompt.encode("utf-8")) == ids
+        got, logits = _llama_cpp_greedy(llm, ids, N_NEW)
+        err = np.abs(logits - ref).max(axis=-1)  # per position
+        top2 = np.sort(ref[len(ids) - 1 : -1], axis=-1)[:, -2:]  # new token k is the argmax of row len(ids)-1+k
+        close = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * err[len(ids) - 1 : -1])
+        horizon = int(close[0]) if len(close) else N_NEW
+        assert horizon >= min_steps, f"argmax margins too thin to compare: {horizon} steps"
+        assert got[:horizon] == want.token_ids[:horizon], prompt
+        if horizon == N_NEW:  # the text too: the tokenizer's decode (owngpt's engine text, `want.text`, starts with
+            # U+FFFD when the prompt ends in byte-fallback characters: IncrementalDecoder's window, not the export)
+            assert llm.detokenize(got).decode("utf-8", errors="replace") == text
+        seen = slice(0, len(ids) + horizon)  # positions that saw the same tokens in both
+        worst, scale = err[seen].max(), np.abs(ref[seen]).max()
+        assert worst <= tolerance * scale, f"max |logit difference| {worst:.2e}, logits up to {scale:.2f}"
+
+
+@pytest.mark.parametrize("arch,tok_kind,dtype", CASES)
+def test_llama_cpp_continues_a_prompt_as_owngpt_does(checkpoints, owngpt_greedy, tmp_path, arch, tok_kind, dtype):
+    """llama.cpp's logits over prompt and continuation are owngpt's within TOLERANCE[dtype], and its greedy
+    continuation (one token at a time through its KV cache) is owngpt's, token for token and as text."""
     ckpt = checkpoints(arch, tok_kind)
     # f32: the file is checked with an f32 KV cache (llama.cpp's default f16 cache alone adds up to about 1e-3)
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if dtype == "f32" else {}
     llm = _llama(_gguf(ckpt, tmp_path, dtype), logits_all=True, **kv)
     assert llm._model.n_ctx_train() == CONTEXT  # the trained context, from the file
-    for prompt, ids, want, ref in owngpt_greedy(ckpt):
-        assert len(want.token_ids) == N_NEW  # no end-of-text within the horizon
-        assert llm.tokenize(prompt.encode("utf-8")) == ids
-        got, logits = _llama_cpp_greedy(llm, ids, N_NEW)
-        err = np.abs(logits - ref[: len(logits)]).max()
-        top2 = np.sort(ref[len(ids) - 1 : -1], axis=-1)[:, -2:]
-        close = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * err)  # new token k comes from row k
-        horizon = int(close[0]) if len(close) else N_NEW
-        assert horizon >= N_NEW // 2, f"argmax margins too thin to compare: {horizon} steps"
-        assert got[:horizon] == want.token_ids[:horizon]
-        if horizon == N_NEW:
-            assert got == want.token_ids
-            assert llm.detokenize(got).decode("utf-8", errors="replace") == want.text
-        assert err <= TOLERANCE[dtype], f"max |logit difference| {err:.2e}"
+    _assert_continues_like_owngpt(llm, owngpt_greedy(ckpt), TOLERANCE[dtype])
+
+
+def test_llama_cpp_completion_api_gives_owngpt_text(checkpoints, owngpt_greedy, tmp_path):
+    """What a user runs: llama-cpp-python's create_completion (its own tokenizer call, BOS rule from the file, greedy
+    sampler at temperature 0) returns owngpt's greedy text; <|im_end|> ends a chat reply in llama.cpp too."""
+    ckpt = checkpoints("llama", "bpe")
+    llm = _llama(_gguf(ckpt, tmp_path, "q8_0"))
+    for prompt, ids, _, _, text in owngpt_greedy(ckpt):
+        out = llm.create_completion(prompt, max_tokens=N_NEW, temperature=0.0)
+        assert out["usage"]["prompt_tokens"] == len(ids)
+        assert out["choices"][0]["text"] == text
+    vocab = llm._model.vocab
+    tok = load_for_generation(str(ckpt)).tokenizer
+    eog = [i for i in range(len(tok)) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    assert eog == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])
+    assert not llama_cpp.llama_vocab_get_add_bos(vocab)
+
+
+def test_llama_tiny_preset_trained_by_owngpt_runs_in_llama_cpp(tiny_lm_data, owngpt_greedy, tmp_path):
+    """owngpt's `llama-tiny` preset (RoPE, RMSNorm, SwiGLU 344, tied embeddings) trained by `owngpt train`: f32 and
+    q8_0 load in llama.cpp and continue prompts as owngpt does. q8_0 stores ffn_down in f16 (its rows, 344, are no
+    multiple of 32), as llama.cpp's converter would: llama.cpp runs the mixed file."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from train_helpers import quick_cfg
+
+    from owngpt.train import train
+
+    ckpt = train(
+        quick_cfg(tiny_lm_data, tmp_path / "run", "llama-tiny", max_steps=40, eval_every=40, block_size=CONTEXT)
+    ).last_checkpoint
+    for dtype in ("f32", "q8_0"):
+        path = _gguf(ckpt, tmp_path, dtype)
+        types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+        if dtype == "q8_0":
+            assert types["blk.0.ffn_down.weight"] == GGMLQuantizationType.F16
+            assert types["blk.0.ffn_up.weight"] == types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+        kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if dtype == "f32" else {}
+        llm = _llama(path, logits_all=True, **kv)
+        assert llm._model.n_ctx_train() == CONTEXT
+        _assert_continues_like_owngpt(llm, owngpt_greedy(ckpt), TOLERANCE[dtype])
