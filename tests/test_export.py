@@ -274,3 +274,25 @@ def test_gguf_states_the_trained_context_not_the_position_table(tiny_ckpt, tmp_p
     # llama.cpp refuses a position table with more rows than context_length: the trained rows are written
     pos = next(t for t in r.tensors if t.name == "position_embd.weight")
     assert np.array_equal(np.asarray(pos.data), m.state_dict()["transformer.wpe.weight"][:32].numpy())
+
+
+def test_cli_gguf_type_q8_0_writes_a_q8_0_file_about_a_quarter_of_f32(tiny_ckpt, tmp_path, capsys):
+    from gguf import GGUFReader, LlamaFileType
+
+    from owngpt.cli import main
+
+    sizes = {}
+    for kind in ("f32", "q8_0"):
+        out = tmp_path / kind
+        assert (
+            main(["export", str(tiny_ckpt), "--out", str(out), "--to", "gguf", "--gguf-type", kind, "--no-measure"])
+            == 0
+        )
+        sizes[kind] = json.loads((out / "report.json").read_text())["result"]["size_bytes"]
+    f = GGUFReader(tmp_path / "q8_0" / "model.gguf").fields["general.file_type"]
+    assert f.contents() == LlamaFileType.MOSTLY_Q8_0
+    assert 0.25 < sizes["q8_0"] / sizes["f32"] < 0.4  # 34 bytes per 32 weights; 1-D tensors and the position table f32
+    with pytest.raises(SystemExit) as e:  # argparse: exit status 2 and the choices
+        main(["export", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--to", "gguf", "--gguf-type", "q4_0"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
