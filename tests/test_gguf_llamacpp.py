@@ -62,7 +62,7 @@ def _checkpoint(path: Path, arch: str, tok_kind: str, steps: int) -> Path:
     tok = _tokenizer(tok_kind)
     build = fixtures.tiny_llama if arch == "llama" else fixtures.tiny_gpt2
     model = build(tok, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0).train()
-    ids = torch.tensor(tok(CORPUS, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor(tok(CORPUS, add_special_tokens=False)["input_ids"]) if steps else None
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -248,3 +248,14 @@ def test_llama_tiny_preset_trained_by_owngpt_runs_in_llama_cpp(tiny_lm_data, own
         llm = _llama(path, logits_all=True, **kv)
         assert llm._model.n_ctx_train() == CONTEXT
         _assert_continues_like_owngpt(llm, owngpt_greedy(ckpt), TOLERANCE[dtype])
+
+
+def test_gpt2_tokenizer_checkpoint_runs_in_llama_cpp(checkpoints, owngpt_greedy, tmp_path):
+    """GPT-2's own 50,257-token BPE (+ owngpt's chat tokens): the file loads, llama.cpp computes owngpt's logits and
+    continues both prompts as owngpt does. Untrained weights (training at this vocab size takes too long for a test):
+    in f32 the logit errors are so small that even their thin argmax margins hold over all 24 tokens here."""
+    ckpt = checkpoints("gpt2", "gpt2", steps=0)
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+    llm = _llama(_gguf(ckpt, tmp_path, "f32"), logits_all=True, **kv)
+    assert llm.n_vocab() == 50260
+    _assert_continues_like_owngpt(llm, owngpt_greedy(ckpt), TOLERANCE["f32"])
