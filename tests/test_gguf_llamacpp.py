@@ -259,3 +259,22 @@ def test_gpt2_tokenizer_checkpoint_runs_in_llama_cpp(checkpoints, owngpt_greedy,
     llm = _llama(_gguf(ckpt, tmp_path, "f32"), logits_all=True, **kv)
     assert llm.n_vocab() == 50260
     _assert_continues_like_owngpt(llm, owngpt_greedy(ckpt), TOLERANCE["f32"])
+
+
+def test_export_report_measures_the_gguf_in_llama_cpp(tiny_ckpt, tiny_lm_data, tmp_path):
+    """With llama-cpp-python installed, `owngpt export --to gguf --data D` measures the file in llama.cpp: its
+    perplexity on the validation split is the original's (f32 exactly up to rounding, q8_0 close) and it decodes."""
+    import json
+
+    from owngpt.cli import main
+
+    ppl = {}
+    for dtype in ("f32", "q8_0"):
+        out = tmp_path / dtype
+        args = ["export", str(tiny_ckpt), "--out", str(out), "--to", "gguf", "--gguf-type", dtype]
+        assert main([*args, "--data", str(tiny_lm_data), "--eval-tokens", "300", "--decode-tokens", "8"]) == 0
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["result"]["decode_tokens_per_s"] > 0
+        assert any("measured in llama.cpp" in n for n in rep["notes"])
+        ppl[dtype] = rep["ratios"]["perplexity"]
+    assert abs(ppl["f32"] - 1) < 1e-4 and abs(ppl["q8_0"] - 1) < 1e-2

@@ -422,10 +422,25 @@ def _export(
             )
     else:
         export_gguf(model, tok, stage, dtype=gguf_type)
-        notes.append(
-            "gguf: decode speed and perplexity are llama.cpp's to measure (llama-bench, llama-perplexity); "
-            "only the size is reported here"
-        )
+        llama_cpp = _llama_cpp() if measure_result else None
+        if llama_cpp is None:
+            notes.append(
+                "gguf: decode speed and perplexity are llama.cpp's to measure (llama-bench, llama-perplexity); "
+                "only the size is reported here (with llama-cpp-python installed, the report measures them)"
+            )
+        else:
+            ctx = model.owngpt_context  # llama.cpp runs the trained context the file states (GPT-2: no more rows)
+            lcpp = LlamaCppLM(stage / "model.gguf", ctx, llama_cpp)
+            prompt = _prompt(tokens, tok)[: ctx - 1]
+            n = max(1, min(decode_tokens, ctx - len(prompt)))
+            kw["result_decode"] = lambda: lcpp.decode_speed(prompt, n)
+            block = min(meta.get("block_size") or 256, context_length(model.config))
+            if block <= ctx:
+                kw["result_ppl"] = lambda t: lcpp.perplexity(t, block)
+            notes.append(
+                f"gguf measured in llama.cpp (llama-cpp-python {llama_cpp.__version__}; threads: {_threads()}; "
+                "its default f16 KV cache); the original with transformers' generate"
+            )
     if not measure_result:
         rep = {
             "original": {"size_bytes": weight_bytes(src)},
@@ -672,6 +687,54 @@ class OnnxLM:
             x = x[: len(y)]
             logits, _ = self.step(x[None], None)
             lg = logits[0].astype(np.float64)
+            m = lg.max(-1, keepdims=True)
+            logz = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
+            total += float((logz - lg[np.arange(len(y)), y]).sum())
+            count += len(y)
+        return math.exp(total / max(count, 1))
+
+
+def _llama_cpp() -> Any:
+    """llama-cpp-python where installed (optional: it compiles llama.cpp on install), else None."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+class LlamaCppLM:
+    """A GGUF export run by llama.cpp itself (through llama-cpp-python) for the report: greedy decode, perplexity."""
+
+    def __init__(self, path: Path, n_ctx: int, llama_cpp: Any):
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=_threads(), logits_all=True, verbose=False
+        )
+
+    def decode_speed(self, prompt: Sequence[int], n_tokens: int) -> float:
+        """Greedy tokens/s, prompt included (as transformers' generate is timed for the original)."""
+        import numpy as np
+
+        llm = self.llm
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(list(prompt))
+        for _ in range(n_tokens):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return n_tokens / (time.perf_counter() - t)
+
+    def perplexity(self, tokens: Any, block_size: int) -> float:
+        """exp(mean NLL) in windows of `block_size` overlapping by one token, as owngpt.evaluate scores the original."""
+        import numpy as np
+
+        total, count = 0.0, 0
+        for s in range(0, len(tokens) - 1, block_size):
+            x = [int(t) for t in tokens[s : s + block_size]]
+            y = np.asarray(tokens[s + 1 : s + 1 + block_size], dtype=np.int64)
+            x = x[: len(y)]
+            self.llm.reset()
+            self.llm.eval(x)
+            lg = np.asarray(self.llm.scores[: len(x)], dtype=np.float64)
             m = lg.max(-1, keepdims=True)
             logz = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
             total += float((logz - lg[np.arange(len(y)), y]).sum())
