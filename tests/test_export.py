@@ -113,9 +113,10 @@ def test_onnx_greedy_generation_matches_transformers(tiny_ckpt, onnx_dir):
     assert max(meta["onnx"]["max_abs_logit_error"].values()) < ONNX_TOLERANCE
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_gguf_round_trips_through_reader(tiny_ckpt, tmp_path, dtype):
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+    from gguf.quants import dequantize
 
     from owngpt.export import export_gguf, load_fp32
 
@@ -132,16 +133,26 @@ def test_gguf_round_trips_through_reader(tiny_ckpt, tmp_path, dtype):
     assert field("gpt2.block_count") == cfg.n_layer and field("gpt2.embedding_length") == cfg.n_embd
     assert field("gpt2.context_length") == cfg.n_positions and field("gpt2.attention.head_count") == cfg.n_head
     assert field("gpt2.feed_forward_length") == 4 * cfg.n_embd
-    assert field("tokenizer.ggml.model") == "gpt2"
+    # a char vocabulary is written for llama.cpp's SentencePiece tokenizer (see test_gguf_char_vocab_...)
+    assert field("tokenizer.ggml.model") == "llama" and field("tokenizer.ggml.add_space_prefix") is False
     tokens = field("tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size and tokens[tok.eos_token_id] == "<|endoftext|>"
     assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
-    assert "tokenizer.ggml.merges" in r.fields  # llama.cpp's gpt2 tokenizer requires it
-    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    assert "tokenizer.ggml.merges" not in r.fields and len(field("tokenizer.ggml.scores")) == len(tokens)
+    assert field("general.file_type") == {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16}.get(
+        dtype, LlamaFileType.MOSTLY_Q8_0
+    )
+    types = {x.name: x.tensor_type for x in r.tensors}
+    t = {x.name: dequantize(x.data, x.tensor_type) for x in r.tensors}
     # llama.cpp's GPT-2 graph refuses a file without output.weight: the tied embedding is written again
     assert len(t) == 2 + 12 * cfg.n_layer + 2 + 1
     assert np.array_equal(t["output.weight"], t["token_embd.weight"])
-    tol = 0 if dtype == "f32" else 1e-3
+    matrix = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16}.get(dtype, GGMLQuantizationType.Q8_0)
+    # llama.cpp's converter: 1-D tensors, norms and the position table f32, every other matrix the file's type
+    assert types["position_embd.weight"] == types["blk.0.attn_norm.bias"] == GGMLQuantizationType.F32
+    assert types["token_embd.weight"] == types["output.weight"] == types["blk.1.ffn_up.weight"] == matrix
+    # q8_0: each block of 32 is rounded to 1/127 of its largest |weight| (0.02-scaled init: about 3e-4)
+    tol = {"f32": 0, "f16": 1e-3}.get(dtype, 2e-3)
     sd = m.state_dict()
     checks = {
         "token_embd.weight": sd["transformer.wte.weight"],
@@ -159,26 +170,26 @@ def test_gguf_round_trips_through_reader(tiny_ckpt, tmp_path, dtype):
 
 
 def test_gguf_char_vocab_tokenizes_like_owngpt():
-    """A byte-level BPE over the GGUF tokens and merges (what llama.cpp runs) gives owngpt's char-level ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A char vocabulary is written for llama.cpp's SentencePiece tokenizer: with no merges, it makes each character
+    that is a token (space spelled U+2581) one token and any other character its <0xNN> byte tokens. That rule,
+    written out here over the GGUF fields, gives owngpt's ids (tests/test_gguf_llamacpp.py runs llama.cpp itself)."""
+    from gguf import TokenType
 
     from owngpt.export import gguf_tokenizer_fields
 
     tok = fixtures.char_tokenizer()
-    f = gguf_tokenizer_fields(tok, len(tok))
-    assert len(set(f["tokens"])) == len(f["tokens"])
-    vocab = {t: i for i, t in enumerate(f["tokens"])}
-    merges = [tuple(m.split(" ")) for m in f["merges"]]
-    for a, b in merges:  # HF's BPE wants intermediate symbols in the vocab; llama.cpp does not
-        vocab.setdefault(a + b, len(vocab) + 1000)
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    text = fixtures.TEXT.replace("<", "")
-    want = tok.encode(text, add_special_tokens=False)
-    got = bpe.encode(text).ids
-    assert got == want
-    assert bpe.decode(got) == text
+    f = gguf_tokenizer_fields(tok, len(tok) + 2)
+    assert f["model"] == "llama" and f["merges"] is None
+    assert len(set(f["tokens"])) == len(f["tokens"]) == len(tok) + 2
+    assert f["tokens"][-1] == f"[PAD{len(tok) + 1}]" and f["types"][-1] == TokenType.UNUSED
+    assert f["types"][tok.convert_tokens_to_ids("<0x41>")] == TokenType.BYTE
+    assert f["types"][tok.convert_tokens_to_ids("<|im_end|>")] == TokenType.CONTROL
+    ids = {t: i for i, t in enumerate(f["tokens"]) if f["types"][i] in (TokenType.NORMAL, TokenType.BYTE)}
+    text = fixtures.TEXT + " 龘 unseen Z, é"
+    got = []
+    for c in text.replace(" ", "\u2581"):
+        got += [ids[c]] if c in ids else [ids[f"<0x{b:02X}>"] for b in c.replace("\u2581", " ").encode("utf-8")]
+    assert got == tok.encode(text, add_special_tokens=False)
 
 
 def test_gguf_refuses_other_architectures(tmp_path):
@@ -257,5 +268,31 @@ def test_gguf_states_the_trained_context_not_the_position_table(tiny_ckpt, tmp_p
     meta = json.loads((ck / "owngpt.json").read_text())
     (ck / "owngpt.json").write_text(json.dumps({**meta, "block_size": 32, "trained_context": 32}))
     m, tok, _, _ = load_fp32(ck)
-    f = GGUFReader(export_gguf(m, tok, tmp_path / "g", dtype="f32")).fields["gpt2.context_length"]
+    r = GGUFReader(export_gguf(m, tok, tmp_path / "g", dtype="f32"))
+    f = r.fields["gpt2.context_length"]
     assert (f.contents() if hasattr(f, "contents") else f.parts[-1]) == 32 < m.config.n_positions
+    # llama.cpp refuses a position table with more rows than context_length: the trained rows are written
+    pos = next(t for t in r.tensors if t.name == "position_embd.weight")
+    assert np.array_equal(np.asarray(pos.data), m.state_dict()["transformer.wpe.weight"][:32].numpy())
+
+
+def test_cli_gguf_type_q8_0_writes_a_q8_0_file_about_a_quarter_of_f32(tiny_ckpt, tmp_path, capsys):
+    from gguf import GGUFReader, LlamaFileType
+
+    from owngpt.cli import main
+
+    sizes = {}
+    for kind in ("f32", "q8_0"):
+        out = tmp_path / kind
+        assert (
+            main(["export", str(tiny_ckpt), "--out", str(out), "--to", "gguf", "--gguf-type", kind, "--no-measure"])
+            == 0
+        )
+        sizes[kind] = json.loads((out / "report.json").read_text())["result"]["size_bytes"]
+    f = GGUFReader(tmp_path / "q8_0" / "model.gguf").fields["general.file_type"]
+    assert f.contents() == LlamaFileType.MOSTLY_Q8_0
+    assert 0.25 < sizes["q8_0"] / sizes["f32"] < 0.4  # 34 bytes per 32 weights; 1-D tensors and the position table f32
+    with pytest.raises(SystemExit) as e:  # argparse: exit status 2 and the choices
+        main(["export", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--to", "gguf", "--gguf-type", "q4_0"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

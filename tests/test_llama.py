@@ -234,8 +234,9 @@ def _llama_cpp_forward(t: dict[str, np.ndarray], meta: dict, ids: list[int]) -> 
 
 
 def test_gguf_export_of_llama_computes_transformers_logits_in_llama_cpps_layout(tiny_llama_ckpt, tmp_path):
-    """llama.cpp itself is not installed here (no prebuilt wheel of llama-cpp-python for this platform): the GGUF is
-    read back with gguf's reader and run through _llama_cpp_forward; logits and greedy tokens must be transformers'."""
+    """Without llama.cpp: the GGUF is read back with gguf's reader and run through _llama_cpp_forward; logits and
+    greedy tokens must be transformers'. tests/test_gguf_llamacpp.py runs the file in llama.cpp itself (when
+    llama-cpp-python is installed)."""
     from gguf import GGUFReader
 
     path = tmp_path / "g"

@@ -422,14 +422,24 @@ def _export(
             )
     else:
         export_gguf(model, tok, stage, dtype=gguf_type)
-        notes.append(
-            "gguf: decode speed and perplexity are llama.cpp's to measure (llama-bench, llama-perplexity); "
-            "only the size is reported here"
-        )
-        if not _is_byte_level(tok):
+        llama_cpp = _llama_cpp() if measure_result else None
+        if llama_cpp is None:
             notes.append(
-                "the tokenizer is not byte-level BPE: llama.cpp tokenizes text as GPT-2 does, so its token "
-                "ids for a prompt can differ from owngpt's (the model weights are exact)"
+                "gguf: decode speed and perplexity are llama.cpp's to measure (llama-bench, llama-perplexity); "
+                "only the size is reported here (with llama-cpp-python installed, the report measures them)"
+            )
+        else:
+            ctx = model.owngpt_context  # llama.cpp runs the trained context the file states (GPT-2: no more rows)
+            lcpp = LlamaCppLM(stage / "model.gguf", ctx, llama_cpp)
+            prompt = _prompt(tokens, tok)[: ctx - 1]
+            n = max(1, min(decode_tokens, ctx - len(prompt)))
+            kw["result_decode"] = lambda: lcpp.decode_speed(prompt, n)
+            block = min(meta.get("block_size") or 256, context_length(model.config))
+            if block <= ctx:
+                kw["result_ppl"] = lambda t: lcpp.perplexity(t, block)
+            notes.append(
+                f"gguf measured in llama.cpp (llama-cpp-python {llama_cpp.__version__}; threads: {_threads()}; "
+                "its default f16 KV cache); the original with transformers' generate"
             )
     if not measure_result:
         rep = {
@@ -684,6 +694,54 @@ class OnnxLM:
         return math.exp(total / max(count, 1))
 
 
+def _llama_cpp() -> Any:
+    """llama-cpp-python where installed (optional: it compiles llama.cpp on install), else None."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+class LlamaCppLM:
+    """A GGUF export run by llama.cpp itself (through llama-cpp-python) for the report: greedy decode, perplexity."""
+
+    def __init__(self, path: Path, n_ctx: int, llama_cpp: Any):
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=_threads(), logits_all=True, verbose=False
+        )
+
+    def decode_speed(self, prompt: Sequence[int], n_tokens: int) -> float:
+        """Greedy tokens/s, prompt included (as transformers' generate is timed for the original)."""
+        import numpy as np
+
+        llm = self.llm
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(list(prompt))
+        for _ in range(n_tokens):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return n_tokens / (time.perf_counter() - t)
+
+    def perplexity(self, tokens: Any, block_size: int) -> float:
+        """exp(mean NLL) in windows of `block_size` overlapping by one token, as owngpt.evaluate scores the original."""
+        import numpy as np
+
+        total, count = 0.0, 0
+        for s in range(0, len(tokens) - 1, block_size):
+            x = [int(t) for t in tokens[s : s + block_size]]
+            y = np.asarray(tokens[s + 1 : s + 1 + block_size], dtype=np.int64)
+            x = x[: len(y)]
+            self.llm.reset()
+            self.llm.eval(x)
+            lg = np.asarray(self.llm.scores[: len(x)], dtype=np.float64)
+            m = lg.max(-1, keepdims=True)
+            logz = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
+            total += float((logz - lg[np.arange(len(y)), y]).sum())
+            count += len(y)
+        return math.exp(total / max(count, 1))
+
+
 # ------------------------------------------------------------------------------------------------------------- gguf
 def _is_byte_level(tokenizer: Any) -> bool:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -692,31 +750,24 @@ def _is_byte_level(tokenizer: Any) -> bool:
     return "ByteLevel" in kinds
 
 
-def _gpt2_byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable-character table (the byte-level alphabet llama.cpp's gpt2 tokenizer decodes).
-
-    Printable Latin-1 bytes map to themselves, the other 68 to chr(256 + k) in byte order: the published GPT-2
-    encoding, a fixed spec. tokenizers exposes the alphabet (ByteLevel.alphabet()) but not the byte order.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+SPM_SPACE = "\u2581"  # llama.cpp's SentencePiece tokenizer spells a space as U+2581 ("▁") in token texts
 
 
 def gguf_tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
-    """tokens, token types and merges in llama.cpp's `gpt2` (byte-level BPE) layout, in id order, padded to the vocab.
+    """The tokenizer in one of llama.cpp's tokenizer models, in id order, padded to the vocab (llama.cpp needs a
+    token per embedding row). Keys: model and pre (tokenizer.ggml.model / .pre), tokens, types, merges (or None).
 
-    A byte-level BPE tokenizer (GPT-2's, or one owngpt trained) is written as is. A char-level vocabulary (a BPE model
-    without merges, owngpt's `--tokenizer char`) is rewritten in the byte-level alphabet, with merges that assemble
-    each multi-byte character from its bytes, so llama.cpp splits text into exactly the same characters; its
-    byte-fallback tokens `<0xNN>` become the single-byte tokens, except where a character token already covers that
-    byte (that one is kept as `<0xNN>`, type UNUSED, since llama.cpp needs every token text to be unique).
+    - A byte-level BPE (GPT-2's, or one owngpt trained): model `gpt2`, pre-tokenizer `gpt-2` (owngpt's BPE splits
+      with GPT-2's regex), tokens and merges as they are.
+    - A char-level vocabulary (a BPE model without merges, with byte fallback: owngpt's `--tokenizer char`): model
+      `llama`, llama.cpp's SentencePiece tokenizer, which is the same algorithm here: each character that is a token
+      stays one, any other becomes its UTF-8 bytes as the `<0xNN>` tokens (type BYTE), with no merges because no
+      two characters form a token. Spaces are spelled U+2581 as that tokenizer expects, and no space is put in
+      front of the text (add_space_prefix false). Writing it as a byte-level BPE instead does not work: a
+      multi-byte character needs merges through partial symbols that are no token, and llama.cpp's BPE drops the
+      non-ASCII bytes of such a symbol when a character is unknown (measured: 床 came out as one token, not three).
+    Added tokens are CONTROL when the tokenizer marks them special (parsed from text only with parse_special, as
+    the chat template's markers are), USER_DEFINED otherwise: the rule of llama.cpp's own converter.
     """
     import gguf
 
@@ -725,58 +776,53 @@ def gguf_tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     merges_in = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if model.get("type") != "BPE":
         raise CheckpointError(
-            f"gguf export needs a BPE tokenizer (llama.cpp's gpt2 tokenizer); this one is "
-            f"{model.get('type')!r}: use `--to hf` or `--to onnx` instead"
+            f"gguf export needs a BPE tokenizer (byte-level, or char-level with byte fallback); this one is "
+            f"{model.get('type')!r}: use `--to hf` (then llama.cpp's convert_hf_to_gguf.py) or `--to onnx` instead"
         )
     byte_level = _is_byte_level(tokenizer)
-    if not byte_level and merges_in:
+    vocab = tokenizer.get_vocab()
+    if not byte_level and (
+        merges_in
+        or not model.get("byte_fallback")
+        or spec.get("normalizer")
+        or spec.get("pre_tokenizer")
+        or any(f"<0x{b:02X}>" not in vocab for b in range(256))
+    ):
         raise CheckpointError(
-            "gguf export: the tokenizer is a BPE with merges but not byte-level, which llama.cpp's "
-            "gpt2 tokenizer cannot reproduce; use `--to hf` (then llama.cpp's converter) or --to onnx"
+            "gguf export writes byte-level BPE tokenizers and char-level ones (no merges, byte fallback with all 256 "
+            "<0xNN> tokens, no normalizer or pre-tokenizer); this one is neither, so llama.cpp could not split text "
+            "as owngpt does: use `--to hf` (then llama.cpp's convert_hf_to_gguf.py) or `--to onnx`"
         )
-    special = set(tokenizer.all_special_ids)
-    added = {a["id"] for a in spec.get("added_tokens", [])}
-    byte_chars = _gpt2_byte_chars()
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
     texts = [tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None for i in range(vocab_size)]
-    covered = set()  # single bytes already spelled by a character token
-    if not byte_level:
-        for i, t in enumerate(texts):
-            if t is not None and i not in added and not _is_byte_token(t) and len(t.encode("utf-8")) == 1:
-                covered.add(t.encode("utf-8")[0])
-    tokens, types, merges, seen = [], [], [], set()
+    tokens, types, seen = [], [], set()
     for i, t in enumerate(texts):
         ttype = gguf.TokenType.NORMAL
         if t is None:  # the model's embedding may be padded beyond the tokenizer
             t, ttype = f"[PAD{i}]", gguf.TokenType.UNUSED
         elif i in added:
-            ttype = gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED
+            ttype = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
         elif not byte_level:
-            if _is_byte_token(t):
-                b = int(t[3:5], 16)
-                if b in covered:
-                    ttype = gguf.TokenType.UNUSED
-                else:
-                    t = byte_chars[b]
+            if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                ttype = gguf.TokenType.BYTE
+            elif SPM_SPACE in t:
+                raise CheckpointError(
+                    f"gguf export: the char vocabulary holds U+2581 ({SPM_SPACE!r}, id {i}), which llama.cpp's "
+                    "tokenizer uses for a space; use `--to hf` or `--to onnx`"
+                )
             else:
-                pieces = [byte_chars[b] for b in t.encode("utf-8")]
-                t = "".join(pieces)
-                for k in range(1, len(pieces)):  # assemble a multi-byte character left to right
-                    merges.append(f"{''.join(pieces[:k])} {pieces[k]}")
+                t = t.replace(" ", SPM_SPACE)
         if t in seen:
             raise CheckpointError(f"gguf export: token text {t!r} (id {i}) occurs twice; llama.cpp needs unique tokens")
         seen.add(t)
         tokens.append(t)
         types.append(ttype)
-    merges = merges_in if byte_level else list(dict.fromkeys(merges))
-    if not merges:
-        # GGUF cannot store an empty array and llama.cpp's gpt2 tokenizer requires the merges key. One merge whose
-        # result is no token changes nothing: llama.cpp falls back to the single-byte tokens for unknown symbols.
-        merges = [f"{byte_chars[0xC3]} {byte_chars[0xBF]}"]
-    return {"tokens": tokens, "types": types, "merges": merges}
-
-
-def _is_byte_token(t: str) -> bool:
-    return len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+    if byte_level:
+        # GGUF cannot store an empty array and llama.cpp's gpt2 tokenizer requires merges: a byte-level BPE without
+        # any gets one that never applies (its left side is two symbols that no merge forms)
+        merges = merges_in or ["ĠĠ Ġ"]
+        return {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "types": types, "merges": merges}
+    return {"model": "llama", "pre": "default", "tokens": tokens, "types": types, "merges": None}
 
 
 def llama_cpp_rope_permute(w: Any, n_head: int) -> Any:
@@ -789,12 +835,29 @@ def llama_cpp_rope_permute(w: Any, n_head: int) -> Any:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+GGUF_TYPES = ("f32", "f16", "q8_0")  # --gguf-type choices: llama.cpp's own converter's names for the same file types
+
+
+def gguf_tensor_type(gname: str, ndim: int, dtype: str) -> Any:
+    """The GGML type a tensor is stored in, by the rule llama.cpp's convert_hf_to_gguf.py applies (ModelBase.
+    prepare_tensors): 1-D tensors and norms stay f32 (most of llama.cpp's kernels take them only in f32), so does the
+    position embedding (added to activations, not multiplied); every other matrix, token_embd and output included,
+    gets the file's type (`dtype`)."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    if ndim <= 1 or gname.endswith("_norm.weight") or gname.startswith("position_embd."):
+        return t.F32
+    return {"f32": t.F32, "f16": t.F16, "q8_0": t.Q8_0}[dtype]
+
+
 def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Path:
     """A GGUF file for llama.cpp (GPT-2 or LLaMA architecture): tensor names mapped with gguf's own name maps.
 
     GPT-2's Conv1D weights are stored [in, out]; GGUF (like nn.Linear) wants [out, in], so they are transposed.
     LLaMA's q/k projections are permuted for llama.cpp's rotary layout (llama_cpp_rope_permute).
-    1-D tensors (norms, biases) stay f32 as llama.cpp expects; matrices are f16 or f32 (`dtype`).
+    Each tensor's type follows llama.cpp's converter (gguf_tensor_type): 1-D tensors, norms and the position table
+    f32, the other matrices `dtype` (f32, f16, or q8_0: blocks of 32 weights with one f16 scale, gguf's quantizer).
     """
     import numpy as np
     import torch
@@ -807,8 +870,8 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
             f"gguf export supports the GPT-2 and LLaMA architectures (this checkpoint is {cfg.model_type!r}); "
             "export with `owngpt export CKPT --out DIR --to hf` and convert DIR with llama.cpp's convert_hf_to_gguf.py"
         )
-    if dtype not in ("f16", "f32"):
-        raise ConfigError(f"--gguf-type {dtype}: choose f16 or f32")
+    if dtype not in GGUF_TYPES:
+        raise ConfigError(f"--gguf-type {dtype}: choose one of {', '.join(GGUF_TYPES)}")
     from transformers.pytorch_utils import Conv1D
 
     fields = gguf_tokenizer_fields(tokenizer, cfg.vocab_size)
@@ -842,17 +905,23 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
             w.add_rope_dimension_count(head_dim)
             w.add_vocab_size(cfg.vocab_size)
         else:
-            w.add_context_length(getattr(model, "owngpt_context", None) or cfg.n_positions)
+            ctx = getattr(model, "owngpt_context", None) or cfg.n_positions
+            w.add_context_length(ctx)
             w.add_embedding_length(cfg.n_embd)
             w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
             w.add_head_count(cfg.n_head)
             w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2" if _is_byte_level(tokenizer) else "default")
+        ftypes = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+        w.add_file_type(getattr(gguf.LlamaFileType, ftypes[dtype]))
+        w.add_tokenizer_model(fields["model"])
+        w.add_tokenizer_pre(fields["pre"])
         w.add_token_list(fields["tokens"])
         w.add_token_types(fields["types"])
-        w.add_token_merges(fields["merges"])
+        if fields["merges"] is not None:
+            w.add_token_merges(fields["merges"])
+        else:  # SentencePiece: no merges (scores rank them; none apply), no space put in front of the text
+            w.add_token_scores([0.0] * len(fields["tokens"]))
+            w.add_add_space_prefix(False)
         eos = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         if bos is not None:
@@ -878,14 +947,23 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
             if gname is None:
                 raise CheckpointError(f"gguf export: no llama.cpp name for tensor {name}")
             t = t.detach().to(torch.float32)
+            if gname == "position_embd.weight":
+                # llama.cpp requires exactly context_length rows (`position_embd.weight has wrong shape`): the
+                # trained ones; the rows past the trained context were never trained
+                t = t[:ctx]
             if name in conv:
                 t = t.t()
             elif arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
                 t = llama_cpp_rope_permute(t, heads if ".q_proj." in name else kv_heads)
             a = np.ascontiguousarray(t.numpy())
-            if dtype == "f16" and a.ndim == 2:
-                a = a.astype(np.float16)
-            w.add_tensor(gname, a)
+            qtype = gguf_tensor_type(gname, a.ndim, dtype)
+            try:
+                data = gguf.quants.quantize(a, qtype)
+            except gguf.QuantError:
+                # q8_0 needs rows that are a multiple of 32; llama.cpp's converter falls back to f16 the same way
+                qtype = gguf.GGMLQuantizationType.F16
+                data = gguf.quants.quantize(a, qtype)
+            w.add_tensor(gname, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
