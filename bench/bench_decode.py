@@ -13,8 +13,8 @@ What runs (every contestant greedy, KV cache, exactly batch x new-tokens tokens,
 - llama.cpp through llama-cpp-python's low-level API (one `llama_batch` holding every row, one sequence id per row),
   on `owngpt export --to gguf` f32 of the same weights and on that file quantized to q8_0 by llama.cpp itself
   (`llama_model_quantize`); skipped with a note when llama-cpp-python is not installed.
-All run on `--threads` threads (torch intra-op threads and llama.cpp's n_threads alike), alternately (A B C ... then
-reversed), and each row of the table is the median of `--repeats` runs. The memory-bandwidth limit is measured in the
+All run on each of `--threads` thread counts in turn (torch intra-op threads and llama.cpp's n_threads alike),
+alternately (A B C ... then reversed), and each row of the table is the median of `--repeats` runs. The memory-bandwidth limit is measured in the
 same run, between the repeats: a large tensor copy (bytes read + written per second); a decode step reads every
 weight once (the LM head included), so tokens/s cannot exceed batch x bandwidth / weight bytes; the table says how
 close each contestant gets. Writes its section of docs/benchmarks.md (not with --no-write or --quick).
@@ -71,6 +71,9 @@ class LlamaCpp:
             raise RuntimeError("llama.cpp could not create a context")
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.batch = L.llama_batch_init(cp.n_batch, 0, n_seq)
+
+    def set_threads(self, n: int) -> None:
+        self.L.llama_set_n_threads(self.ctx, n, n)
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
         """items: (token, position, sequence id, wants logits)."""
@@ -178,7 +181,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (random token ids)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per contestant (the median is reported)")
-    ap.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="torch and llama.cpp thread counts to run")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp even when llama-cpp-python is installed")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 new tokens, 1 repeat, nothing written")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
@@ -196,7 +199,6 @@ def main() -> int:
     from owngpt.tokenizer import gpt2_tokenizer
 
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ref = GPT2LMHeadModel(GPT2Config()).eval()  # the `gpt2` preset size: 12 layers, 768 dims, vocab 50257
     ref.generation_config.eos_token_id = None  # never stop early: every contestant generates exactly new_tokens
@@ -244,17 +246,21 @@ def main() -> int:
             + ")."
         )
     else:
-        files = gguf_files(ref, tok, Path(work.name), args.threads)
+        files = gguf_files(ref, tok, Path(work.name), max(args.threads))
         for b in args.batch_sizes:
             per_seq = args.prompt_tokens + args.new_tokens + 16
-            llamas[b] = {k: LlamaCpp(f, args.threads, b, per_seq) for k, f in files.items()}
+            llamas[b] = {k: LlamaCpp(f, args.threads[0], b, per_seq) for k, f in files.items()}
 
     gen = torch.Generator().manual_seed(1)
     bandwidth = copy_bandwidth()
-    bw_runs: list[float] = []
+    bw_runs: dict[int, list[float]] = {}
     rows = []
-    for b in args.batch_sizes:
-        p = torch.randint(0, VOCAB, (b, args.prompt_tokens), generator=gen).tolist()
+    prompts = {b: torch.randint(0, VOCAB, (b, args.prompt_tokens), generator=gen).tolist() for b in args.batch_sizes}
+    for th, b in [(th, b) for th in args.threads for b in args.batch_sizes]:
+        torch.set_num_threads(th)
+        for lc in llamas.get(b, {}).values():
+            lc.set_threads(th)
+        p = prompts[b]
         fns = dict(contestants)
         for k, lc in llamas.get(b, {}).items():
             fns[f"llama.cpp {k}"] = lambda p, lc=lc: lc.generate(p, args.new_tokens)
@@ -270,12 +276,12 @@ def main() -> int:
                 t0 = time.perf_counter()
                 fns[k](p)
                 times[k].append(time.perf_counter() - t0)
-            bw_runs.append(bandwidth())
+            bw_runs.setdefault(th, []).append(bandwidth())
         n = b * args.new_tokens
         for k, v in times.items():
-            rows.append((b, k, n / statistics.median(v), agree[k], v))
+            rows.append((th, b, k, n / statistics.median(v), agree[k], v))
             print(
-                f"batch {b} {k:32s} {rows[-1][2]:7.1f} tokens/s  tokens equal to transformers' {agree[k]:.0%}  "
+                f"threads {th} batch {b} {k:32s} {rows[-1][3]:7.1f} tokens/s  tokens equal to transformers' {agree[k]:.0%}  "
                 f"(s: {' '.join(f'{t:.2f}' for t in v)})",
                 flush=True,
             )
@@ -283,11 +289,10 @@ def main() -> int:
         for lc in d.values():
             lc.close()
     work.cleanup()
-    bw = statistics.median(bw_runs)
-    print(
-        f"copy bandwidth {bw:.1f} GB/s (runs: {' '.join(f'{x:.1f}' for x in bw_runs)}); fp32 weights read per step "
-        f"{fp32_bytes / 1e6:.0f} MB, int8 {int8_bytes / 1e6:.0f} MB"
-    )
+    bw = {th: statistics.median(v) for th, v in bw_runs.items()}
+    for th, v in bw_runs.items():
+        print(f"threads {th}: copy bandwidth {bw[th]:.1f} GB/s (runs: {' '.join(f'{x:.1f}' for x in v)})")
+    print(f"weights read per step: fp32 {fp32_bytes / 1e6:.0f} MB, int8 {int8_bytes / 1e6:.0f} MB")
     if not args.no_write:
         write_section(render(args, rows, n_params, bw, fp32_bytes, int8_bytes, llama_version, llama_note))
         print(f"updated {DOC.relative_to(ROOT)}")
@@ -313,9 +318,9 @@ def _bound(name: str, b: int, bw: float, fp32_bytes: float, int8_bytes: float) -
 
 def render(
     args: argparse.Namespace,
-    rows: list[tuple[int, str, float, float, list[float]]],
+    rows: list[tuple[int, int, str, float, float, list[float]]],
     n_params: int,
-    bw: float,
+    bw: dict[int, float],
     fp32_bytes: float,
     int8_bytes: float,
     llama_version: str | None,
@@ -331,37 +336,39 @@ def render(
             f" --batch-sizes {' '.join(map(str, args.batch_sizes))} --new-tokens {args.new_tokens} "
             f"--prompt-tokens {args.prompt_tokens} --repeats {args.repeats}"
         )
-    if args.threads != 2:
-        cmd += f" --threads {args.threads}"
+    if args.threads != [2]:
+        cmd += f" --threads {' '.join(map(str, args.threads))}"
     lines = [
         "## Decode speed: owngpt fp32 / int8 vs transformers `generate` vs llama.cpp f32 / q8_0",
         "",
         f"GPT-2 124M architecture (`GPT2LMHeadModel(GPT2Config())`, {n_params / 1e6:.0f}M parameters, random weights), "
         f"greedy, KV cache, {args.prompt_tokens}-token prompts (random ids), {args.new_tokens} new tokens per row, no "
-        f"early stop, {args.threads} threads for everyone; median of {args.repeats} alternating runs each. owngpt is "
+        f"early stop, the same thread count for everyone; median of {args.repeats} alternating runs each. owngpt is "
         "`owngpt.generation.generate_batch`, the decode engine `owngpt.engine` behind `owngpt generate`, `chat`, the "
         "API and the server, on the model as `load_for_generation` prepares it (fp32 projections packed once for "
         "oneDNN, owngpt.decode_kernels); *reference kernels* is the same engine on the unpacked model; int8 is "
         "`owngpt export --to int8` of the same weights. llama.cpp runs `owngpt export --to gguf` f32 of the same "
         "weights and llama.cpp's own q8_0 quantization of that file, batched through its C API (one `llama_batch`, "
         "a sequence id per row). *Bound* is the tokens/s the memory bandwidth allows: batch x copy bandwidth "
-        f"({bw:.1f} GB/s, bytes read + written, a 512 MiB tensor copy measured between the repeats) / weight bytes "
+        f"({', '.join(f'{v:.1f} GB/s on {th} thread(s)' for th, v in bw.items())}; bytes read + written, a 512 MiB "
+        "tensor copy with torch on that many threads, measured between the repeats) / weight bytes "
         f"read per step ({fp32_bytes / 1e6:.0f} MB fp32, {int8_bytes / 1e6:.0f} MB int8 / q8_0, KV cache not "
         "counted); a kernel that only reads can beat a copy's rate, so above 100% is possible. *Same tokens* is the "
         "share of greedy tokens equal to transformers' fp32 ones before the first difference (owngpt fp32 must be "
         "100%: the benchmark stops otherwise; int8 and q8_0 round the weights, so their greedy paths may part).",
         "",
-        "| batch | contestant | tokens/s | vs transformers | vs llama.cpp same precision | % of bound | same tokens |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| threads | batch | contestant | tokens/s | vs transformers | vs llama.cpp same precision | % of bound "
+        "| same tokens |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    by = {(b, k): tps for b, k, tps, _a, _t in rows}
-    for b, k, tps, agree, _t in rows:
-        hf = by.get((b, "transformers generate fp32"))
-        ll = by.get((b, "llama.cpp q8_0" if "int8" in k or "q8_0" in k else "llama.cpp f32"))
+    by = {(th, b, k): tps for th, b, k, tps, _a, _t in rows}
+    for th, b, k, tps, agree, _t in rows:
+        hf = by.get((th, b, "transformers generate fp32"))
+        ll = by.get((th, b, "llama.cpp q8_0" if "int8" in k or "q8_0" in k else "llama.cpp f32"))
         vs_ll = f"{tps / ll:.2f}x" if ll and not k.startswith("llama.cpp") else ""
-        bound = _bound(k, b, bw, fp32_bytes, int8_bytes)
+        bound = _bound(k, b, bw[th], fp32_bytes, int8_bytes)
         lines.append(
-            f"| {b} | {k} | {tps:.1f} | {tps / hf:.2f}x | {vs_ll} | {100 * tps / bound:.0f}% | {100 * agree:.0f}% |"
+            f"| {th} | {b} | {k} | {tps:.1f} | {tps / hf:.2f}x | {vs_ll} | {100 * tps / bound:.0f}% | {100 * agree:.0f}% |"
         )
     lines += [
         "",
