@@ -355,7 +355,8 @@ def render(
         f"read per step ({fp32_bytes / 1e6:.0f} MB fp32, {int8_bytes / 1e6:.0f} MB int8 / q8_0, KV cache not "
         "counted); a kernel that only reads can beat a copy's rate, so above 100% is possible. *Same tokens* is the "
         "share of greedy tokens equal to transformers' fp32 ones before the first difference (owngpt fp32 must be "
-        "100%: the benchmark stops otherwise; int8 and q8_0 round the weights, so their greedy paths may part).",
+        "100%: the benchmark stops otherwise; int8 and q8_0 round the weights, so their greedy paths may part, and "
+        "early: random weights give nearly flat logits, where a small rounding changes the argmax).",
         "",
         "| threads | batch | contestant | tokens/s | vs transformers | vs llama.cpp same precision | % of bound "
         "| same tokens |",
