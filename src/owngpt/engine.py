@@ -438,6 +438,7 @@ class Decoder:
         self._new: list[Row] = []  # added, not yet prefilled
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_arg(model)
+        self._keeps_logits = _accepts(model, "logits_to_keep")
 
     @property
     def active(self) -> int:
@@ -470,7 +471,10 @@ class Decoder:
         windows = [r.ids[r.start :] for r in rows]
         x = torch.tensor(windows, dtype=torch.long, device=self.device)  # (G, n)
         pos = torch.arange(x.shape[1], device=self.device).unsqueeze(0).expand(len(rows), -1)  # (G, n)
-        out = self.model(input_ids=x, position_ids=pos, use_cache=self.use_cache)
+        # the LM head over the last position only: the other positions' logits are never read (a prompt of n tokens
+        # would otherwise cost n times the head's (V x C) product)
+        kw = {"logits_to_keep": 1} if self._keeps_logits else {}
+        out = self.model(input_ids=x, position_ids=pos, use_cache=self.use_cache, **kw)
         for r, w in zip(rows, windows, strict=True):
             r.cached = len(w)
             r.window = (r.start, len(r.ids))
@@ -558,11 +562,15 @@ class Decoder:
         return rows
 
 
-def _cache_arg(model: Any) -> str:
-    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); older 5.x know only the old."""
+def _accepts(model: Any, name: str) -> bool:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return name in inspect.signature(model.forward).parameters
+
+
+def _cache_arg(model: Any) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); older 5.x know only the old."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def _out_cache(out: Any) -> Any:

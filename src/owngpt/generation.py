@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from owngpt.decode_kernels import pack_for_decode, parameter_count
 from owngpt.engine import Decoder, IncrementalDecoder, Row, RowSettings, run_to_end
 from owngpt.errors import CheckpointError, ConfigError
 
@@ -220,6 +221,7 @@ def load_for_generation(spec: str, task: str | None = None, device: Any = None) 
     quiet_loading()
     model = load_model(path, task=task or ckpt_task)
     model.eval().to(device or "cpu")
+    pack_for_decode(model)  # CPU fp32 weights laid out once for the decode kernels (owngpt.decode_kernels)
     model.owngpt_context = trained_context(meta, model.config)  # read by context_length(): every path uses it
     if tokenizer.pad_token_id is None:  # left padding of a batch needs a pad id; masked out, so any id works
         tokenizer.pad_token = tokenizer.eos_token
@@ -562,7 +564,7 @@ def use_one_thread_for_small_models(model: Any, max_params: int = 20_000_000) ->
 
     import torch
 
-    if os.environ.get("OMP_NUM_THREADS") or sum(p.numel() for p in model.parameters()) >= max_params:
+    if os.environ.get("OMP_NUM_THREADS") or parameter_count(model) >= max_params:
         return False
     torch.set_num_threads(1)
     return True

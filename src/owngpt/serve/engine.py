@@ -257,6 +257,7 @@ def load(
 
     `ckpt` may also be a Hub id (cached, or fetched once; see owngpt.models.resolve_checkpoint)."""
     from owngpt.checkpoint import load_model, read_meta
+    from owngpt.decode_kernels import pack_for_decode
     from owngpt.generation import context_length, quiet_loading, trained_context
     from owngpt.models import resolve_checkpoint
     from owngpt.tokenizer import load_tokenizer
@@ -276,6 +277,7 @@ def load(
         raise CheckpointError(f"{path}/owngpt.json: task {task!r} cannot be served (expected lm, chat, mmi, classify)")
     quiet_loading()
     model = load_model(path, task="lm").eval().to(device or "cpu")
+    pack_for_decode(model)  # CPU fp32 weights laid out once for the decode kernels (owngpt.decode_kernels)
     model.owngpt_context = trained_context(meta, model.config)  # the window every row reads (owngpt.engine)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,109 @@
+"""Weights laid out once for the CPU kernels that read them while decoding (`owngpt generate`, `chat`, `serve`, the API).
+
+Decoding one token reads every weight once and does little arithmetic with it, so its speed is how fast the matrix
+kernel streams the weights. transformers calls torch's default kernel (MKL's sgemm/sgemv) on the weight as stored:
+GPT-2's `Conv1D` as [in, out], `nn.Linear` (every LLaMA projection, every LM head) as [out, in]. Measured on the
+2-core AVX-512 CPU we target (one thread, all 49 gpt2-size projections, bench/bench_decode.py has the end-to-end
+numbers): MKL reads the [out, in] layout about 1.4x slower than [in, out] at one row, and at 8 rows (batch 8) it
+runs 2.4x slower than oneDNN's inner product on a weight reordered once into oneDNN's blocked layout, which is as
+fast at 8 rows as at one (the weights are read once either way). So `pack_for_decode` swaps each fp32 projection for
+`PackedLinear`: the weight reordered once (torch's `mkldnn._reorder_linear_weight`, what torch.compile's CPU backend
+does to frozen weights), multiplied by `mkldnn._linear_pointwise` with fp32 accumulation. The arithmetic is the same
+as the reference path's up to the order of the sums (logits equal to ~1e-6; tests/test_decode_kernels.py checks
+greedy tokens against the unpacked model).
+
+Written by hand because transformers has no such switch for eager CPU inference. Its CPU route to speed is
+torch.compile with a static cache; measured here (gpt2 size, one thread, `generate(cache_implementation="static")` over
+a forward compiled by inductor with freezing): 38 s before the first token, then 25 tokens/s, no faster than eager
+(24), so the engine does not compile. Inductor's freezing does this very reorder internally, which is why these ops
+are the ones chosen.
+
+What is not touched: int8 models (their projections are already torch's dynamic int8 kernels, owngpt.quantize),
+non-fp32 weights, other devices, and architectures whose oracle test has not run here (only GPT-2 and LLaMA-style
+models are packed: some transformers models read a projection's `.weight` directly, which a packed module no longer
+has). The packed model is for inference only: no gradients flow through the reordered weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# model types whose forward only calls its projections (checked by tests/test_decode_kernels.py)
+PACKABLE_MODEL_TYPES = frozenset({"gpt2", "llama"})
+
+
+def _packing_available() -> bool:
+    import torch
+
+    return bool(
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _packed_linear_class():
+    import torch
+
+    class PackedLinear(torch.nn.Module):
+        """y = x @ W.T + b with W reordered once for oneDNN (inference only: no `.weight`, no gradients)."""
+
+        def __init__(self, weight: Any, bias: Any, tied: bool = False) -> None:  # weight [out, in] (nn.Linear)
+            super().__init__()
+            self.out_features, self.in_features = weight.shape
+            # counted by parameter_count (the packed tensor is no parameter); a tied head's weight is still the
+            # input embedding's parameter, counted there
+            self.weight_numel = 0 if tied else weight.numel()
+            # an opaque oneDNN tensor: kept as a plain attribute (not a parameter or buffer), so state_dict(),
+            # .to() and parameter counts never see it
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
+            self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+
+        def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
+
+    return PackedLinear
+
+
+def pack_for_decode(model: Any) -> int:
+    """Swap every fp32 projection of a CPU model (GPT-2 `Conv1D`, `nn.Linear`, the LM head) for a `PackedLinear`, in
+    place; returns how many were swapped (0 when the model, its device or this torch build does not qualify: the
+    model is then left exactly as it was). Call it once after loading, before decoding; the model stays usable for
+    any forward pass (beam search, scoring), not for training."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if getattr(model.config, "model_type", None) not in PACKABLE_MODEL_TYPES or not _packing_available():
+        return 0
+    params = list(model.parameters())
+    if not params or any(p.device.type != "cpu" for p in params):
+        return 0
+    packed_cls = _packed_linear_class()
+    embedding = model.get_input_embeddings()
+    tied_weight = getattr(embedding, "weight", None)
+    swaps = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Conv1D):
+            weight = mod.weight.t()  # Conv1D stores [in, out]
+        elif type(mod) is torch.nn.Linear:  # exactly nn.Linear: not int8 or LoRA subclasses
+            weight = mod.weight
+        else:
+            continue
+        if weight.dtype != torch.float32:
+            continue
+        swaps.append((name, weight, mod.bias))
+    with torch.no_grad():
+        for name, weight, bias in swaps:
+            parent, _, child = name.rpartition(".")
+            tied = weight is tied_weight
+            setattr(model.get_submodule(parent) if parent else model, child, packed_cls(weight, bias, tied))
+    return len(swaps)
+
+
+def parameter_count(model: Any) -> int:
+    """The model's parameter count, packed weights included (they are not torch parameters any more)."""
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum(getattr(m, "weight_numel", 0) for m in model.modules() if type(m).__name__ == "PackedLinear")
