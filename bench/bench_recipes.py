@@ -110,7 +110,8 @@ def quality_run(data: Path, out: Path, model: str, optimizer: str, steps: int, s
 def speed_run(data: Path, out: Path, model: str, optimizer: str, steps: int) -> float:
     from owngpt.train import train
 
-    cfg = config(data, out, model, optimizer, steps, 1, eval_every=steps, eval_batches=1, log_every=10)
+    every = 10 if steps >= 30 else 1  # a big preset gets a few steps: each one a window
+    cfg = config(data, out, model, optimizer, steps, 1, eval_every=steps, eval_batches=1, log_every=every)
     train(cfg)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [x["tokens_per_s"] for x in recs if "tokens_per_s" in x][1:]
@@ -173,6 +174,14 @@ def main() -> None:
     ap.add_argument(
         "--nanogpt-steps", type=int, default=2000, help="steps of nanoGPT's runs (default 2000, its recipe)"
     )
+    ap.add_argument(
+        "--speed-only",
+        nargs="+",
+        metavar="PRESET:STEPS",
+        help="only measure training tokens/s of these GPT-2 presets and their LLaMA twins (e.g. tiny:30 gpt2:4), "
+        "AdamW and Muon interleaved --speed-repeats times; writes section bench:recipes-speed",
+    )
+    ap.add_argument("--speed-repeats", type=int, default=3, help="--speed-only: repeats of each pair (default 3)")
     ap.add_argument("--note", default="", help="a paragraph added under the tables (what disturbed this run)")
     ap.add_argument(
         "--from-log",
@@ -190,6 +199,9 @@ def main() -> None:
         report(args, mid, results, speeds, ref)
         return
 
+    if args.speed_only:
+        speed_only(args)
+        return
     results: dict[tuple[str, str], list[dict]] = {k: [] for k in RUNS}
     speeds: list[tuple[str, str, float, float]] = []
     ref: list[dict] = []  # nanoGPT's runs
@@ -236,6 +248,60 @@ def main() -> None:
                 report(args, mid, results, speeds, ref)
         finally:
             clock.close()
+
+
+def speed_only(args: argparse.Namespace) -> None:
+    """Tokens/s of each preset pair with each optimizer: runs interleaved (A M A M ...), medians of the repeats."""
+    from owngpt.models import PRESETS
+
+    LLAMA_OF = {"tiny": "llama-tiny", "mini": "llama-mini", "small": "llama-small", "gpt2": "llama-base"}
+    LLAMA_OF |= {"gpt2-medium": "llama-medium", "gpt2-large": "llama-large", "gpt2-xl": "llama-xl"}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-recipes-speed-") as tmp:
+        work = Path(tmp)
+        data = prepare(work / "char", "char")
+        for spec in args.speed_only:
+            name, _, steps = spec.partition(":")
+            steps = int(steps or 30)
+            for model in (name, LLAMA_OF[name]):
+                spec_name = f"scratch:{model}" if model.startswith("gpt2") else model
+                a, m = [], []
+                for i in range(args.speed_repeats):
+                    a.append(speed_run(data, work / f"{model}-a{i}", spec_name, "adamw", steps))
+                    m.append(speed_run(data, work / f"{model}-m{i}", spec_name, "muon", steps))
+                    print(f"speed {model} #{i}: adamw {a[-1]:.1f}, muon {m[-1]:.1f}", file=sys.stderr, flush=True)
+                p = PRESETS[model]
+                shape = f"{p['n_layer']} x {p['n_embd']}"
+                ratios = [y / x for x, y in zip(a, m)]
+                rows.append((model, shape, steps, a, m, ratios))
+    lines = [
+        "## training tokens/s of each preset, AdamW and Muon (`bench/bench_recipes.py --speed-only`)",
+        "",
+        f"Command: `nice python bench/bench_recipes.py --speed-only {' '.join(args.speed_only)} --speed-repeats "
+        f"{args.speed_repeats}` — {time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, one "
+        "intra-op thread, fp32. **The machine (2 cores) was shared with other engineers' jobs**: absolute numbers "
+        "are low and noisy; the Muon / AdamW ratio is the median of the per-repeat ratios of back-to-back runs.",
+        "",
+        "Character-level Tiny Shakespeare (65-token vocabulary), batch 12 x 64, nanoGPT's recipe's optimizer settings. "
+        "Each run: STEPS steps from scratch; tokens/s is the median over the logged windows after the first (10-step "
+        "windows, or single steps for runs under 30 steps). Muon's extra cost is its Newton-Schulz iterations (bf16 "
+        "matmuls, slow on CPUs without AMX) on every block matrix at every step.",
+        "",
+        "| preset | layers x width | steps per run | AdamW tokens/s (median) | Muon tokens/s (median) | Muon / AdamW "
+        "(median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, shape, steps, a, m, ratios in rows:
+        lines.append(
+            f"| `{model}` | {shape} | {steps} | {statistics.median(a):,.0f} | {statistics.median(m):,.0f} | "
+            f"{statistics.median(ratios):.2f}x |"
+        )
+    if args.note:
+        lines += ["", args.note]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        _doc.write_section("recipes-speed", body)
 
 
 def read_logs(paths: list[str]) -> tuple[dict, list, list]:
