@@ -177,8 +177,8 @@ def main() -> None:
     ap.add_argument(
         "--speed-only",
         nargs="+",
-        metavar="PRESET:STEPS",
-        help="only measure training tokens/s of these GPT-2 presets and their LLaMA twins (e.g. tiny:30 gpt2:4), "
+        metavar="PRESET:STEPS[:REPEATS]",
+        help="only measure training tokens/s of these GPT-2 presets and their LLaMA twins (e.g. tiny:30 gpt2:4:1), "
         "AdamW and Muon interleaved --speed-repeats times; writes section bench:recipes-speed",
     )
     ap.add_argument("--speed-repeats", type=int, default=3, help="--speed-only: repeats of each pair (default 3)")
@@ -261,19 +261,19 @@ def speed_only(args: argparse.Namespace) -> None:
         work = Path(tmp)
         data = prepare(work / "char", "char")
         for spec in args.speed_only:
-            name, _, steps = spec.partition(":")
-            steps = int(steps or 30)
+            name, steps, repeats = (spec.split(":") + ["", ""])[:3]
+            steps, repeats = int(steps or 30), int(repeats or args.speed_repeats)
             for model in (name, LLAMA_OF[name]):
                 spec_name = f"scratch:{model}" if model.startswith("gpt2") else model
                 a, m = [], []
-                for i in range(args.speed_repeats):
+                for i in range(repeats):
                     a.append(speed_run(data, work / f"{model}-a{i}", spec_name, "adamw", steps))
                     m.append(speed_run(data, work / f"{model}-m{i}", spec_name, "muon", steps))
                     print(f"speed {model} #{i}: adamw {a[-1]:.1f}, muon {m[-1]:.1f}", file=sys.stderr, flush=True)
                 p = PRESETS[model]
                 shape = f"{p['n_layer']} x {p['n_embd']}"
                 ratios = [y / x for x, y in zip(a, m)]
-                rows.append((model, shape, steps, a, m, ratios))
+                rows.append((model, shape, f"{steps} x {repeats}", a, m, ratios))
     lines = [
         "## training tokens/s of each preset, AdamW and Muon (`bench/bench_recipes.py --speed-only`)",
         "",
@@ -287,7 +287,7 @@ def speed_only(args: argparse.Namespace) -> None:
         "windows, or single steps for runs under 30 steps). Muon's extra cost is its Newton-Schulz iterations (bf16 "
         "matmuls, slow on CPUs without AMX) on every block matrix at every step.",
         "",
-        "| preset | layers x width | steps per run | AdamW tokens/s (median) | Muon tokens/s (median) | Muon / AdamW "
+        "| preset | layers x width | steps per run x runs each | AdamW tokens/s (median) | Muon tokens/s (median) | Muon / AdamW "
         "(median) |",
         "|---|---|---|---|---|---|",
     ]
