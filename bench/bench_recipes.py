@@ -387,12 +387,13 @@ def report(args: argparse.Namespace, mid: int, results: dict, speeds: list, ref:
             + (f"{t / base_train:.2f}x" if base_train else "-")
             + f" | {derived} |"
         )
-    lines += [
-        "",
-        f"The last column is the median number of steps to {args.target} x {tokens_per_step} tokens a step / the "
-        "preset's tokens/s with that optimizer from the speed table below (measured back to back, so less disturbed "
-        "by other jobs than the long runs' wall times).",
-    ]
+    if speeds:
+        lines += [
+            "",
+            f"The last column is the median number of steps to {args.target} x {tokens_per_step} tokens a step / the "
+            "preset's tokens/s with that optimizer from the speed table below (measured back to back, so less "
+            "disturbed by other jobs than the long runs' wall times).",
+        ]
     if ref:
         lines += race_table(args, results, ref)
     if args.note:
