@@ -427,7 +427,8 @@ def race_table(args: argparse.Namespace, results: dict, ref: list) -> list[str]:
         "",
         f"Race to {args.target} against nanoGPT's own `train.py` (its README CPU recipe, 2,000 steps, one intra-op "
         "thread, run before the four recipes of each seed): nanoGPT's training time is the sum of the iteration "
-        "times it prints, its evaluation iterations counted at the median iteration time. Its 2,000-step weights "
+        "times it prints, its evaluation iterations (which also hold its checkpoint saves; owngpt's times include "
+        "theirs) counted at the median iteration time. Its 2,000-step weights "
         f"scored over the whole validation split: {full} (its own 20-batch estimate: {est}), so on the whole split "
         f"nanoGPT's recipe {'reaches' if max(r['full'] for r in ref) <= args.target else 'does not reach'} "
         f"{args.target} in its run; its time below is that of the whole recipe, the one its README reports about "
