@@ -1,7 +1,7 @@
 """The four from-scratch recipes on the other tasks: chat fine-tuning and SST-2 classification, small CPU budgets.
 
     nice python bench/bench_recipes_tasks.py chat   # docs/benchmarks.md, section bench:recipes-chat
-    nice python bench/bench_recipes_tasks.py sst2   # docs/benchmarks.md, section bench:recipes-sst2
+    nice python bench/bench_recipes_tasks.py sst2 --pretrain-steps 1000   # section bench:recipes-sst2
     python bench/bench_recipes_tasks.py chat --steps 40 --seeds 1 --no-write --work /tmp/x   # a quick check
 
 bench_recipes.py compares GPT-2 or LLaMA-style bodies trained with AdamW or Muon on nanoGPT's language-modelling
@@ -24,7 +24,9 @@ sst2: bench_sst2.py's split (8,000 shuffled rows of SST-2's train.tsv; `owngpt p
 to pick checkpoints/best by accuracy), BPE vocabulary 4000, `--steps` steps of batch 32 x block 64, dropout 0.1.
 Metric: accuracy and macro-F1 of checkpoints/best on all of dev.tsv (6,735 rows), computed with owngpt.predict;
 the TF-IDF (1-2 grams) + logistic regression baseline is fitted on the same 8,000 rows in the same run, and the
-best recipe is compared with it row by row (McNemar's exact test).
+best recipe is compared with it row by row (McNemar's exact test). With --pretrain-steps N, a `llama-tiny` LM is
+first pre-trained with AdamW on the text of the whole SST-2 train file (no labels) and fine-tuned on the same rows
+with AdamW and with Muon: which optimizer to fine-tune a pre-trained model with.
 
 Each run's result is appended to WORK/results.jsonl as it finishes, and runs already there are not trained again, so
 seeds can be added by later invocations with the same --work; the section is rewritten from all of them each time.
@@ -215,7 +217,12 @@ def main() -> None:
         help="sst2: also pre-train a llama-tiny LM with AdamW for this many steps on SST-2's train text (no labels) "
         "and fine-tune it with AdamW and with Muon (the fine-tuning default's question); 0 = skip (default)",
     )
-    ap.add_argument("--only", nargs="+", metavar="MODEL+OPT", help="run only these of the four")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="MODEL+OPT",
+        help="run only these (e.g. llama-tiny+muon pretrained-llama-tiny+adamw)",
+    )
     ap.add_argument("--note", default="", help="a paragraph added to the section (what disturbed the run)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
     args = ap.parse_args()
