@@ -280,7 +280,7 @@ def main() -> None:
             short = {k: v for k, v in row.items() if k not in ("pred", "evals")}
             print(f"{model} + {opt}, seed {seed}: {json.dumps(short)} last eval {evals[-1]}", file=sys.stderr)
     rows = [r for r in load_results(results_file) if r["steps"] == args.steps]
-    body = report_chat(args, rows) if args.task == "chat" else report_sst2(args, rows, extra)
+    body = report_chat(args, rows, data) if args.task == "chat" else report_sst2(args, rows, extra)
     print(body)
     if not args.no_write:
         _doc.write_section(f"recipes-{args.task}", body)
@@ -305,14 +305,17 @@ def header(args, rows: list[dict]) -> list[str]:
     ]
 
 
-def report_chat(args, rows: list[dict]) -> str:
+def report_chat(args, rows: list[dict], data: Path) -> str:
     s = SETTINGS["chat"]
+    splits = json.loads((data / "meta.json").read_text(encoding="utf-8"))["splits"]
+    n_conv = sum(x["examples"] for x in splits.values())
     lines = [
         "## from-scratch recipes on chat: GPT-2 or LLaMA-style, AdamW or Muon (`bench/bench_recipes_tasks.py chat`)",
         "",
         *header(args, rows),
         "",
-        f"The bundled English chatterbot dialogues (2,026 conversations; 10% held out), byte-level BPE of "
+        f"The bundled English chatterbot dialogues (2,026 conversations, {n_conv:,} after `owngpt prepare`'s "
+        f"de-duplication, 10% of them held out), byte-level BPE of "
         f"{s['vocab']} tokens, the chat task (loss on the assistant's tokens only, owngpt's ChatML template), batch "
         f"{s['batch_size']} x block {s['block_size']}, dropout {s['dropout']}, AdamW lr 1e-3 (Muon lr 0.02 on the "
         f"block matrices), warmup {max(1, args.steps // 10)}, cosine to lr/10 over {args.steps} steps. Validation "
