@@ -223,6 +223,7 @@ def main() -> None:
         metavar="MODEL+OPT",
         help="run only these (e.g. llama-tiny+muon pretrained-llama-tiny+adamw)",
     )
+    ap.add_argument("--section", help="docs/benchmarks.md section to write (default recipes-TASK)")
     ap.add_argument("--note", default="", help="a paragraph added to the section (what disturbed the run)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
     args = ap.parse_args()
@@ -283,7 +284,7 @@ def main() -> None:
     body = report_chat(args, rows, data) if args.task == "chat" else report_sst2(args, rows, extra)
     print(body)
     if not args.no_write:
-        _doc.write_section(f"recipes-{args.task}", body)
+        _doc.write_section(args.section or f"recipes-{args.task}", body)
 
 
 def command(args) -> str:
