@@ -1,0 +1,100 @@
+"""Tests written to kill mutants of owngpt.tasks.* that tools/mutate.py found surviving (docs/testing.md lists them).
+
+Oracles: the number of conversations written into the data dir, the files present, the tokenizer's own ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_helpers import write_chat_data_dir
+
+from owngpt.config import TrainConfig
+from owngpt.data.datadir import open_data_dir
+from owngpt.errors import DataError
+from owngpt.tasks.base import get_task
+
+
+def _chat(path, n_train: int, n_val: int, **cfg):
+    data = open_data_dir(write_chat_data_dir(path, n_train, n_val))
+    return get_task("chat")(data, data.load_tokenizer(), TrainConfig(task="chat", **cfg), block_size=64)
+
+
+@pytest.mark.parametrize("n_train,n_val", [(1, 0), (1, 1), (3, 2)])
+def test_chat_examples_are_the_conversations_written(tmp_path, n_train, n_val):
+    # kills tasks/chat num_train_examples `n == 0` -> `n == 1`, has_val `> 0` -> `>= 0` / `> 1`, and num_examples
+    # counting the mask instead of the offsets
+    task = _chat(tmp_path / "chat", n_train, n_val)
+    assert task.num_examples("train") == task.num_train_examples() == n_train
+    assert task.num_examples("val") == n_val
+    assert task.has_val() == (n_val > 0)
+
+
+def test_a_chat_dir_without_train_conversations_is_refused(tmp_path):
+    task = _chat(tmp_path / "chat", 0, 1)
+    with pytest.raises(DataError, match="train split has no examples for task 'chat'"):
+        task.num_train_examples()
+
+
+def test_a_chat_split_without_its_index_file_has_no_examples(tmp_path):
+    # kills tasks/chat _split's empty offsets `np.zeros(1)` -> `np.zeros(2)` (a phantom example)
+    path = write_chat_data_dir(tmp_path / "chat", 2, 1)
+    for f in ("val.idx.npy", "val.ids.bin", "val.mask.bin"):
+        (path / f).unlink()
+    data = open_data_dir(path)
+    task = get_task("chat")(data, data.load_tokenizer(), TrainConfig(task="chat"), block_size=64)
+    assert task.num_examples("val") == 0 and not task.has_val()
+    assert task.num_train_examples() == 2
+
+
+def test_a_chat_row_holds_block_size_plus_one_tokens_whole_and_longer_ones_are_cut(tmp_path):
+    # kills tasks/chat render_example's `limit = block_size + 1` -> `block_size - 1` / `block_size + 2`
+    from owngpt.chat_format import render
+
+    path = write_chat_data_dir(tmp_path / "chat", 3, 1)
+    data = open_data_dir(path)
+    tok = data.load_tokenizer()
+    convs = [json.loads(line)["messages"] for line in open(path / "train.jsonl", encoding="utf-8")]
+    for i, conv in enumerate(convs):
+        full, _ = render(tok, conv)
+        n = len(full)
+        # inputs are ids[:-1] and labels ids[1:]: n tokens make a row of n - 1 inputs, which fits block_size n - 1
+        whole = get_task("chat")(data, tok, TrainConfig(task="chat"), block_size=n - 1)
+        ids, _ = whole.example("train", i)
+        assert ids.tolist() == list(full)
+        assert whole.collate([i])["input_ids"].shape[1] == n - 1
+        # one token less room: the conversation is cut (its oldest turns dropped) to fit
+        cut = get_task("chat")(data, tok, TrainConfig(task="chat"), block_size=n - 2)
+        ids, _ = cut.example("train", i)
+        assert len(ids) <= n - 1 and ids.tolist() == list(render(tok, conv, max_tokens=n - 1)[0])
+
+
+def test_a_chat_row_that_fits_is_read_from_the_stored_rendering(tmp_path):
+    # prepare stores every conversation rendered; rows that fit come from there, the jsonl is read only for the rare
+    # longer ones (module docstring). Kills tasks/chat `mask is not None` -> `is None` (every row rendered again),
+    # `b - a` -> `b + a` and `<= limit` -> `< limit` (rows that fit, the longest exactly, rendered again)
+    import numpy as np
+
+    path = write_chat_data_dir(tmp_path / "chat", 3, 1)
+    offsets = np.load(path / "train.idx.npy")
+    longest = int(np.diff(offsets).max())
+    data = open_data_dir(path)
+    tok = data.load_tokenizer()
+    before = get_task("chat")(data, tok, TrainConfig(task="chat"), block_size=longest - 1).collate([0, 1, 2])
+    (path / "train.jsonl").unlink()
+    fresh = get_task("chat")(data, tok, TrainConfig(task="chat"), block_size=longest - 1)
+    after = fresh.collate([0, 1, 2])
+    assert all(before[k].equal(after[k]) for k in before)
+    assert after["input_ids"].shape[1] == longest - 1
+
+
+def test_a_chat_tokenizer_without_a_pad_token_pads_with_end_of_text(tmp_path):
+    # kills tasks/chat collate's `pad is None` -> `is not None` (no pad token: int(None))
+    data = open_data_dir(write_chat_data_dir(tmp_path / "chat", 2, 1))
+    tok = data.load_tokenizer()
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    batch = get_task("chat")(data, tok, TrainConfig(task="chat"), block_size=1000).collate([0, 1])
+    padding = batch["attention_mask"] == 0
+    assert padding.any()  # the two conversations differ in length
+    assert (batch["input_ids"][padding] == tok.eos_token_id).all() and (batch["labels"][padding] == -100).all()
