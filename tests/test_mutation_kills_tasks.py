@@ -98,3 +98,82 @@ def test_a_chat_tokenizer_without_a_pad_token_pads_with_end_of_text(tmp_path):
     padding = batch["attention_mask"] == 0
     assert padding.any()  # the two conversations differ in length
     assert (batch["input_ids"][padding] == tok.eos_token_id).all() and (batch["labels"][padding] == -100).all()
+
+
+# --- tasks/classify ---------------------------------------------------------------------------------------------
+
+
+def test_eos_readout_appends_end_of_text_once_with_or_without_a_post_processor():
+    # kills tasks/classify add_eos_readout's `old is None` -> `is not None` (no post-processor: a Sequence of None)
+    import fixtures
+    from owngpt.tasks.classify import add_eos_readout
+
+    for drop_post_processor in (False, True):
+        tok = fixtures.char_tokenizer()
+        if drop_post_processor:
+            tok.backend_tokenizer.post_processor = None
+        plain = tok("ab c", add_special_tokens=False)["input_ids"]
+        assert add_eos_readout(tok)
+        assert tok("ab c")["input_ids"] == plain + [tok.eos_token_id]
+
+
+def test_eos_readout_leaves_a_tokenizer_that_adds_its_own_special_tokens_alone():
+    # kills tasks/classify add_eos_readout's probe `add_special_tokens=False` -> True (the probe compares a call with
+    # the tokenizer's specials to one without): a tokenizer adding a start token must not get an EOS readout too
+    from tokenizers import processors
+
+    import fixtures
+    from owngpt.chat_format import PAD
+    from owngpt.tasks.classify import add_eos_readout
+
+    tok = fixtures.char_tokenizer()
+    start = tok.convert_tokens_to_ids(PAD)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{PAD} $A", pair=f"{PAD} $A $B", special_tokens=[(PAD, start)]
+    )
+    before = tok("ab c")["input_ids"]
+    assert before[0] == start
+    assert not add_eos_readout(tok)
+    assert tok("ab c")["input_ids"] == before
+
+
+def _classify(tmp_path, val, **cfg):
+    import fixtures
+
+    train = [("good fun", "pos"), ("bad day", "neg"), ("nice", "pos"), ("awful", "neg"), ("great", "pos")]
+    data = open_data_dir(fixtures.write_classify_data_dir(tmp_path / "cls", train, val))
+    return get_task("classify")(data, data.load_tokenizer(), TrainConfig(task="classify", **cfg), block_size=32)
+
+
+def test_a_classify_split_with_no_examples_evaluates_to_nothing(tmp_path):
+    # kills tasks/classify _split's empty labels `np.zeros(0)` -> `np.zeros(1)` (an empty split refused)
+    import fixtures
+
+    task = _classify(tmp_path, [])
+    model = fixtures.tiny_gpt2(task.tokenizer, task="classify")
+    assert task.evaluate(model) == {}
+
+
+def test_predict_split_reads_max_batches_times_batch_size_examples(tmp_path):
+    # kills tasks/classify predict_split's `max_batches <= 0` -> `<= 1` (one batch read as "all")
+    import fixtures
+
+    val = [("good", "pos"), ("bad", "neg"), ("fine", "pos"), ("poor", "neg"), ("ok", "pos")]
+    task = _classify(tmp_path, val)
+    model = fixtures.tiny_gpt2(task.tokenizer, task="classify")
+    labels = [task.labels.index(lab) for _, lab in val]
+    for max_batches, batch_size, want in ((1, 2, 2), (2, 2, 4), (0, 2, 5), (1, 8, 5)):
+        probs, y = task.predict_split(model, "val", max_batches, batch_size)
+        assert probs.shape == (want, 2) and y.tolist() == labels[:want]
+
+
+def test_classify_rows_number_each_draw_by_its_position_in_the_stream(tmp_path):
+    # The draw number of a training row seeds its augmentation (tasks/classify global_rows): it is the row's position
+    # in the endless stream of batches, so no two draws of a run share a seed. Kills `step * n` -> `step / n`.
+    task = _classify(tmp_path, [("ok", "pos")], augment=0.5)
+    seen = []
+    for step in range(6):
+        rows = task.global_rows(step, 4)
+        assert [draw for _, draw in rows] == list(range(step * 4, step * 4 + 4))
+        seen += [i for i, _ in rows]
+    assert sorted(set(seen)) == list(range(5))

@@ -57,7 +57,11 @@ MODULES: dict[str, list[str]] = {
         "tests/test_train.py::test_mmi_examples_are_reversed_dialogues",
         "tests/test_train.py::test_chat_and_mmi_train_with_the_chat_template",
     ],
-    "tasks/classify": ["tests/test_split_scales_weights.py", "tests/test_classify.py"],
+    "tasks/classify": [
+        "tests/test_mutation_kills_tasks.py",
+        "tests/test_split_scales_weights.py::test_balanced_weights_with_an_absent_class_match_sklearn_on_the_classes_present",
+        "tests/test_classify.py",
+    ],
     "tasks/base": ["tests/test_train_oracles.py", "tests/test_train.py"],
     "chat_format": ["tests/test_chat_format_contract.py", "tests/test_chat_format.py"],
     "generation": ["tests/test_sampling_oracles.py", "tests/test_generate.py"],
