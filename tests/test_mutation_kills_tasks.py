@@ -177,3 +177,74 @@ def test_classify_rows_number_each_draw_by_its_position_in_the_stream(tmp_path):
         assert [draw for _, draw in rows] == list(range(step * 4, step * 4 + 4))
         seen += [i for i, _ in rows]
     assert sorted(set(seen)) == list(range(5))
+
+
+# --- tasks/base -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_examples,n", [(10, 4), (7, 7), (5, 12), (1, 3)])
+def test_epoch_rows_are_an_endless_stream_of_fresh_permutations(n_examples, n):
+    # the documented contract of tasks/base epoch_rows: rows step*n .. step*n + n - 1 of one stream of epochs, each
+    # epoch every example exactly once; a pure function of its arguments. Oracles: the stream cut at multiples of
+    # n_examples, and the same stream read with another batch size.
+    from owngpt.tasks.base import epoch_rows
+
+    steps = 12
+    stream = [i for step in range(steps) for i in epoch_rows(n_examples, 3, step, n)]
+    assert len(stream) == steps * n
+    epochs = [stream[e * n_examples : (e + 1) * n_examples] for e in range(len(stream) // n_examples)]
+    assert all(sorted(ep) == list(range(n_examples)) for ep in epochs)
+    if n_examples > 3:
+        assert len({tuple(ep) for ep in epochs}) > 1  # each epoch is shuffled afresh
+        # another seed, another stream
+        assert stream != [i for step in range(steps) for i in epoch_rows(n_examples, 4, step, n)]
+    # the stream does not depend on the batch size it is read with
+    assert epoch_rows(n_examples, 3, 0, steps * n) == stream
+    assert [i for step in range(steps * n) for i in epoch_rows(n_examples, 3, step, 1)] == stream
+    assert epoch_rows(n_examples, 3, 5, n) == epoch_rows(n_examples, 3, 5, n)
+    with pytest.raises(ValueError, match="no training examples"):
+        epoch_rows(0, 3, 0, n)
+
+
+def test_rng_for_depends_on_every_key_and_only_on_the_low_32_bits():
+    from owngpt.tasks.base import rng_for
+
+    def draw(*a):
+        return rng_for(*a).integers(0, 2**62, 4).tolist()
+
+    assert draw(1, 2, 3) == draw(1, 2, 3)
+    assert len({tuple(draw(*a)) for a in [(1, 2, 3), (2, 2, 3), (1, 3, 3), (1, 2, 4), (1, 2)]}) == 5
+    assert draw(1 + 2**32, 2) == draw(1, 2)  # seeds are taken modulo 2**32 (numpy needs non-negative words)
+    assert draw(-1, 2) == draw(2**32 - 1, 2)
+
+
+@pytest.mark.parametrize(
+    "epochs,n_examples,batch,want", [(1, 5, 2, 3), (2, 5, 2, 5), (0.1, 5, 2, 1), (1, 8, 4, 2), (3, 10, 4, 8)]
+)
+def test_steps_for_epochs_by_hand(tmp_path, epochs, n_examples, batch, want):
+    # ceil(epochs * examples / global batch), at least one step
+    task = _chat(tmp_path / "chat", n_examples, 1)
+    assert task.steps_for_epochs(epochs, batch) == want
+
+
+def test_chat_batch_units_are_the_trained_tokens(tmp_path):
+    # the loss is a sum over trained tokens, normalised by batch_units: the assistant tokens of the rendered
+    # conversations, counted from the mask chat_format.render gives (labels are shifted by one)
+    from owngpt.chat_format import render
+
+    path = write_chat_data_dir(tmp_path / "chat", 3, 1)
+    task = _chat(tmp_path / "chat2", 3, 1)
+    tok = task.tokenizer
+    convs = [json.loads(line)["messages"] for line in open(path / "train.jsonl", encoding="utf-8")]
+    want = sum(sum(render(tok, c, max_tokens=65)[1][1:]) for c in convs)
+    assert task.batch_units(task.collate([0, 1, 2])) == want > 0
+
+
+def test_better_follows_the_metric_direction_and_skips_nan():
+    from owngpt.tasks.base import better
+
+    lm, cls = get_task("lm"), get_task("classify")
+    assert better(lm, 1.0, None) and better(lm, 1.0, 2.0) and not better(lm, 2.0, 1.0) and not better(lm, 1.0, 1.0)
+    assert better(cls, 0.9, 0.8) and not better(cls, 0.8, 0.9) and not better(cls, 0.8, 0.8)
+    assert not better(lm, float("nan"), None) and better(lm, 3.0, float("nan"))
+    assert not better(lm, float("nan"), 1.0)
