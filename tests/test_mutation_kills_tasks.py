@@ -248,3 +248,61 @@ def test_better_follows_the_metric_direction_and_skips_nan():
     assert better(cls, 0.9, 0.8) and not better(cls, 0.8, 0.9) and not better(cls, 0.8, 0.8)
     assert not better(lm, float("nan"), None) and better(lm, 3.0, float("nan"))
     assert not better(lm, float("nan"), 1.0)
+
+
+def test_pad_examples_written_out():
+    # tasks/base pad_examples by hand: right-padded inputs, labels shifted by one where the mask trains the next
+    # token, -100 elsewhere; a one-token example still attends to one position
+    from owngpt.tasks.base import pad_examples
+
+    P = 99
+    batch = pad_examples([([5, 6], [1, 1]), ([1, 2, 3, 4], [0, 1, 0, 1]), ([7], [1])], P)
+    assert batch["input_ids"].tolist() == [[5, P, P], [1, 2, 3], [P, P, P]]
+    assert batch["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[6, -100, -100], [2, -100, 4], [-100, -100, -100]]
+    assert pad_examples([([3], [1])], P)["input_ids"].shape == (1, 1)
+
+
+def test_chat_loss_is_the_cross_entropy_of_the_trained_tokens(tmp_path):
+    # oracle: torch's cross-entropy computed here on the assistant tokens only (positions picked from render's mask,
+    # not from the task's labels). Kills CausalLMTask.loss's ignore_index -100 -> -101.
+    import torch
+
+    import fixtures
+    from owngpt.chat_format import render
+
+    path = write_chat_data_dir(tmp_path / "chat", 2, 1)
+    task = _chat(tmp_path / "chat2", 2, 1)
+    tok = task.tokenizer
+    model = fixtures.tiny_gpt2(tok)
+    convs = [json.loads(line)["messages"] for line in open(path / "train.jsonl", encoding="utf-8")]
+    want = 0.0
+    with torch.no_grad():
+        got = float(task.loss(model, task.collate([0, 1])))
+        for conv in convs:
+            ids, mask = render(tok, conv, max_tokens=65)
+            logits = model(torch.tensor([ids[:-1]])).logits[0]
+            logp = torch.log_softmax(logits.float(), -1)
+            want -= sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1) if mask[t + 1])
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_lm_generation_ends_at_the_tokenizers_end_of_text(tmp_path):
+    # kills tasks/base generation_eos_ids' `eos is None` -> `is not None`
+    import fixtures
+
+    data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
+    tok = data.load_tokenizer()
+    assert get_task("lm")(data, tok, TrainConfig(task="lm"), 16).generation_eos_ids() == [tok.eos_token_id]
+
+
+def test_eval_loss_reads_the_batches_evaluate_reads(tmp_path):
+    # eval_loss is evaluate's val_loss with the same defaults (batch_size 8): with max_batches=1 both read 8 windows
+    import fixtures
+
+    data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
+    task = get_task("lm")(data, data.load_tokenizer(), TrainConfig(task="lm"), 4)
+    model = fixtures.tiny_gpt2(task.tokenizer)
+    assert len(task.eval_rows("val", 0)) > 9
+    assert task.eval_loss(model, "val", max_batches=1) == task.evaluate(model, max_batches=1)["val_loss"]
+    assert task.evaluate(model, max_batches=1)["val_tokens"] == 8 * 4

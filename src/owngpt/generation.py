@@ -400,7 +400,10 @@ def _beam_search(
             on_event = lambda _row, piece, _fin, i=i: piece and streamer_callback(i, piece)  # noqa: E731
         row = Row(prompts[p], row_settings(params, eos, None), on_event)
         row.begin(tokenizer, start_id)
+        cancelled = stop_flags is not None and _is_set(stop_flags[p])
         for t in toks:
+            if cancelled and t == pad:  # generate pads the beams that _BeamCancel ended: not tokens of the text
+                break
             row.feed(t)
             if row.finished:
                 break

@@ -1,0 +1,110 @@
+"""Tests written to kill mutants of owngpt.generation that tools/mutate.py found surviving (docs/testing.md lists
+them). Public functions only; oracles: the same call on a model with a clean generation config, sizes by hand."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fixtures
+from owngpt.errors import ConfigError
+from owngpt.generation import SamplingParams, context_length, generate_batch, load_for_generation
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_ckpt):
+    return load_for_generation(str(tiny_ckpt))
+
+
+def test_greedy_beam_search_ignores_sampling_settings_saved_with_the_checkpoint(lm):
+    # A Hub model may ship generation_config.json with do_sample=True, temperature, top_k, top_p: greedy beam search
+    # (transformers' generate) must not inherit them. Oracle: the same call with the checkpoint's config untouched.
+    # Kills generation.generation_config: the greedy branch's neutral values not set.
+    ids = lm.tokenizer.encode("ROMEO:")
+    p = SamplingParams(max_new_tokens=20, temperature=0, num_beams=2)
+    (clean,) = generate_batch(lm.model, lm.tokenizer, [ids], p, eos_token_ids=[])
+    gc = lm.model.generation_config
+    saved = {k: getattr(gc, k) for k in ("do_sample", "temperature", "top_k", "top_p")}
+    try:
+        gc.do_sample, gc.temperature, gc.top_k, gc.top_p = True, 5.0, 40, 0.99
+        texts = set()
+        for seed in range(3):
+            torch.manual_seed(seed)
+            (r,) = generate_batch(lm.model, lm.tokenizer, [ids], p, eos_token_ids=[])
+            texts.add(r.text)
+    finally:
+        for k, v in saved.items():
+            setattr(gc, k, v)
+    assert texts == {clean.text}
+
+
+def test_greedy_decoding_refuses_several_return_sequences_without_beams():
+    # kills SamplingParams.validate's `num_beams == 1` -> `!= 1`
+    with pytest.raises(ConfigError, match="--num-samples 2: must be 1 with greedy decoding"):
+        SamplingParams(temperature=0, num_return_sequences=2).validate()
+    SamplingParams(temperature=0, num_beams=2, num_return_sequences=2).validate()  # beams: several sequences, fine
+    SamplingParams(temperature=0.8, num_return_sequences=2).validate()  # sampling: several samples, fine
+
+
+def test_context_length_of_a_bare_model_is_its_position_table():
+    # kills context_length's `position_table(config) or 2048` -> `and` (a model loaded outside owngpt)
+    tok = fixtures.char_tokenizer()
+    model = fixtures.tiny_gpt2(tok, n_positions=48)
+    assert context_length(model) == 48
+    model.owngpt_context = 32  # the trained context, set by owngpt's loader, wins
+    assert context_length(model) == 32
+    # a config without any position table (e.g. a rotary model that does not record one): 2048
+    assert context_length(SimpleNamespace(config=SimpleNamespace(model_type="x"))) == 2048
+
+
+def test_a_prompt_cancelled_during_beam_search_ends_cancelled_and_the_others_run_on(lm):
+    # kills generation _BeamCancel's `shape[0] // len(stop_flags)` -> `*` (every beam read as the first prompt's).
+    # Found on the way: a prompt cancelled under beam search ended "length" with generate's padding counted as its
+    # tokens (fixed in _beam_search).
+    p = SamplingParams(max_new_tokens=20, temperature=0, num_beams=2)
+    a, b = lm.tokenizer.encode("ROMEO:"), lm.tokenizer.encode("KING")
+    (alone,) = generate_batch(lm.model, lm.tokenizer, [a], p, eos_token_ids=[])
+    first, second = generate_batch(lm.model, lm.tokenizer, [a, b], p, stop_flags=[False, True], eos_token_ids=[])
+    assert (first.token_ids, first.text, first.finish_reason) == (alone.token_ids, alone.text, "length")
+    assert second.finish_reason == "cancelled" and second.completion_tokens <= 1
+
+
+def test_sample_j_of_a_seeded_prompt_is_the_sample_of_seed_plus_j(lm):
+    # the documented rule of generate_batch: sample j of every prompt uses seed + j. Kills `seed + j` -> `seed - j`
+    ids = lm.tokenizer.encode("ROMEO:")
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=10)
+    many = generate_batch(lm.model, lm.tokenizer, [ids], p.replace(num_return_sequences=3), eos_token_ids=[])
+    one_by_one = [
+        generate_batch(lm.model, lm.tokenizer, [ids], p.replace(seed=10 + j), eos_token_ids=[])[0] for j in range(3)
+    ]
+    assert [r.token_ids for r in many] == [r.token_ids for r in one_by_one]
+    assert len({tuple(r.token_ids) for r in many}) == 3
+
+
+def test_a_prompt_is_encoded_without_the_tokenizers_own_special_tokens():
+    # kills encode_prompt's add_special_tokens=False -> True: a tokenizer that adds a start token (LLaMA's <s>, here a
+    # post-processor adding one) must not put it in front of a plain-text prompt
+    from tokenizers import processors
+
+    from owngpt.chat_format import PAD
+    from owngpt.generation import encode_prompt
+
+    tok = fixtures.char_tokenizer()
+    plain = encode_prompt(tok, "ROMEO: hi")
+    start = tok.convert_tokens_to_ids(PAD)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{PAD} $A", pair=f"{PAD} $A $B", special_tokens=[(PAD, start)]
+    )
+    assert tok("ROMEO: hi")["input_ids"] == [start, *plain]
+    assert encode_prompt(tok, "ROMEO: hi") == plain and tok.decode(plain) == "ROMEO: hi"
+
+
+def test_unescape_keeps_a_trailing_backslash_and_unknown_escapes():
+    # kills unescape's `i + 1 < len(text)` -> `<=` (a backslash at the very end read past the string)
+    from owngpt.generation import unescape
+
+    assert unescape("stop\\") == "stop\\"
+    assert unescape("\\") == "\\"
+    assert unescape("a\\qb\\n") == "a\\qb\n"
