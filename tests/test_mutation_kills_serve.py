@@ -1,0 +1,94 @@
+"""Tests written to kill mutants of owngpt.serve.engine that tools/mutate.py found surviving (docs/testing.md lists
+them). The serving engine's public class (Engine: submit, start, close, stats) on a tiny random model."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import fixtures
+from owngpt.engine import Row, RowSettings
+from owngpt.serve.engine import Engine, QueueFull
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fixtures.char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return fixtures.tiny_gpt2(tok, n_positions=64)
+
+
+def _row(tok, n=5, done=None):
+    def on_event(_row, _piece, finished):
+        if finished and done is not None:
+            done.release()
+
+    return Row(tok.encode("KING"), RowSettings(max_tokens=n, temperature=0), on_event)
+
+
+def test_the_queue_holds_exactly_max_queue_rows(model, tok):
+    # kills Engine.submit's `queued + new > max_queue` -> `>=` (a queue refused while it has room for the rows)
+    engine = Engine(model, tok, max_queue=3)  # not started: rows stay queued
+    engine.submit([_row(tok), _row(tok)])
+    engine.submit([_row(tok)])
+    assert engine.stats.queued == 3
+    with pytest.raises(QueueFull, match="3 sequences are already waiting"):
+        engine.submit([_row(tok)])
+    big = Engine(model, tok, max_queue=3)
+    with pytest.raises(QueueFull):  # all or none: four rows never fit in three places
+        big.submit([_row(tok) for _ in range(4)])
+    assert big.stats.queued == 0
+    engine.close()
+    big.close()
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_the_stats_count_what_the_worker_did(model, tok, continuous):
+    # kills Stats' `max_batch_seen = 0` -> 1 (a batch reported before any ran)
+    engine = Engine(model, tok, continuous=continuous, batch_wait_ms=1)
+    st = engine.stats
+    assert (st.queued, st.running, st.batches, st.rows_done, st.max_batch_seen, st.tokens_generated) == (0,) * 6
+    done = threading.Semaphore(0)
+    engine.start()
+    try:
+        engine.submit([_row(tok, 5, done)])
+        assert done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert (st.rows_done, st.tokens_generated, st.max_batch_seen, st.rows_cancelled) == (1, 5, 1, 0)
+    assert st.batches == (5 if continuous else 1)  # decode steps, or batches run to the end
+
+
+def test_a_batch_never_holds_more_than_max_batch_size_rows(model, tok):
+    # kills Engine._admit's `active < max_batch_size` -> `<=`
+    engine = Engine(model, tok, max_batch_size=2)
+    done = threading.Semaphore(0)
+    engine.submit([_row(tok, 4, done) for _ in range(5)])  # queued before the worker starts: all wait together
+    engine.start()
+    try:
+        for _ in range(5):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert engine.stats.rows_done == 5 and engine.stats.max_batch_seen == 2
+
+
+def test_a_row_cancelled_while_queued_ends_cancelled_without_running(model, tok):
+    # kills Engine._admit's `row.finish("cancelled")` dropped (its client would wait for ever)
+    engine = Engine(model, tok)
+    done = threading.Semaphore(0)
+    gone, kept = _row(tok, 4, done), _row(tok, 4, done)
+    gone.cancel()  # the client left before the row was admitted
+    engine.submit([gone, kept])
+    engine.start()
+    try:
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert (gone.finish_reason, gone.token_ids) == ("cancelled", [])
+    assert kept.finish_reason == "length" and len(kept.token_ids) == 4
+    assert engine.stats.rows_cancelled == 1
