@@ -68,10 +68,11 @@ class _Stop(Exception):
     pass
 
 
-def test_a_save_cut_between_its_two_renames_is_put_back_and_resumed_from(tmp_path, tiny_lm_data, tiny_ckpt):
+def test_a_save_cut_between_its_two_renames_is_put_back_and_resumed_from(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
     # save_checkpoint moves the old `last` aside, then renames the new one in; a kill in between leaves only
     # `.last.old-PID`. Resume must put it back and continue from its step, not start over (which would end with the
     # same weights, so test_resume's check cannot tell). Kills train's `_recover_interrupted_save(...)` dropped.
+    # The resumed run changes lr: it must say so.
     def stop_at_2(step, metrics):
         if step == 2:
             raise _Stop
@@ -83,8 +84,11 @@ def test_a_save_cut_between_its_two_renames_is_put_back_and_resumed_from(tmp_pat
     (ckpts / "last").rename(ckpts / ".last.old-12345")
     steps = []
     res = train(
-        quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, resume=True, **kw),
+        quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, resume=True, lr=2e-3, **kw),
         callbacks=[lambda step, metrics: steps.append(step)],
     )
     assert res.steps == 4 and min(steps) > 2  # resumed after step 2
     assert not list(ckpts.glob(".last.old-*"))
+    # a setting changed on resume is named (kills the warning dropped)
+    err = capsys.readouterr().err
+    assert "resuming from step 2" in err and "warning: settings differ from the interrupted run (lr)" in err

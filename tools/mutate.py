@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The two-process torchrun tests are left out: a few minutes per mutant on two cores.
 MODULES: dict[str, list[str]] = {
     "train": [
+        "tests/test_mutation_kills_train.py",
         "tests/test_train_oracles.py",
         "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
         "tests/test_train.py::test_overfits_and_writes_the_run_dir",
@@ -62,9 +63,20 @@ MODULES: dict[str, list[str]] = {
         "tests/test_split_scales_weights.py::test_balanced_weights_with_an_absent_class_match_sklearn_on_the_classes_present",
         "tests/test_classify.py",
     ],
-    "tasks/base": ["tests/test_train_oracles.py", "tests/test_train.py"],
+    "tasks/base": [
+        "tests/test_mutation_kills_tasks.py",
+        "tests/test_mutation_kills.py",
+        "tests/test_train_oracles.py",
+        "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
+        "tests/test_train.py::test_chat_labels_cover_exactly_the_assistant_tokens",
+    ],
     "chat_format": ["tests/test_chat_format_contract.py", "tests/test_chat_format.py"],
-    "generation": ["tests/test_sampling_oracles.py", "tests/test_generate.py"],
+    "generation": [
+        "tests/test_mutation_kills_generation.py",
+        "tests/test_engine.py::test_loading_for_generation_prints_no_progress_bars",
+        "tests/test_generate.py",
+        "tests/test_sampling_oracles.py",
+    ],
     # the one decode engine (rows, sampling through transformers' processors, stop strings, the window)
     "engine": [
         "tests/test_mutation_kills_engine.py",
@@ -73,7 +85,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_engine.py",
         "tests/test_generate.py",
     ],
-    "serve/engine": ["tests/test_serve.py", "tests/test_frontends.py"],
+    "serve/engine": ["tests/test_mutation_kills_serve.py", "tests/test_serve.py", "tests/test_frontends.py"],
     "data/prepare": ["tests/test_split_scales_weights.py", "tests/test_prepare.py"],
     "data/datadir": ["tests/test_prepare.py", "tests/test_train_oracles.py"],
     "data/privacy": ["tests/test_privacy_properties.py", "tests/test_mutation_kills.py", "tests/test_privacy.py"],
