@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -51,9 +52,9 @@ def test_gradient_checkpointing_trains_the_same_weights_and_the_run_names_its_mo
 ):
     # Oracle: the same run without gradient checkpointing (recomputing activations changes no gradient).
     plain = train(quick_cfg(tiny_lm_data, tmp_path / "plain", tiny_ckpt, max_steps=3, eval_every=3))
-    assert (
-        f"model: pretrained: local checkpoint {tiny_ckpt}\n" in capsys.readouterr().err
-    )  # the run says what it trains
+    err = capsys.readouterr().err
+    assert f"model: pretrained: local checkpoint {tiny_ckpt}\n" in err  # the run says what it trains
+    assert "step 3: " in err and "(best)" in err  # and what each evaluation gave
     ckpt = train(
         quick_cfg(tiny_lm_data, tmp_path / "ckpt", tiny_ckpt, max_steps=3, eval_every=3, gradient_checkpointing=True)
     )
@@ -77,9 +78,11 @@ def test_a_save_cut_between_its_two_renames_is_put_back_and_resumed_from(tmp_pat
         if step == 2:
             raise _Stop
 
-    kw = dict(max_steps=4, eval_every=2)
+    kw = dict(max_steps=8, eval_every=2)  # the prefetcher is still 2 steps ahead when step 2 stops the run
     with pytest.raises(_Stop):
         train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, **kw), callbacks=[stop_at_2])
+    # a run stopped by a callback leaves no batch-prefetching thread behind (kills `batches.close()` dropped)
+    assert not [t for t in threading.enumerate() if t.name == "owngpt-prefetch" and t.is_alive()]
     ckpts = tmp_path / "run" / "checkpoints"
     (ckpts / "last").rename(ckpts / ".last.old-12345")
     steps = []
@@ -87,7 +90,7 @@ def test_a_save_cut_between_its_two_renames_is_put_back_and_resumed_from(tmp_pat
         quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, resume=True, lr=2e-3, **kw),
         callbacks=[lambda step, metrics: steps.append(step)],
     )
-    assert res.steps == 4 and min(steps) > 2  # resumed after step 2
+    assert res.steps == 8 and min(steps) > 2  # resumed after step 2
     assert not list(ckpts.glob(".last.old-*"))
     # a setting changed on resume is named (kills the warning dropped)
     err = capsys.readouterr().err

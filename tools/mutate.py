@@ -86,8 +86,17 @@ MODULES: dict[str, list[str]] = {
         "tests/test_generate.py",
     ],
     "serve/engine": ["tests/test_mutation_kills_serve.py", "tests/test_serve.py", "tests/test_frontends.py"],
-    "data/prepare": ["tests/test_split_scales_weights.py", "tests/test_prepare.py"],
-    "data/datadir": ["tests/test_prepare.py", "tests/test_train_oracles.py"],
+    "data/prepare": [
+        "tests/test_split_scales_weights.py::test_the_validation_documents_depend_on_the_seed_and_only_on_it",
+        "tests/test_prepare.py",
+    ],
+    "data/datadir": [
+        "tests/test_mutation_kills_data.py",
+        "tests/test_hostile_inputs.py::test_a_damaged_data_dir_is_refused",
+        "tests/test_hostile_inputs.py::test_an_intact_data_dir_passes_every_check",
+        "tests/test_prepare.py",
+        "tests/test_mutation_kills_tasks.py",
+    ],
     "data/privacy": ["tests/test_privacy_properties.py", "tests/test_mutation_kills.py", "tests/test_privacy.py"],
     "quantize": ["tests/test_split_scales_weights.py", "tests/test_quantize.py", "tests/test_mutation_kills.py"],
 }
