@@ -84,3 +84,59 @@ def test_label_ids_of_a_language_modelling_dir_name_the_task_needed(tmp_path):
     path, _ = _lm(tmp_path)
     with pytest.raises(DataError, match="holds 'lm' data, but this needs classify data"):
         open_data_dir(path).label_ids("train")
+
+
+# --- data/prepare ---------------------------------------------------------------------------------------------------
+
+
+def _prepare(tmp_path, name, content, **kw):
+    from owngpt.data.prepare import PrepareConfig, prepare
+
+    src = tmp_path / name
+    src.write_text(content, encoding="utf-8")
+    kw.setdefault("tokenizer", "char")
+    cfg = PrepareConfig(sources=[str(src)], out=str(tmp_path / "out"), progress=False, quiet=True, **kw)
+    return prepare(cfg)
+
+
+def test_lm_meta_counts_are_the_counts_of_the_token_files(tmp_path):
+    # oracle: the .bin files read back (each document ends with one end-of-text). Kills the documents count starting
+    # at 1 in the LM writer.
+    docs = "\n\n".join(f"document number {i} has some words" for i in range(12)) + "\n"
+    r = _prepare(tmp_path, "a.txt", docs, val_fraction=0.25, doc_sep="blank")
+    meta = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))
+    eos = meta["tokenizer"]["eos_token_id"]
+    total = 0
+    for split in ("train", "val"):
+        ids = np.fromfile(r.out / f"{split}.bin", dtype=meta["dtype"])
+        assert meta["splits"][split]["tokens"] == len(ids)
+        assert meta["splits"][split]["documents"] == int((ids == eos).sum()) > 0
+        total += meta["splits"][split]["documents"]
+    assert total == 12
+
+
+def test_chat_meta_counts_are_the_counts_of_the_ragged_files(tmp_path):
+    # kills the chat writer's `tokens -=`
+    convs = [
+        {"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": f"hi there {i}"}]}
+        for i in range(10)
+    ]
+    r = _prepare(tmp_path, "c.jsonl", "\n".join(json.dumps(c) for c in convs) + "\n", val_fraction=0.2)
+    meta = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))
+    for split in ("train", "val"):
+        ids = np.fromfile(r.out / f"{split}.ids.bin", dtype=meta["dtype"])
+        mask = np.fromfile(r.out / f"{split}.mask.bin", dtype=np.uint8)
+        idx = np.load(r.out / f"{split}.idx.npy")
+        st = meta["splits"][split]
+        assert (st["examples"], st["tokens"], st["assistant_tokens"]) == (len(idx) - 1, len(ids), int(mask.sum()))
+
+
+def test_classify_meta_and_report_count_examples_and_every_label(tmp_path):
+    # kills the classify writer's examples count starting at 1, and a label never seen reported as 1
+    rows = "\n".join(json.dumps({"text": f"text {i}", "label": ("a", "b")[i % 2]}) for i in range(10))
+    r = _prepare(tmp_path, "l.jsonl", rows + "\n", labels=["a", "b", "never"], val_fraction=0.2)
+    meta = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))
+    for split in ("train", "val"):
+        n = sum(1 for line in open(r.out / f"{split}.jsonl", encoding="utf-8") if line.strip())
+        assert meta["splits"][split]["examples"] == n == len(np.load(r.out / f"{split}.labels.npy"))
+    assert r.report["labels"] == {"a": 5, "b": 5, "never": 0}

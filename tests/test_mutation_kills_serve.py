@@ -92,3 +92,51 @@ def test_a_row_cancelled_while_queued_ends_cancelled_without_running(model, tok)
     assert (gone.finish_reason, gone.token_ids) == ("cancelled", [])
     assert kept.finish_reason == "length" and len(kept.token_ids) == 4
     assert engine.stats.rows_cancelled == 1
+
+
+def test_load_puts_the_model_on_the_device_asked_for_and_prints_no_progress_bar(tiny_ckpt, capfd):
+    # kills serve.engine.load's `.to(device or "cpu")` -> `device and "cpu"` and its quiet_loading() dropped. The
+    # "meta" device stands for any device other than the CPU (this machine has no GPU): nothing is computed on it.
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from owngpt.serve.engine import load
+
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    capfd.readouterr()
+    on_cpu = load(tiny_ckpt)
+    out, err = capfd.readouterr()
+    assert "Loading" not in out + err and "%|" not in out + err
+    assert next(on_cpu.engine.model.parameters()).device.type == "cpu"
+    elsewhere = load(tiny_ckpt, device=torch.device("meta"))
+    assert next(elsewhere.engine.model.parameters()).device.type == "meta"
+
+
+def test_dynamic_batching_waits_for_as_many_rows_as_the_last_batch_had(model, tok):
+    # Dynamic batching (continuous=False): a batch that starts right after the last one waits, up to batch_wait, for
+    # the rows queued plus as many as the last batch had (its clients send their next requests at once). Row C is
+    # queued while the batch A, B decodes; D and E come once A and B are done: C waits for them, one batch of 3.
+    # Kills _wait_for_batch's idle test `now - idle_since` -> `now + idle_since` (C would run alone). Whatever the
+    # order of the threads, a correct engine makes one batch of three; batch_wait only bounds the wait.
+    engine = Engine(model, tok, continuous=False, batch_wait_ms=3000)
+    done = threading.Semaphore(0)
+    queued_c = []
+
+    def on_a(row, piece, finished):
+        if piece and not queued_c:
+            queued_c.append(_row(tok, 3, done))
+            engine.submit(queued_c)
+        if finished:
+            done.release()
+
+    a = Row(tok.encode("KING"), RowSettings(max_tokens=5, temperature=0), on_a)
+    engine.submit([a, _row(tok, 5, done)])
+    engine.start()
+    try:
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)  # A and B
+        engine.submit([_row(tok, 3, done), _row(tok, 3, done)])
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert engine.stats.batches == 2 and engine.stats.max_batch_seen == 3 and engine.stats.rows_done == 5

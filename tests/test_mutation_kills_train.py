@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -51,10 +52,20 @@ def test_gradient_checkpointing_trains_the_same_weights_and_the_run_names_its_mo
     tmp_path, tiny_lm_data, tiny_ckpt, capsys
 ):
     # Oracle: the same run without gradient checkpointing (recomputing activations changes no gradient).
+    t0 = time.perf_counter()
     plain = train(quick_cfg(tiny_lm_data, tmp_path / "plain", tiny_ckpt, max_steps=3, eval_every=3))
+    wall = time.perf_counter() - t0
+    # tokens/s is a window's tokens over the window's time, which is within the call's: a bound, not a timing (kills
+    # the window's elapsed time computed `now + t0`). Each logged step (log_every=1) trains a 4 x 32-token batch.
+    logged = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r]
+    assert len(speeds) == 3 and all(v * wall >= 4 * 32 for v in speeds)
     err = capsys.readouterr().err
     assert f"model: pretrained: local checkpoint {tiny_ckpt}\n" in err  # the run says what it trains
     assert "step 3: " in err and "(best)" in err  # and what each evaluation gave
+    # the progress bar is closed before the run's last line (kills `bar.close()` dropped: the bar closes when
+    # collected, after that line, and prints over it)
+    assert err.endswith(f"checkpoints in {tmp_path / 'plain' / 'checkpoints'}\n")
     ckpt = train(
         quick_cfg(tiny_lm_data, tmp_path / "ckpt", tiny_ckpt, max_steps=3, eval_every=3, gradient_checkpointing=True)
     )

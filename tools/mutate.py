@@ -45,6 +45,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
         "tests/test_train.py::test_overfits_and_writes_the_run_dir",
         "tests/test_resume.py::test_stopped_and_resumed_equals_uninterrupted",
+        "tests/test_optim.py::test_muon_run_stopped_and_resumed_is_bitwise_equal",
     ],
     "tasks/lm": [
         "tests/test_mutation_kills.py",
@@ -87,6 +88,8 @@ MODULES: dict[str, list[str]] = {
     ],
     "serve/engine": ["tests/test_mutation_kills_serve.py", "tests/test_serve.py", "tests/test_frontends.py"],
     "data/prepare": [
+        "tests/test_mutation_kills_data.py",
+        "tests/test_hostile_inputs.py::test_safe_pieces_tokenize_exactly_as_the_whole",
         "tests/test_split_scales_weights.py::test_the_validation_documents_depend_on_the_seed_and_only_on_it",
         "tests/test_prepare.py",
     ],
