@@ -89,28 +89,35 @@ def test_label_ids_of_a_language_modelling_dir_name_the_task_needed(tmp_path):
 # --- data/prepare ---------------------------------------------------------------------------------------------------
 
 
-def _prepare(tmp_path, name, content, **kw):
+def _prepare(tmp_path, name, content, sources_override=None, **kw):
     from owngpt.data.prepare import PrepareConfig, prepare
 
-    src = tmp_path / name
-    src.write_text(content, encoding="utf-8")
+    if sources_override:
+        sources = [str(s) for s in sources_override]
+    else:
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        sources = [str(tmp_path / name)]
     kw.setdefault("tokenizer", "char")
-    cfg = PrepareConfig(sources=[str(src)], out=str(tmp_path / "out"), progress=False, quiet=True, **kw)
+    cfg = PrepareConfig(sources=sources, out=str(tmp_path / "out"), progress=False, quiet=True, **kw)
     return prepare(cfg)
 
 
 def test_lm_meta_counts_are_the_counts_of_the_token_files(tmp_path):
-    # oracle: the .bin files read back (each document ends with one end-of-text). Kills the documents count starting
-    # at 1 in the LM writer.
+    # oracle: the .bin files read back (each document ends with one end-of-text). Kills the chars count starting at 1
+    # in the LM writer.
     docs = "\n\n".join(f"document number {i} has some words" for i in range(12)) + "\n"
     r = _prepare(tmp_path, "a.txt", docs, val_fraction=0.25, doc_sep="blank")
     meta = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))
     eos = meta["tokenizer"]["eos_token_id"]
+    tok = open_data_dir(r.out).load_tokenizer()
     total = 0
     for split in ("train", "val"):
         ids = np.fromfile(r.out / f"{split}.bin", dtype=meta["dtype"])
         assert meta["splits"][split]["tokens"] == len(ids)
         assert meta["splits"][split]["documents"] == int((ids == eos).sum()) > 0
+        ends = np.flatnonzero(ids == eos)
+        texts = [tok.decode(ids[a + 1 if k else 0 : b].tolist()) for k, (a, b) in enumerate(zip([0, *ends], ends))]
+        assert meta["splits"][split]["chars"] == sum(len(t) for t in texts)
         total += meta["splits"][split]["documents"]
     assert total == 12
 
@@ -132,11 +139,28 @@ def test_chat_meta_counts_are_the_counts_of_the_ragged_files(tmp_path):
 
 
 def test_classify_meta_and_report_count_examples_and_every_label(tmp_path):
-    # kills the classify writer's examples count starting at 1, and a label never seen reported as 1
+    # kills the classify writer's chars count starting at 1, and a label never seen reported as 1
     rows = "\n".join(json.dumps({"text": f"text {i}", "label": ("a", "b")[i % 2]}) for i in range(10))
     r = _prepare(tmp_path, "l.jsonl", rows + "\n", labels=["a", "b", "never"], val_fraction=0.2)
     meta = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))
     for split in ("train", "val"):
-        n = sum(1 for line in open(r.out / f"{split}.jsonl", encoding="utf-8") if line.strip())
-        assert meta["splits"][split]["examples"] == n == len(np.load(r.out / f"{split}.labels.npy"))
+        recs = [json.loads(line) for line in open(r.out / f"{split}.jsonl", encoding="utf-8") if line.strip()]
+        assert meta["splits"][split]["examples"] == len(recs) == len(np.load(r.out / f"{split}.labels.npy"))
+        assert meta["splits"][split]["chars"] == sum(len(x["text"]) for x in recs)
     assert r.report["labels"] == {"a": 5, "b": 5, "never": 0}
+
+
+def test_a_chat_export_is_recorded_with_its_size_and_checksum(tmp_path):
+    # meta.json's inputs name each file read with its size and SHA-256 (computed here with hashlib). Chat exports are
+    # read by their own reader, so prepare checksums them itself: kills its byte count starting at 1.
+    import hashlib
+
+    export = tmp_path / "WhatsApp Chat with Wang Wei.txt"
+    export.write_text(
+        "".join(f"01/02/2024, 10:{m:02d} - {who}: line {m}\n" for m in range(12) for who in ("Wang Wei", "Zhang San")),
+        encoding="utf-8",
+    )
+    r = _prepare(tmp_path, "", "", source_format="whatsapp", me="Zhang San", sources_override=[export])
+    (rec,) = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))["inputs"]
+    data = export.read_bytes()
+    assert (rec["bytes"], rec["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
