@@ -164,3 +164,55 @@ def test_a_chat_export_is_recorded_with_its_size_and_checksum(tmp_path):
     (rec,) = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))["inputs"]
     data = export.read_bytes()
     assert (rec["bytes"], rec["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+# --- data/privacy ---------------------------------------------------------------------------------------------------
+
+
+def test_full_width_letters_are_read_as_their_ascii_letters():
+    # oracle: unicodedata's NFKC maps each full-width letter to its ASCII letter; an address written in full-width
+    # letters (any of the 52) is redacted like the ASCII one. Kills data/privacy's map `ord("A") + i` -> `- i`.
+    import string
+    import unicodedata
+
+    from owngpt.data.privacy import redact
+
+    for c in string.ascii_letters:
+        wide = chr(ord(c) - 0x21 + 0xFF01)
+        assert unicodedata.normalize("NFKC", wide) == c
+        text = f"mail {wide * 3}＠{wide}x.com ok"
+        assert redact(text)[0] == "mail <EMAIL> ok", (c, redact(text)[0])
+
+
+@pytest.mark.parametrize("region", ["SH", "FK", "SB", "VU"])
+def test_a_five_digit_local_phone_number_is_redacted_in_its_region(region):
+    # oracle: libphonenumber's own example number of the region, five digits long (the rule skips texts with fewer
+    # than five digits: no phone number is shorter). Kills `digits < 5` -> `<= 5`.
+    import phonenumbers
+
+    from owngpt.data.privacy import redact
+
+    number = str(phonenumbers.example_number(region).national_number)
+    assert len(number) == 5
+    text, counts = redact(f"call {number} now", region=region)
+    assert (text, counts["PHONE"]) == ("call <PHONE> now", 1)
+
+
+def test_im_ids_are_counted_once_each():
+    # the report counts each redaction (kills the IM count's `+=` -> `-=`)
+    from owngpt.data.privacy import redact
+
+    text, counts = redact("qq: 12345678, wechat: abc_123, wechat tomorrow")
+    assert "12345678" not in text and "abc_123" not in text and "tomorrow" in text
+    assert counts["IM"] == 2
+
+
+def test_a_one_letter_name_is_pseudonymized_as_a_whole_word():
+    # kills Pseudonymizer.apply's boundary test on the name's second character (`n[0]` -> `n[1]`: IndexError for a
+    # one-letter name, and no left boundary for "x王Wei"-like names)
+    from owngpt.data.privacy import Pseudonymizer
+
+    p = Pseudonymizer()
+    assert p.name("K") == "Person 1" and p.name("王Wei") == "Person 2"
+    assert p.apply("K: OK, ask K.") == "Person 1: OK, ask Person 1."
+    assert p.apply("x王Wei and Wei") == "xPerson 2 and Wei"  # a CJK start needs no word boundary on its left
