@@ -71,7 +71,13 @@ MODULES: dict[str, list[str]] = {
         "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
         "tests/test_train.py::test_chat_labels_cover_exactly_the_assistant_tokens",
     ],
-    "chat_format": ["tests/test_chat_format_contract.py", "tests/test_chat_format.py"],
+    "chat_format": [
+        "tests/test_mutation_kills_chat_format.py",
+        "tests/test_chat_format_contract.py",
+        "tests/test_chat_format.py",
+        "tests/test_chat_segments.py",  # the segment rule (pieces tokenized as the whole string is)
+        "tests/test_chat_render_parity.py",
+    ],
     "generation": [
         "tests/test_mutation_kills_generation.py",
         "tests/test_engine.py::test_loading_for_generation_prints_no_progress_bars",
@@ -100,8 +106,18 @@ MODULES: dict[str, list[str]] = {
         "tests/test_prepare.py",
         "tests/test_mutation_kills_tasks.py",
     ],
-    "data/privacy": ["tests/test_privacy_properties.py", "tests/test_mutation_kills.py", "tests/test_privacy.py"],
-    "quantize": ["tests/test_split_scales_weights.py", "tests/test_quantize.py", "tests/test_mutation_kills.py"],
+    "data/privacy": [
+        "tests/test_privacy_properties.py",
+        "tests/test_mutation_kills.py",
+        "tests/test_mutation_kills_data.py",
+        "tests/test_privacy.py",
+    ],
+    "quantize": [
+        "tests/test_mutation_kills_quantize.py",
+        "tests/test_split_scales_weights.py",
+        "tests/test_quantize.py",
+        "tests/test_mutation_kills.py",
+    ],
 }
 
 _CMP_SWAP = {
