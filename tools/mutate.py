@@ -3,6 +3,8 @@
     nice python tools/mutate.py quantize                      # every mutant of one module
     nice python tools/mutate.py train --functions lr_at --max-mutants 30
     nice python tools/mutate.py --list                         # the modules and the tests each one runs
+    nice python tools/mutate.py engine --fork --max-mutants 25  # torch imported once, each mutant in a forked child
+    nice python tools/mutate.py engine --fork --ids ID,ID        # re-run chosen mutants (after writing a test)
 
 A mutant is one edit of the source: a comparison flipped (< to <=, == to !=, in to not in), an arithmetic or boolean
 operator swapped (+ to -, * to /, and to or), a `not` removed, an integer constant moved by one, True/False swapped,
