@@ -138,3 +138,24 @@ def test_rows_decoding_past_the_first_cache_capacity_compute_what_they_would_alo
     run_to_end(Decoder(model, tok, 100), rows)
     assert [r.token_ids for r in rows] == [alone(p) for p in prompts]
     assert all(len(r.token_ids) == 80 for r in rows)
+
+
+def test_row_settings_cannot_change_under_a_running_row():
+    # rows share and keep their settings while decoding: RowSettings is frozen (kills `frozen=True` -> False)
+    import dataclasses
+
+    s = RowSettings(max_tokens=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.max_tokens = 6  # type: ignore[misc]
+
+
+def test_streamed_pieces_skip_special_tokens_as_decode_does():
+    # oracle: the tokenizer's own decode(skip_special_tokens=True). Kills DecodeStream(skip_special_tokens=False).
+    import fixtures
+    from owngpt.chat_format import IM_END, PAD
+
+    tok = fixtures.char_tokenizer()
+    ids = tok.encode("Ay ") + [tok.convert_tokens_to_ids(PAD)] + tok.encode("ok") + [tok.convert_tokens_to_ids(IM_END)]
+    dec = IncrementalDecoder(tok, tok.encode("Say:"))
+    text = "".join(dec.push(i) for i in ids) + dec.flush()
+    assert text == tok.decode(ids, skip_special_tokens=True) == "Ay ok"

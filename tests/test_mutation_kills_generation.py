@@ -116,3 +116,58 @@ def test_unescape_keeps_a_trailing_backslash_and_unknown_escapes():
     assert unescape("stop\\") == "stop\\"
     assert unescape("\\") == "\\"
     assert unescape("a\\qb\\n") == "a\\qb\n"
+
+
+def test_one_new_token_is_allowed_and_zero_is_not():
+    # kills validate's `max_new_tokens < 1` -> `< 2`
+    SamplingParams(max_new_tokens=1).validate()
+    with pytest.raises(ConfigError, match="max.new.tokens"):
+        SamplingParams(max_new_tokens=0).validate()
+
+
+def test_default_eos_ids_add_the_tokenizers_end_of_text_to_the_models():
+    # kills default_eos_ids' `ids.append(tokenizer.eos_token_id)` dropped
+    from owngpt.generation import default_eos_ids
+
+    tok = fixtures.char_tokenizer()
+    model = fixtures.tiny_gpt2(tok)
+    model.generation_config.eos_token_id = None
+    assert default_eos_ids(model, tok) == [tok.eos_token_id]
+    model.generation_config.eos_token_id = [5]
+    assert default_eos_ids(model, tok) == [5, tok.eos_token_id]
+    model.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    assert default_eos_ids(model, tok) == [tok.eos_token_id, 5]
+
+
+def test_beam_sampling_depends_on_its_seed(lm):
+    # num_beams > 1 with a temperature is beam *sampling*: seeds give different texts (kills generation_config's
+    # sampling values not set, which makes it plain beam search: one text whatever the seed)
+    ids = lm.tokenizer.encode("ROMEO:")
+    p = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=0, num_beams=2)
+    texts = {
+        generate_batch(lm.model, lm.tokenizer, [ids], p.replace(seed=s), eos_token_ids=[])[0].text for s in range(4)
+    }
+    assert len(texts) > 1
+
+
+def test_beam_search_ending_on_a_partial_stop_string_keeps_it(lm):
+    # oracle: the same beam search without the stop string: the held-back tail, which might have begun a stop string,
+    # is flushed when the row reaches its length (written for generation:412, which turned out equivalent)
+    ids = lm.tokenizer.encode("ROMEO:")
+    p = SamplingParams(max_new_tokens=15, temperature=0, num_beams=2)
+    (plain,) = generate_batch(lm.model, lm.tokenizer, [ids], p, eos_token_ids=[])
+    stop = plain.text[-2:] + "\u00a7\u00a7"  # begins with the text's last two characters, never completed
+    (cut,) = generate_batch(lm.model, lm.tokenizer, [ids], p.replace(stop=[stop]), eos_token_ids=[])
+    assert cut.text == plain.text and cut.finish_reason == "length"
+
+
+def test_sampling_flags_without_defaults_are_the_sampling_defaults():
+    # kills add_sampling_arguments' `defaults or SamplingParams()` -> `and`
+    import argparse
+
+    from owngpt.generation import add_sampling_arguments, params_from_args
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    got = params_from_args(parser.parse_args([]), default_max_new_tokens=SamplingParams().max_new_tokens)
+    assert got == SamplingParams().validate()
