@@ -171,3 +171,24 @@ def test_sampling_flags_without_defaults_are_the_sampling_defaults():
     add_sampling_arguments(parser)
     got = params_from_args(parser.parse_args([]), default_max_new_tokens=SamplingParams().max_new_tokens)
     assert got == SamplingParams().validate()
+
+
+@pytest.mark.parametrize("eos", [[], "pad"])
+def test_beam_search_ends_only_at_the_end_tokens_asked_for(lm, eos):
+    # Oracle: the same beam search on the checkpoint with no end-of-text in its generation_config. `eos_token_ids=[]`
+    # means "never stop before max_new_tokens"; the checkpoint's own end-of-text must not stop (or reshape) the beams.
+    # Found from generation:254 (`list(eos) or None`): with [] the None let transformers fill in the checkpoint's
+    # end-of-text, and the beams changed; fixed (an empty list is passed as it is). The test fails without the fix.
+    ids = lm.tokenizer.encode("ROMEO:")
+    eos_ids = [] if eos == [] else [lm.tokenizer.convert_tokens_to_ids("<|pad|>")]
+    p = SamplingParams(max_new_tokens=12, temperature=0, num_beams=2)
+    gc = lm.model.generation_config
+    saved = gc.eos_token_id
+    try:
+        gc.eos_token_id = None
+        (clean,) = generate_batch(lm.model, lm.tokenizer, [ids], p, eos_token_ids=eos_ids)
+        gc.eos_token_id = clean.token_ids[2]  # a token the beams do write
+        (got,) = generate_batch(lm.model, lm.tokenizer, [ids], p, eos_token_ids=eos_ids)
+    finally:
+        gc.eos_token_id = saved
+    assert got.token_ids == clean.token_ids and got.finish_reason == "length"

@@ -251,7 +251,7 @@ def generation_config(model: Any, tokenizer: Any, params: SamplingParams, eos_id
         num_return_sequences=params.num_return_sequences,
         repetition_penalty=params.repetition_penalty,
         no_repeat_ngram_size=params.no_repeat_ngram_size,
-        eos_token_id=list(eos_ids) or None,
+        eos_token_id=list(eos_ids),
         pad_token_id=pad,
         bos_token_id=getattr(model.generation_config, "bos_token_id", None),
         use_cache=True,
