@@ -143,3 +143,21 @@ def test_dynamic_batching_waits_for_as_many_rows_as_the_last_batch_had(model, to
     finally:
         engine.close()
     assert engine.stats.batches == 2 and engine.stats.max_batch_seen == 3 and engine.stats.rows_done == 5
+
+
+def test_an_idle_worker_sleeps(model, tok):
+    # A started engine with nothing to do waits on its condition: over a second of wall time the process spends
+    # almost no CPU. A bound on an idle component, not a speed: correct code is far below it on any machine. Kills
+    # the idle wait `while not queue and not closed` -> `and closed` (the worker spins instead).
+    import time
+
+    engine = Engine(model, tok)
+    engine.start()
+    try:
+        time.sleep(0.2)  # the worker has started and is waiting
+        cpu0 = time.process_time()
+        time.sleep(1.0)
+        used = time.process_time() - cpu0
+    finally:
+        engine.close()
+    assert used < 0.3, f"an idle engine used {used:.2f} s of CPU in 1 s"
