@@ -216,3 +216,44 @@ def test_a_one_letter_name_is_pseudonymized_as_a_whole_word():
     assert p.name("K") == "Person 1" and p.name("王Wei") == "Person 2"
     assert p.apply("K: OK, ask K.") == "Person 1: OK, ask Person 1."
     assert p.apply("x王Wei and Wei") == "xPerson 2 and Wei"  # a CJK start needs no word boundary on its left
+
+
+# --- fresh sample (seed 1) of data/datadir --------------------------------------------------------------------------
+
+
+def test_a_ragged_writer_has_written_everything_when_close_returns(tmp_path):
+    # kills RaggedWriter.close's `self._ids.close()` dropped (a few small arrays stay in the file's buffer)
+    from owngpt.data.datadir import RaggedWriter
+
+    w = RaggedWriter(tmp_path, "train", np.uint16, with_mask=True)
+    rows = [[1, 2, 3], [4], [5, 6]]
+    for r in rows:
+        w.add(r, [1] * len(r))
+    assert w.close() == 3
+    assert np.fromfile(tmp_path / "train.ids.bin", dtype=np.uint16).tolist() == [1, 2, 3, 4, 5, 6]
+    assert np.fromfile(tmp_path / "train.mask.bin", dtype=np.uint8).tolist() == [1] * 6
+    assert np.load(tmp_path / "train.idx.npy").tolist() == [0, 3, 4, 6]
+
+
+def test_a_missing_ids_file_is_refused_as_holding_no_tokens(tmp_path):
+    # a missing ids file holds no tokens, which its index contradicts. Kills _verify_size's size of a missing file
+    # `0` -> `1` (refused for the wrong reason: "not a whole number of token ids")
+    from train_helpers import write_chat_data_dir
+
+    path = write_chat_data_dir(tmp_path / "chat", 2, 1)
+    (path / "train.ids.bin").unlink()
+    with pytest.raises(DataError, match=r"train\.idx\.npy does not index train\.ids\.bin"):
+        open_data_dir(path)
+
+
+def test_index_and_label_files_are_never_unpickled(tmp_path):
+    # owngpt never unpickles user files: an .npy holding pickled objects is refused even when the dir is opened
+    # without verification. Kills `allow_pickle=False` -> True in ragged() and label_ids().
+    cls = fixtures.write_classify_data_dir(tmp_path / "cls", [("a", "x"), ("b", "y")], [("c", "x")])
+    data = open_data_dir(cls, verify=False)
+    np.save(cls / "train.idx.npy", np.array([0, {"pickled": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        data.ragged("train")
+    np.save(cls / "train.labels.npy", np.array([0, {"pickled": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        data.label_ids("train")

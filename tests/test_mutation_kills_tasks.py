@@ -306,3 +306,27 @@ def test_eval_loss_reads_the_batches_evaluate_reads(tmp_path):
     assert len(task.eval_rows("val", 0)) > 9
     assert task.eval_loss(model, "val", max_batches=1) == task.evaluate(model, max_batches=1)["val_loss"]
     assert task.evaluate(model, max_batches=1)["val_tokens"] == 8 * 4
+
+
+# --- fresh sample (seed 1) of tasks/classify --------------------------------------------------------------------
+
+
+def test_an_empty_text_is_read_from_one_end_of_text_token():
+    # encode_texts: an empty text becomes one EOS (the head needs a position). Kills `eos is not None` -> `is None`
+    import fixtures
+    from owngpt.tasks.classify import encode_texts
+
+    tok = fixtures.char_tokenizer()
+    assert tok.eos_token_id != tok.pad_token_id
+    assert encode_texts(tok, ["", "ab"], 8) == [[tok.eos_token_id], tok("ab", add_special_tokens=False)["input_ids"]]
+
+
+def test_freeze_body_freezes_everything_but_the_head(tmp_path):
+    # kills ClassifyTask.prepare_model's `freeze_body(model)` dropped
+    import fixtures
+
+    task = _classify(tmp_path, [("ok", "pos")], freeze_body=True)
+    model = fixtures.tiny_gpt2(task.tokenizer, task="classify")
+    task.prepare_model(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("score.") for n in trainable)
