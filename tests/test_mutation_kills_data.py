@@ -123,7 +123,9 @@ def test_lm_meta_counts_are_the_counts_of_the_token_files(tmp_path):
 
 
 def test_chat_meta_counts_are_the_counts_of_the_ragged_files(tmp_path):
-    # kills the chat writer's `tokens -=`
+    # kills the chat writer's `tokens -=` and `chars -=`
+    from owngpt.chat_format import render_text
+
     convs = [
         {"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": f"hi there {i}"}]}
         for i in range(10)
@@ -136,6 +138,9 @@ def test_chat_meta_counts_are_the_counts_of_the_ragged_files(tmp_path):
         idx = np.load(r.out / f"{split}.idx.npy")
         st = meta["splits"][split]
         assert (st["examples"], st["tokens"], st["assistant_tokens"]) == (len(idx) - 1, len(ids), int(mask.sum()))
+        # chars: the conversations written out as text (chat_format.render_text), read back from the jsonl
+        recs = [json.loads(line) for line in open(r.out / f"{split}.jsonl", encoding="utf-8") if line.strip()]
+        assert st["chars"] == sum(len(render_text(x["messages"])) for x in recs) > 0
 
 
 def test_classify_meta_and_report_count_examples_and_every_label(tmp_path):

@@ -161,3 +161,14 @@ def test_an_idle_worker_sleeps(model, tok):
     finally:
         engine.close()
     assert used < 0.3, f"an idle engine used {used:.2f} s of CPU in 1 s"
+
+
+def test_closing_the_engine_ends_the_rows_still_queued_cancelled(model, tok):
+    # their clients are waiting on them: kills Engine.close's `row.finish("cancelled")` for queued rows dropped
+    engine = Engine(model, tok)  # never started: the rows stay queued
+    rows = [_row(tok), _row(tok)]
+    engine.submit(rows)
+    engine.close()
+    assert [r.finish_reason for r in rows] == ["cancelled", "cancelled"]
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit([_row(tok)])
