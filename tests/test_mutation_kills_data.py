@@ -262,3 +262,23 @@ def test_index_and_label_files_are_never_unpickled(tmp_path):
     np.save(cls / "train.labels.npy", np.array([0, {"pickled": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
         data.label_ids("train")
+
+
+def test_prepare_bounds_are_inclusive_where_documented_and_mixed_tasks_refused(tmp_path):
+    # --max-invalid-fraction accepts [0, 1] (kills the upper bound `<= 1` -> `<= 2`); files that infer two different
+    # tasks are refused (kills `len(tasks) > 1` -> `> 2`)
+    from owngpt.data.prepare import PrepareConfig, validate
+    from owngpt.errors import ConfigError
+
+    def cfg(**kw):
+        return PrepareConfig(sources=["x"], out=str(tmp_path / "o"), **kw)
+
+    validate(cfg(max_invalid_fraction=1.0))
+    with pytest.raises(ConfigError, match="--max-invalid-fraction 1.5"):
+        validate(cfg(max_invalid_fraction=1.5))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (tmp_path / "l.jsonl").write_text(json.dumps({"text": "hi", "label": "a"}) + "\n")
+    with pytest.raises(
+        ConfigError, match=r"the inputs hold different kinds of data \(.*c\.jsonl: chat; .*l\.jsonl: classify\)"
+    ):
+        _prepare(tmp_path, "", "", sources_override=[tmp_path / "c.jsonl", tmp_path / "l.jsonl"])
