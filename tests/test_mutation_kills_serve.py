@@ -172,3 +172,18 @@ def test_closing_the_engine_ends_the_rows_still_queued_cancelled(model, tok):
     assert [r.finish_reason for r in rows] == ["cancelled", "cancelled"]
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit([_row(tok)])
+
+
+def test_the_classifier_reads_a_long_text_through_its_first_max_length_tokens(tok):
+    # oracle: the same text cut to max_length tokens by hand. Kills Classifier.classify's truncation=True -> False
+    # (a text longer than the model's positions)
+    from owngpt.serve.engine import Classifier
+
+    model = fixtures.tiny_gpt2(tok, task="classify", n_positions=16)
+    model.config.pad_token_id = tok.pad_token_id
+    clf = Classifier(model, tok, 16)
+    long = "KING RICHARD " * 10
+    cut = tok.decode(tok(long)["input_ids"][:16])
+    a, b = clf.classify([long, cut])
+    assert a["label"] == b["label"]
+    assert list(a["probabilities"].values()) == pytest.approx(list(b["probabilities"].values()))
