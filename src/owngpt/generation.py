@@ -253,7 +253,7 @@ def generation_config(model: Any, tokenizer: Any, params: SamplingParams, eos_id
         num_return_sequences=params.num_return_sequences,
         repetition_penalty=params.repetition_penalty,
         no_repeat_ngram_size=params.no_repeat_ngram_size,
-        eos_token_id=list(eos_ids) or None,
+        eos_token_id=list(eos_ids),
         pad_token_id=pad,
         bos_token_id=getattr(model.generation_config, "bos_token_id", None),
         use_cache=True,
@@ -402,7 +402,10 @@ def _beam_search(
             on_event = lambda _row, piece, _fin, i=i: piece and streamer_callback(i, piece)  # noqa: E731
         row = Row(prompts[p], row_settings(params, eos, None), on_event)
         row.begin(tokenizer, start_id)
+        cancelled = stop_flags is not None and _is_set(stop_flags[p])
         for t in toks:
+            if cancelled and t == pad:  # generate pads the beams that _BeamCancel ended: not tokens of the text
+                break
             row.feed(t)
             if row.finished:
                 break

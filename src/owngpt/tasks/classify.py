@@ -42,6 +42,8 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
     """Token ids of each text, with the tokenizer's own special tokens ([CLS]/[SEP] for BERT; the EOS readout of
     `add_eos_readout` for owngpt's GPT-2 classifiers), truncated to `max_length`. An empty text becomes one EOS (or pad) token, since the head needs a position to read.
     """
+    if not texts:  # transformers' fast tokenizers raise IndexError on an empty batch
+        return []
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     return [ids if ids else [int(filler)] for ids in enc]
