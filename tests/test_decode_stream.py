@@ -32,3 +32,19 @@ def test_decode_stream_gives_the_pieces_of_the_decode_window(kind):
     b.stream = None
     pieces = _pieces(a, cut)
     assert pieces == _pieces(b, cut) and "\ufffd" not in "".join(pieces)
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+@pytest.mark.parametrize("window", [False, True])
+def test_a_prompt_ending_in_multibyte_characters_adds_no_replacement_characters(kind, window):
+    """The decoder's context is the prompt's last few tokens: cut inside a character made of byte tokens, its
+    leading bytes must not reach the reply as U+FFFD. Oracle: the reply decoded on its own."""
+    from owngpt.tokenizer import gpt2_tokenizer
+
+    tok = fixtures.char_tokenizer() if kind == "char" else gpt2_tokenizer()
+    reply = tok("\nFirst 床前", add_special_tokens=False)["input_ids"]
+    for prompt in ("床前明月光，疑是", "疑是", "月", "🙂🙂", "ok 🙂"):
+        dec = IncrementalDecoder(tok, tok(prompt, add_special_tokens=False)["input_ids"])
+        if window:
+            dec.stream = None
+        assert "".join(_pieces(dec, reply)) == "\nFirst 床前", prompt

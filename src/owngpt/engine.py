@@ -86,6 +86,16 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = list(context_ids[-_DECODE_CONTEXT:]) if _DECODE_CONTEXT else []
+        # The window must start on a character boundary: cut inside a character made of byte tokens (byte fallback,
+        # byte-level BPE), its leading bytes decode as U+FFFD, and every piece would carry them. Drop up to three
+        # leading continuation bytes (a UTF-8 character has at most four); a context that still starts with U+FFFD
+        # (invalid bytes the model wrote) is not used at all.
+        for _ in range(3):
+            if not self.ids or not self._decode(self.ids).startswith("\ufffd"):
+                break
+            self.ids = self.ids[1:]
+        if self.ids and self._decode(self.ids).startswith("\ufffd"):
+            self.ids = []
         self.prefix = 0  # start of the window
         self.read = len(self.ids)  # ids before this have been released as text
         # tokenizers' public DecodeStream does the window's work in Rust; the window over decode() below stays for
