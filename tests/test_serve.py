@@ -475,9 +475,29 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
                 timeout=60000,
             )
             assert page.inner_text(".msg.completion .prompt") == "ROMEO:"
-            # 24 characters of a char model that never writes its end token: cut by the limit, and the page says so
-            assert page.get_attribute(".msg.completion", "data-finish") == "length"
-            assert "Max tokens limit, 24" in page.inner_text(".msg.note.cut")
+            # a reply cut by the token limit says so under it; one the model ended does not
+            finish = page.get_attribute(".msg.completion", "data-finish")
+            assert finish in ("length", "stop")
+            assert page.locator(".msg.note.cut").count() == (finish == "length")
+            # the same with the server's answer fixed (a sampled reply may end either way): finish_reason length
+            canned = "".join(
+                "data: " + json.dumps({"choices": [{"index": 0, "text": t, "finish_reason": f}]}) + "\n\n"
+                for t, f in ((" and so", None), ("", "length"))
+            )
+            page.route(
+                "**/v1/completions",
+                lambda route: route.fulfill(
+                    status=200, headers={"content-type": "text/event-stream"}, body=canned + "data: [DONE]\n\n"
+                ),
+            )
+            page.fill("#input", "JULIET:")
+            page.click("#send")
+            page.wait_for_function("() => document.querySelectorAll('.msg.completion').length == 2")
+            page.wait_for_function("() => !document.querySelector('.streaming')")
+            last = page.locator(".msg.completion").nth(1)
+            assert last.get_attribute("data-finish") == "length"
+            assert "Max tokens limit, 24" in page.locator(".msg.note.cut").last.inner_text()
+            page.unroute("**/v1/completions")
             assert page.locator(".msg.user").count() == 0
             # switched to chat mode: the page says the model is not chat-tuned, and chats
             page.select_option("#mode", "chat")
