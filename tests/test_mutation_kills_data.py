@@ -282,3 +282,70 @@ def test_prepare_bounds_are_inclusive_where_documented_and_mixed_tasks_refused(t
         ConfigError, match=r"the inputs hold different kinds of data \(.*c\.jsonl: chat; .*l\.jsonl: classify\)"
     ):
         _prepare(tmp_path, "", "", sources_override=[tmp_path / "c.jsonl", tmp_path / "l.jsonl"])
+
+
+def test_a_gpt2_dir_tokenizer_reads_the_vocab_and_merges_in_that_dir(tmp_path):
+    # `--tokenizer gpt2:DIR` takes DIR/vocab.json and DIR/merges.txt. A small GPT-2-format pair (the 256 byte
+    # characters, end-of-text and a few merges of our own) must be the tokenizer written, not the bundled GPT-2
+    # vocabulary: oracle, owngpt.tokenizer.gpt2_tokenizer on the two files named explicitly. Kills the vocabulary's
+    # default `vocab or DIR/vocab.json` -> `vocab and ...` (the bundled vocab.json with DIR's merges).
+    from tokenizers import pre_tokenizers
+
+    from owngpt.tokenizer import gpt2_tokenizer
+
+    d = tmp_path / "mybpe"
+    d.mkdir()
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("o", "r"), ("Ġ", "w"), ("Ġw", "or")]
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    text = "the words of the world\n\nthe other words\n"
+    r = _prepare(tmp_path, "a.txt", text, tokenizer=f"gpt2:{d}", val_fraction=0.0, doc_sep="blank")
+    written = open_data_dir(r.out).load_tokenizer()
+    expected = gpt2_tokenizer(d / "vocab.json", d / "merges.txt")
+    assert len(written) == len(expected) < 300  # not GPT-2's 50,257
+    probe = " the world of words"
+    assert written.encode(probe, add_special_tokens=False) == expected.encode(probe, add_special_tokens=False)
+    meta = json.loads((r.out / "meta.json").read_text(encoding="utf-8"))
+    assert "vocab.json" in meta["tokenizer"]["source"] and "bundled" not in meta["tokenizer"]["source"]
+
+
+def test_prepare_closes_every_file_it_writes(tmp_path):
+    # A file left open is flushed only when the garbage collector gets to it (CPython: at once; PyPy, or a reference
+    # kept by a traceback: later, after meta.json says the split is written). Python reports it as a ResourceWarning
+    # when the object dies. Kills the classify writer's `jsonl[s].close()` dropped. (Only the files prepare writes
+    # into the data dir are checked.)
+    import gc
+    import warnings
+
+    rows = "\n".join(json.dumps({"text": f"text {i}", "label": ("a", "b")[i % 2]}) for i in range(10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        _prepare(tmp_path, "l.jsonl", rows + "\n", val_fraction=0.2)
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not [m for m in unclosed if ".jsonl" in m or ".bin" in m or ".labels" in m], unclosed
+
+
+def test_the_bpe_trainer_reads_a_long_document_in_bounded_pieces(tmp_path, monkeypatch):
+    # The byte-level BPE trainer holds each text it pre-tokenizes in memory many times over, so prepare hands it a long
+    # document in pieces of at most 4,096 characters at the smallest memory budget; the pieces, joined, are the
+    # document (oracle: the text written). Kills the piece size `chunk_chars // 16` -> `* 16` (one 20,000-character
+    # piece). The trainer itself is the real one, given the pieces the spy saw.
+    from owngpt import tokenizer as T
+
+    real, seen = T.train_bpe, []
+
+    def spy(texts, **kw):
+        seen.extend(texts)
+        return real(iter(seen), **kw)
+
+    monkeypatch.setattr(T, "train_bpe", spy)
+    words = " ".join(f"word{i % 97} and more{i % 13}" for i in range(1200)) + "\n"
+    assert len(words) > 20_000
+    _prepare(tmp_path, "a.txt", words, tokenizer="bpe", vocab_size=300, val_fraction=0.0, max_memory_mb=16)
+    assert max(len(t) for t in seen) <= 4096 and len(seen) >= 5
+    assert "".join(seen).strip() == words.strip()

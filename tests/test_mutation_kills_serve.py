@@ -187,3 +187,46 @@ def test_the_classifier_reads_a_long_text_through_its_first_max_length_tokens(to
     a, b = clf.classify([long, cut])
     assert a["label"] == b["label"]
     assert list(a["probabilities"].values()) == pytest.approx(list(b["probabilities"].values()))
+
+
+def _cli_default(flag: str):
+    import argparse
+
+    from owngpt.commands import serve
+
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    return p.get_default(flag)
+
+
+def test_an_engine_built_without_settings_batches_as_owngpt_serve_does_by_default(model, tok):
+    # kills Engine's default `max_batch_size=16` -> 17: a library caller gets the batch size `owngpt serve --help`
+    # documents (oracle: the CLI parser's own default), seen as the largest batch the worker ran
+    limit = _cli_default("max_batch_size")
+    engine = Engine(model, tok)
+    done = threading.Semaphore(0)
+    n = limit + 4
+    engine.submit([_row(tok, 2, done) for _ in range(n)])  # queued before the worker starts: all wait together
+    engine.start()
+    try:
+        for _ in range(n):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert engine.stats.rows_done == n and engine.stats.max_batch_seen == limit
+
+
+def test_the_first_dynamic_batch_waits_for_no_row_that_is_not_queued(model, tok):
+    # Dynamic batching waits for the rows queued plus as many as the last batch had; before the first batch there
+    # was none, so a lone first request runs at once even with a wait of ten minutes. Kills `_last_batch = 0` -> 1
+    # (the lone row would wait the whole batch_wait for a second one). Not a timed assertion: the 60 s bound only
+    # stops a broken engine from hanging the suite; a correct one never waits on the clock here.
+    engine = Engine(model, tok, continuous=False, batch_wait_ms=600_000)
+    done = threading.Semaphore(0)
+    engine.submit([_row(tok, 3, done)])  # queued before the worker starts: no idle time, so no idle reset
+    engine.start()
+    try:
+        assert done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert engine.stats.rows_done == 1 and engine.stats.batches == 1
