@@ -653,7 +653,8 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
     n_key = "documents" if task == "lm" else "examples"
     # tokens out = what the split files hold, without the EOS after each lm document
     text_tokens_out = sum(v["tokens"] - (v["documents"] if task == "lm" else 0) for v in splits.values())
-    dropped_tokens = _count_tokens(enc, (json.loads(line) for line in open(dropped, encoding="utf-8")), chunk_chars)
+    with open(dropped, encoding="utf-8") as dropped_rows:
+        dropped_tokens = _count_tokens(enc, (json.loads(line) for line in dropped_rows), chunk_chars)
     inputs = []
     for i, f in enumerate(files):
         if not f.sha256:  # read by another reader (chat exports): checksum it now
