@@ -571,6 +571,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     guard = Replacement()
     try:
         result = _train(dataclasses.replace(cfg), list(callbacks), dist, guard)
+        # every rank done with the group before any destroys it: a rank that tore gloo down while its peer still
+        # had work in flight aborted at exit once ("terminate called without an active exception", rank 1)
+        dist.barrier()
     except BaseException:
         if dist.main:
             guard.rollback()  # --overwrite failed before its first checkpoint: the old run comes back whole
