@@ -29,6 +29,7 @@ Plain transformers cannot load this directory (its weights are int8 + scales); `
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -134,24 +135,67 @@ def _embedding_class():
     return _Int8Embedding
 
 
-def _int8_linear(q, scale, bias):
-    """A module computing x @ (q * scale).T + bias with int8 matmuls (the one place the kernel is chosen)."""
+def _int8_linear_class():
     import torch
 
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao (see module doc)
-        warnings.simplefilter("ignore")
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    class Int8Linear(torch.nn.Module):
+        """y = x @ (q * scale).T + bias through torch's dynamic int8 linear op, called directly (see module doc).
 
-        out_f, in_f = q.shape
-        mod = DynamicLinear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
-        # torch's public constructor quantizes floats: q * scale divided by scale rounds back to q exactly (the error is
-        # far below half a step); checked, since a changed weight would be silent
-        zero = torch.zeros(out_f, dtype=torch.long)
+        The weights live packed for fbgemm in `packed` (torch's LinearPackedParams object, a plain attribute: not a
+        parameter or buffer, so state_dict() and .to() never see it; int8 models are for inference). `linear` is the
+        bare op as a plain callable x (..., in) fp32 -> (..., out) fp32, for a hand-written decode step."""
+
+        def __init__(self, q: Any, scale: Any, bias: Any) -> None:
+            super().__init__()
+            self.out_features, self.in_features = q.shape
+            self.packed = _prepack(q, scale, bias)
+            self.reduce_range = _reduce_range()
+            self.linear = functools.partial(
+                torch.ops.quantized.linear_dynamic, W_prepack=self.packed, reduce_range=self.reduce_range
+            )
+
+        def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
+            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+        def weight(self) -> Any:
+            """The int8 weight as a quantized per-channel tensor [out, in] (what DynamicLinear.weight() gives)."""
+            return self.packed.unpack()[0]
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 (fbgemm, dynamic)"
+
+    return Int8Linear
+
+
+def _reduce_range() -> bool:
+    """Whether activations must be quantized to 7 bits instead of 8: on a CPU without VNNI fbgemm multiplies
+    uint8 x int8 pairs with AVX2's vpmaddubsw, whose 16-bit sums saturate (255 * 127 * 2 > 32767); with AVX512-VNNI or
+    AVX-VNNI (vpdpbusd, 32-bit sums) all 8 bits are safe and halve the activation rounding error (measured by
+    bench/bench_int8_kernels.py: largest error 1.0e-2 vs 2.5e-2 of the largest output). DynamicLinear always reduces."""
+    import torch
+
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # a private helper: absent means "do not assume VNNI"
+    return not (vnni is not None and vnni() and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
+def _prepack(q: Any, scale: Any, bias: Any) -> Any:
+    """fbgemm's packed form of int8 weights q [out, in] with per-row fp32 scales (and an fp32 bias or None)."""
+    import torch
+
+    with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao (see module doc)
+        warnings.simplefilter("ignore")
+        # torch's public constructor quantizes floats: q * scale divided by scale rounds back to q exactly (the error
+        # is far below half a step); checked, since a changed weight would be silent
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
         qw = torch.quantize_per_channel(q.float() * scale.float()[:, None], scale.double(), zero, 0, torch.qint8)
         if not torch.equal(qw.int_repr(), q.to(torch.int8)):  # pragma: no cover - a guard, never seen
             raise RuntimeError("int8 weights changed when quantized again: please report this")
-        mod.set_weight_bias(qw, None if bias is None else bias.float())
-    return mod
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().contiguous())
+
+
+def _int8_linear(q, scale, bias):
+    """A module computing x @ (q * scale).T + bias with int8 matmuls (the one place the kernel is chosen)."""
+    return _int8_linear_class()(q, scale, bias)
 
 
 def _set_module(model: Any, name: str, new: Any) -> None:
