@@ -9,6 +9,14 @@ Times the 48 transformer projections of GPT-2 124M (12 x c_attn, attn c_proj, c_
 uses as a reference. Each kernel is a plain callable x -> x @ (q * scale).T + bias; the error column is its largest
 absolute difference from that product computed in float64, relative to the product's largest value. Medians of
 interleaved repeats (A B C ... then reversed); prints only (the numbers inform owngpt.quantize's docstring).
+
+    python bench/bench_int8_kernels.py --decode        # where batch-1 int8 decode time goes, end to end
+
+With --decode it instead decodes greedily (32-token random prompt, --new-tokens, batch --batch-sizes) with the int8
+model three ways, interleaved: owngpt's engine (`generate_batch`, transformers' forward per step), a hand-written
+GPT-2 step over the same int8 modules (static KV buffers, the shape of a decode step without transformers' per-module
+Python; written here only to measure, and checked to give the engine's tokens), and llama.cpp q8_0 of the same
+weights (as bench/bench_decode.py runs it).
 """
 
 from __future__ import annotations
@@ -82,13 +90,100 @@ def kernels(q: Any, s: Any, b: Any) -> dict[str, Callable[[Any], Any]]:
     return out
 
 
+def decode_ab(threads: int, batch: int, new_tokens: int, repeats: int) -> None:
+    """int8 decode three ways, interleaved (see the module doc): tokens/s and the ratio to llama.cpp q8_0."""
+    import tempfile
+    from pathlib import Path
+
+    import bench_decode
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from owngpt.generation import SamplingParams, generate_batch
+    from owngpt.quantize import quantize_model
+    from owngpt.tokenizer import gpt2_tokenizer
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config()).eval()
+    tok = gpt2_tokenizer()
+    with torch.no_grad():
+        model = quantize_model(ref)
+    t, B, H, D, C, P, N = model.transformer, batch, 12, 64, 768, 32, new_tokens
+    layers = [
+        (b.ln_1, b.attn.c_attn.linear, b.attn.c_proj.linear, b.ln_2, b.mlp.c_fc.linear, b.mlp.c_proj.linear)
+        for b in t.h
+    ]
+    head = model.lm_head.linear
+
+    def ln(x: Any, m: Any) -> Any:
+        return F.layer_norm(x, (C,), m.weight, m.bias, m.eps)
+
+    def step(ids: Any, keys: list[Any], values: list[Any], n: int) -> Any:  # one token per row at position n
+        h = t.wte(ids) + t.wpe.weight[n]  # (B, C)
+        for i, (ln1, c_attn, c_proj, ln2, c_fc, m_proj) in enumerate(layers):
+            qkv = c_attn(ln(h, ln1)).view(B, 3, H, 1, D)
+            keys[i][:, :, n : n + 1], values[i][:, :, n : n + 1] = qkv[:, 1], qkv[:, 2]
+            o = F.scaled_dot_product_attention(qkv[:, 0], keys[i][:, :, : n + 1], values[i][:, :, : n + 1])
+            h = h + c_proj(o.view(B, C))
+            h = h + m_proj(F.gelu(c_fc(ln(h, ln2)), approximate="tanh"))
+        return head(ln(h, t.ln_f))
+
+    prompts = torch.randint(0, 50257, (B, P), generator=torch.Generator().manual_seed(1))
+
+    def hand() -> list[list[int]]:
+        keys = [torch.zeros(B, H, P + N, D) for _ in t.h]
+        values = [torch.zeros(B, H, P + N, D) for _ in t.h]
+        with torch.no_grad():
+            out = model(prompts, use_cache=True)  # the prompt through the model, its cache copied into the buffers
+            for i, layer in enumerate(out.past_key_values.layers):
+                keys[i][:, :, :P], values[i][:, :, :P] = layer.keys, layer.values
+            nxt = out.logits[:, -1].argmax(-1)
+            got = [nxt]
+            for s in range(N - 1):
+                nxt = step(nxt, keys, values, P + s).argmax(-1)
+                got.append(nxt)
+        return torch.stack(got, 1).tolist()
+
+    params = SamplingParams(max_new_tokens=N, temperature=0)
+
+    def engine() -> list[list[int]]:
+        return [r.token_ids for r in generate_batch(model, tok, prompts.tolist(), params, eos_token_ids=[])]
+
+    fns = {"owngpt int8, engine": engine, "owngpt int8, hand-written step": hand}
+    with tempfile.TemporaryDirectory() as work:
+        files = bench_decode.gguf_files(ref, tok, Path(work), threads)
+        llama = bench_decode.LlamaCpp(files["q8_0"], threads, B, P + N + 16)
+        fns["llama.cpp q8_0"] = lambda: llama.generate(prompts.tolist(), N)
+        assert hand() == engine(), "the hand-written step's tokens differ from the engine's"
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for r in range(repeats):
+            for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t0)
+        llama.close()
+    tps = {k: B * N / statistics.median(v) for k, v in times.items()}
+    for k, v in tps.items():
+        print(f"threads {threads} batch {B}: {k:32s} {v:7.1f} tokens/s  {v / tps['llama.cpp q8_0']:.2f}x of llama.cpp")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--only", nargs="*", help="substrings of kernel names to keep")
+    ap.add_argument("--decode", action="store_true", help="time whole int8 decodes instead (see above)")
+    ap.add_argument("--new-tokens", type=int, default=48, help="with --decode: tokens generated per row")
     args = ap.parse_args()
+    if args.decode:
+        for b in args.batch_sizes:
+            decode_ab(args.threads, b, args.new_tokens, args.repeats)
+        return 0
 
     import torch
 
@@ -131,7 +226,8 @@ def main() -> int:
         for n in names:
             med = statistics.median(times[n])
             print(
-                f"  {n:40s} {1e3 * med:7.2f} ms  (LM head {1e3 * statistics.median(head[n]):6.2f})  "
+                f"  {n:40s} {1e3 * med:7.2f} ms (fastest {1e3 * min(times[n]):6.2f}, LM head "
+                f"{1e3 * statistics.median(head[n]):5.2f})  "
                 f"{base / med:5.2f}x of first  rel.err " + ("n/a" if n.startswith("(") else f"{errs[n]:.1e}"),
                 flush=True,
             )
