@@ -160,6 +160,9 @@ def _int8_linear_class():
         def __init__(self, q: Any, scale: Any, bias: Any) -> None:
             super().__init__()
             self.out_features, self.in_features = q.shape
+            # the packed weight is no torch parameter, so parameter counts miss it: its size, under the name
+            # PackedLinear uses for the same purpose (owngpt.decode_kernels.parameter_count)
+            self.weight_numel = q.numel()
             self.packed = _prepack(q, scale, bias)
             self.reduce_range = _reduce_range()
             self.linear = functools.partial(
