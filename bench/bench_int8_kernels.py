@@ -113,11 +113,19 @@ def decode_ab(threads: int, batch: int, new_tokens: int, repeats: int) -> None:
     with torch.no_grad():
         model = quantize_model(ref)
     t, B, H, D, C, P, N = model.transformer, batch, 12, 64, 768, 32, new_tokens
+    gelu = ("gelu", "tanh")  # GPT-2's gelu_new, applied to the c_fc product
     layers = [
-        (b.ln_1, b.attn.c_attn.linear, b.attn.c_proj.linear, b.ln_2, b.mlp.c_fc.linear, b.mlp.c_proj.linear)
+        (
+            b.ln_1,
+            b.attn.c_attn.kernel(),
+            b.attn.c_proj.kernel(),
+            b.ln_2,
+            b.mlp.c_fc.kernel(True, gelu),
+            b.mlp.c_proj.kernel(),
+        )
         for b in t.h
     ]
-    head = model.lm_head.linear
+    head = model.lm_head.kernel()
 
     def ln(x: Any, m: Any) -> Any:
         return F.layer_norm(x, (C,), m.weight, m.bias, m.eps)
@@ -129,7 +137,7 @@ def decode_ab(threads: int, batch: int, new_tokens: int, repeats: int) -> None:
             keys[i][:, :, n : n + 1], values[i][:, :, n : n + 1] = qkv[:, 1], qkv[:, 2]
             o = F.scaled_dot_product_attention(qkv[:, 0], keys[i][:, :, : n + 1], values[i][:, :, : n + 1])
             h = h + c_proj(o.view(B, C))
-            h = h + m_proj(F.gelu(c_fc(ln(h, ln2)), approximate="tanh"))
+            h = h + m_proj(c_fc(ln(h, ln2)))
         return head(ln(h, t.ln_f))
 
     prompts = torch.randint(0, 50257, (B, P), generator=torch.Generator().manual_seed(1))

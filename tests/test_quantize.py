@@ -141,11 +141,28 @@ def test_int8_linear_equals_the_dequantized_product(shape):
     levels = 127 if _reduce_range() else 255
     step = float(x.max().clamp(min=0) - x.min().clamp(max=0)) / levels
     bound = step * (q.double() * s.double()[:, None]).abs().sum(1) + 1e-5
-    for got in (lin(x), lin.linear(x)):
+    for got in (lin(x), lin.kernel()(x)):
         assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 80)
         assert ((got.double() - want).abs() <= bound).all()
-    assert torch.equal(lin(x), lin.linear(x))
     assert _int8_linear(q, s, None)(x).shape == want.shape
+
+
+def test_int8_linear_kernel_is_the_module_then_its_post_op():
+    # the decode-step contract (owngpt.decode_kernels' PackedLinear.kernel): post(x W^T + b) as a plain callable
+    from owngpt.quantize import _int8_linear
+
+    g = torch.Generator().manual_seed(1)
+    q, s = quantize_weight(torch.randn(40, 24, generator=g))
+    lin = _int8_linear(q, s, torch.randn(40, generator=g))
+    x = torch.randn(3, 24, generator=g)
+    y = lin(x)
+    F = torch.nn.functional
+    assert torch.equal(lin.kernel(True)(x), y) and torch.equal(lin.kernel(False)(x[:1]), lin(x[:1]))
+    assert torch.equal(lin.kernel(True, ("gelu", "tanh"))(x), F.gelu(y, approximate="tanh"))
+    assert torch.equal(lin.kernel(False, ("gelu", "none"))(x), F.gelu(y))
+    assert torch.equal(lin.kernel(True, ("swish", ""))(x), F.silu(y))
+    with pytest.raises(ValueError, match="post-op"):
+        lin.kernel(True, ("relu6", ""))
 
 
 def test_int8_linear_does_not_saturate_at_full_range():

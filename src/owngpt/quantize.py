@@ -22,9 +22,12 @@ configs were 3-4x *slower* than fp32 (fast only under torch.compile, minutes per
 batch 1 and 1.22x at batch 8. Activations are quantized to 8 bits where the CPU has VNNI (`_reduce_range`; DynamicLinear
 always uses 7), which halves their rounding error; perplexity on the bundled Tiny Shakespeare (bench/bench_optimize.py's
 small model, 300 steps) moved +0.061% from fp32 with 8 bits and +0.074% with 7 (the bound is +2%).
-Where batch-1 time goes: in a profile of the engine's int8 decode, the int8 op is about 70% of the time spent in
-torch ops and transformers' per-module Python takes the rest; a hand-written step (decode-step's GPT-2 step calling
-`Int8Linear.linear`) decoded 1.28x faster than the model's forward in one run, 0.97x of llama.cpp q8_0 (vs 0.76x).
+Where batch-1 time goes: in a profile of the engine's int8 decode the int8 op is about 70% of the time spent in torch
+ops, and transformers' per-module Python adds more around them. Without it (`python bench/bench_int8_kernels.py
+--decode`: a GPT-2 step written by hand over the same `Int8Linear.kernel()` callables, static KV buffers) batch-1
+int8 decoded 1.28-1.54x faster than through the model's forward, at 0.97-1.25x llama.cpp q8_0's tokens/s in the same
+runs (the forward: 0.71-0.81x). `kernel(one_row, post)` keeps the contract of owngpt.decode_kernels'
+`PackedLinear.kernel`, so a decode step written for packed fp32 models can call int8 modules unchanged.
 `torch.ao.quantization` is marked deprecated in favour of torchao, so the kernel choice lives in one function
 (`_int8_linear`): when torchao's eager CPU path is fast, swap it there.
 The GPT-2 `Conv1D` -> `nn.Linear` transposition is what lets every projection, not only the LM head, be quantized.
@@ -42,7 +45,6 @@ Plain transformers cannot load this directory (its weights are int8 + scales); `
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -155,8 +157,8 @@ def _int8_linear_class():
         """y = x @ (q * scale).T + bias through torch's dynamic int8 linear op, called directly (see module doc).
 
         The weights live packed for fbgemm in `packed` (torch's LinearPackedParams object, a plain attribute: not a
-        parameter or buffer, so state_dict() and .to() never see it; int8 models are for inference). `linear` is the
-        bare op as a plain callable x (..., in) fp32 -> (..., out) fp32, for a hand-written decode step."""
+        parameter or buffer, so state_dict() and .to() never see it; int8 models are for inference). `kernel()` gives
+        the bare op as a plain callable, for a hand-written decode step."""
 
         def __init__(self, q: Any, scale: Any, bias: Any) -> None:
             super().__init__()
@@ -166,12 +168,19 @@ def _int8_linear_class():
             self.weight_numel = q.numel()
             self.packed = _prepack(q, scale, bias)
             self.reduce_range = _reduce_range()
-            self.linear = functools.partial(
-                torch.ops.quantized.linear_dynamic, W_prepack=self.packed, reduce_range=self.reduce_range
-            )
 
         def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+        def kernel(self, one_row: bool = False, post: tuple[str, str] = ("none", "")) -> Any:
+            """A callable (B, in) -> (B, out) computing post(x @ (q * scale).T + b), for a hand-written decode step:
+            the same contract as owngpt.decode_kernels' PackedLinear.kernel (post is a oneDNN post-op name: none,
+            gelu with "tanh" or "none", swish). One int8 kernel serves every batch size, so `one_row` is unused."""
+            op, packed, rr = torch.ops.quantized.linear_dynamic, self.packed, self.reduce_range
+            act = _post_op(post)
+            if act is None:
+                return lambda x: op(x, packed, rr)
+            return lambda x: act(op(x, packed, rr))
 
         def weight(self) -> Any:
             """The int8 weight as a quantized per-channel tensor [out, in] (what DynamicLinear.weight() gives)."""
@@ -181,6 +190,21 @@ def _int8_linear_class():
             return f"in_features={self.in_features}, out_features={self.out_features}, int8 (fbgemm, dynamic)"
 
     return Int8Linear
+
+
+def _post_op(post: tuple[str, str]) -> Any:
+    """The activation a decode step asks a kernel to apply to its product (None: nothing)."""
+    import torch.nn.functional as F
+
+    ops = {
+        ("none", ""): None,
+        ("gelu", "tanh"): lambda y: F.gelu(y, approximate="tanh"),
+        ("gelu", "none"): F.gelu,
+        ("swish", ""): F.silu,
+    }
+    if post not in ops:
+        raise ValueError(f"post-op {post!r} is not one of {sorted(ops)}")
+    return ops[post]
 
 
 def _reduce_range() -> bool:
