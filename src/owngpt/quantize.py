@@ -45,6 +45,7 @@ Plain transformers cannot load this directory (its weights are int8 + scales); `
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -150,6 +151,7 @@ def _embedding_class():
     return _Int8Embedding
 
 
+@functools.cache  # one class, so that isinstance works across models
 def _int8_linear_class():
     import torch
 
@@ -208,13 +210,15 @@ def _post_op(post: tuple[str, str]) -> Any:
 
 
 def _reduce_range() -> bool:
-    """Whether activations must be quantized to 7 bits instead of 8: on a CPU without VNNI fbgemm multiplies
-    uint8 x int8 pairs with AVX2's vpmaddubsw, whose 16-bit sums saturate (255 * 127 * 2 > 32767); with AVX512-VNNI or
-    AVX-VNNI (vpdpbusd, 32-bit sums) all 8 bits are safe and halve the activation rounding error (measured by
-    bench/bench_int8_kernels.py: largest error 1.0e-2 vs 2.5e-2 of the largest output). DynamicLinear always reduces."""
+    """Whether activations must be quantized to 7 bits instead of 8: on a CPU without AVX512-VNNI fbgemm multiplies
+    uint8 x int8 pairs with vpmaddubsw, whose 16-bit sums saturate (255 * 127 * 2 > 32767); with AVX512-VNNI
+    (vpdpbusd, 32-bit sums) all 8 bits are safe and halve the activation rounding error (measured by
+    bench/bench_int8_kernels.py: largest error 1.0e-2 vs 2.5e-2 of the largest output; tests/test_quantize.py checks
+    the full-range case). DynamicLinear always reduces."""
     import torch
 
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # a private helper: absent means "do not assume VNNI"
+    # torch's helper checks AVX512-VNNI only (its note says so); private, so absent means "do not assume VNNI"
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     return not (vnni is not None and vnni() and torch.backends.quantized.engine in ("x86", "fbgemm"))
 
 
