@@ -9,25 +9,28 @@ int8 matrix and its rows are dequantized on lookup (the tie survives, the file i
 Why this kernel (`Int8Linear`: torch's `quantized::linear_dynamic` op, fbgemm, called directly): measured on the
 2-core CPU we target (AMD EPYC with AVX512-VNNI and AVX512-BF16, no AMX), one thread, on a shared machine, so ratios
 within one run. `python bench/bench_int8_kernels.py` times the 49 projections of one gpt2-size decode step (48 layer
-matrices + the 50257 x 768 LM head) with every int8 kernel torch 2.13's CPU build offers, on the same int8 weights:
-at batch 1 the fbgemm op took 4.69 ms (fastest of 41 runs) where merely reading every int8 weight once took 3.89
-(83% of that ceiling; DynamicLinear's module 4.83); against DynamicLinear (median of 15), the onednn quantized engine
-ran at 0.67x, `onednn.qlinear_pointwise` with a prepacked weight (inductor's op) 0.59x, `_weight_int8pack_mm` 0.56x
-with bf16 activations and 0.06x with fp32 ones, `torch._int_mm` with activations quantized by hand 0.39x, fp32 oneDNN
-(owngpt's fp32 kernel) 0.29x; at batch 8 the fbgemm op was again fastest (onednn 0.78x, qlinear 0.84x, the rest
-0.55x or less). The LM head, the largest matrix (31% of the int8 bytes), runs at about 80% of its read ceiling
-(1.25-1.35 ms vs 1.03-1.08); the tied embedding costs one dequantized row per token. torchao 0.18's eager int8
-configs were 3-4x *slower* than fp32 (fast only under torch.compile, minutes per start). End to end (the engine,
-`generate_batch`, same run): calling the op directly instead of DynamicLinear's module decoded 1.02x faster at
-batch 1 and 1.22x at batch 8. Activations are quantized to 8 bits where the CPU has VNNI (`_reduce_range`; DynamicLinear
-always uses 7), which halves their rounding error; perplexity on the bundled Tiny Shakespeare (bench/bench_optimize.py's
-small model, 300 steps) moved +0.061% from fp32 with 8 bits and +0.074% with 7 (the bound is +2%).
+matrices + the 50257 x 768 LM head) with every int8 kernel torch 2.13's CPU build offers, on the same int8 weights: at
+batch 1 the fbgemm op took 4.69 ms (fastest of 41 runs) where merely reading every int8 weight once took 3.89 (83% of
+that ceiling; DynamicLinear's module 4.83); against DynamicLinear (median of 15), the onednn quantized engine ran at
+0.67x, `onednn.qlinear_pointwise` with a prepacked weight (inductor's op) 0.59x, `_weight_int8pack_mm` 0.56x with bf16
+activations and 0.06x with fp32 ones, `torch._int_mm` with activations quantized by hand 0.39x, fp32 oneDNN (owngpt's
+fp32 kernel) 0.29x; at batch 8 the fbgemm op was again fastest (onednn 0.78x, qlinear 0.84x, the rest 0.55x or less).
+The LM head, the largest matrix (31% of the int8 bytes), runs at about 80% of its read ceiling (1.25-1.35 ms vs
+1.03-1.08); the tied embedding costs one dequantized row per token. torchao 0.18's eager int8 configs were 3-4x
+*slower* than fp32 (fast only under torch.compile, minutes per start). End to end (the engine, `generate_batch`, same
+run): calling the op directly instead of DynamicLinear's module decoded 1.02-1.06x faster at batch 1 and 1.03-1.22x at
+batch 8 (two runs, one on a quieter machine). Activations are quantized to 8 bits where the CPU has VNNI
+(`_reduce_range`; DynamicLinear always uses 7), which halves their rounding error; perplexity on the bundled Tiny
+Shakespeare (bench/bench_optimize.py's small model, 300 steps) moved +0.061% from fp32 with 8 bits and +0.074% with 7
+(the bound is +2%).
 Where batch-1 time goes: in a profile of the engine's int8 decode the int8 op is about 70% of the time spent in torch
 ops, and transformers' per-module Python adds more around them. Without it (`python bench/bench_int8_kernels.py
---decode`: a GPT-2 step written by hand over the same `Int8Linear.kernel()` callables, static KV buffers) batch-1
-int8 decoded 1.28-1.54x faster than through the model's forward, at 0.97-1.25x llama.cpp q8_0's tokens/s in the same
-runs (the forward: 0.71-0.81x). `kernel(one_row, post)` keeps the contract of owngpt.decode_kernels'
-`PackedLinear.kernel`, so a decode step written for packed fp32 models can call int8 modules unchanged.
+--decode`: a GPT-2 step written by hand over the same `Int8Linear.kernel()` callables, static KV buffers) batch-1 int8
+decoded 1.28-1.54x faster than through the model's forward, at 0.97-1.25x llama.cpp q8_0's tokens/s in the same runs
+(the forward: 0.71-0.81x; on the quietest run 1.02x vs 0.77x, and at batch 8 2.67x vs 2.54x). `kernel(one_row, post)`
+keeps the contract of owngpt.decode_kernels' `PackedLinear.kernel`, so a decode step written for packed fp32 models
+(owngpt.decode_step) can call the int8 projections as they are; the int8 embedding has no fp32 `.weight` and is looked
+up through its module (`wte(ids)`).
 `torch.ao.quantization` is marked deprecated in favour of torchao, so the kernel choice lives in one function
 (`_int8_linear`): when torchao's eager CPU path is fast, swap it there.
 The GPT-2 `Conv1D` -> `nn.Linear` transposition is what lets every projection, not only the LM head, be quantized.
