@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 NAME = "optimize"
 CACHE = ROOT / "runs" / "bench_optimize"  # runs/ is git-ignored
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = ROOT / "src" / "owngpt" / "sample_data" / "tinyshakespeare.txt"  # the bundled copy
 
 
 import _doc  # noqa: E402  (bench/ is on sys.path when a script runs)

@@ -123,3 +123,55 @@ def test_export_refuses_already_quantized(int8_dir, tmp_path):
 
     with pytest.raises(CheckpointError, match="already quantized"):
         export(int8_dir, tmp_path / "x", "int8", measure_result=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (8, 96), (2, 3, 96)])
+def test_int8_linear_equals_the_dequantized_product(shape):
+    # Oracle by hand: x @ (q * scale).T + bias in float64. The kernel quantizes x per call to 8 (or, without VNNI,
+    # 7) bits over [min(x, 0), max(x, 0)]: each element moves by at most one step, so each output moves by at most
+    # step * sum_k |W[o, k]|; the bias passes in fp32. A transposed weight, a wrong scale or a lost bias is far off.
+    from owngpt.quantize import _int8_linear, _reduce_range
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(80, 96, generator=g) * 0.05, torch.randn(80, generator=g)
+    q, s = quantize_weight(w)
+    lin = _int8_linear(q, s, b)
+    x = torch.randn(*shape, generator=g) * 3
+    want = x.double() @ (q.double() * s.double()[:, None]).t() + b.double()
+    levels = 127 if _reduce_range() else 255
+    step = float(x.max().clamp(min=0) - x.min().clamp(max=0)) / levels
+    bound = step * (q.double() * s.double()[:, None]).abs().sum(1) + 1e-5
+    for got in (lin(x), lin.kernel()(x)):
+        assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 80)
+        assert ((got.double() - want).abs() <= bound).all()
+    assert _int8_linear(q, s, None)(x).shape == want.shape
+
+
+def test_int8_linear_kernel_is_the_module_then_its_post_op():
+    # the decode-step contract (owngpt.decode_kernels' PackedLinear.kernel): post(x W^T + b) as a plain callable
+    from owngpt.quantize import _int8_linear
+
+    g = torch.Generator().manual_seed(1)
+    q, s = quantize_weight(torch.randn(40, 24, generator=g))
+    lin = _int8_linear(q, s, torch.randn(40, generator=g))
+    x = torch.randn(3, 24, generator=g)
+    y = lin(x)
+    F = torch.nn.functional
+    assert torch.equal(lin.kernel(True)(x), y) and torch.equal(lin.kernel(False)(x[:1]), lin(x[:1]))
+    assert torch.equal(lin.kernel(True, ("gelu", "tanh"))(x), F.gelu(y, approximate="tanh"))
+    assert torch.equal(lin.kernel(False, ("gelu", "none"))(x), F.gelu(y))
+    assert torch.equal(lin.kernel(True, ("swish", ""))(x), F.silu(y))
+    with pytest.raises(ValueError, match="post-op"):
+        lin.kernel(True, ("relu6", ""))
+
+
+def test_int8_linear_does_not_saturate_at_full_range():
+    # The case fbgemm's 16-bit pair sums (AVX2 without VNNI) would clip: every activation at the top of its range
+    # times every weight at +127, so uint8 255 * int8 127 * 2 > 32767. The module quantizes activations to 7 bits
+    # exactly when the CPU lacks VNNI (owngpt.quantize._reduce_range), so the sum is right either way.
+    from owngpt.quantize import _int8_linear
+
+    q = torch.full((16, 64), 127, dtype=torch.int8)
+    s = torch.full((16,), 1 / 127)
+    x = torch.ones(1, 64)
+    assert torch.allclose(_int8_linear(q, s, None)(x), torch.full((1, 16), 64.0), rtol=1e-3)

@@ -6,12 +6,31 @@ quantized to int8 per call (dynamic quantization), so the matrix products run in
 Embeddings, layer norms and biases stay fp32, except that a *tied* token embedding is stored once as the LM head's
 int8 matrix and its rows are dequantized on lookup (the tie survives, the file is ~4x smaller).
 
-Why this kernel: measured on the 2-core AVX-512 CPU we target, at `gpt2` size with transformers' `generate`
-(bench/bench_optimize.py, docs/benchmarks.md): torch's dynamic int8 linear (fbgemm/x86 backend, the kernel behind
-`torch.ao.quantization.quantize_dynamic`) on *all* projections decodes 1.55-1.9x faster than fp32 (three runs on a
-loaded machine); int8 weight-only `aten._weight_int8pack_mm` (bf16 activations) was a little slower (1.69x vs 1.78x
-in one exploratory run); torchao 0.18's `Int8WeightOnlyConfig` / `Int8DynamicActivationInt8WeightConfig` were 3-4x
-*slower* than fp32 in eager mode (fast only under torch.compile, which costs minutes per start).
+Why this kernel (`Int8Linear`: torch's `quantized::linear_dynamic` op, fbgemm, called directly): measured on the
+2-core CPU we target (AMD EPYC with AVX512-VNNI and AVX512-BF16, no AMX), one thread, on a shared machine, so ratios
+within one run. `python bench/bench_int8_kernels.py` times the 49 projections of one gpt2-size decode step (48 layer
+matrices + the 50257 x 768 LM head) with every int8 kernel torch 2.13's CPU build offers, on the same int8 weights: at
+batch 1 the fbgemm op took 4.69 ms (fastest of 41 runs) where merely reading every int8 weight once took 3.89 (83% of
+that ceiling; DynamicLinear's module 4.83); against DynamicLinear (median of 15), the onednn quantized engine ran at
+0.67x, `onednn.qlinear_pointwise` with a prepacked weight (inductor's op) 0.59x, `_weight_int8pack_mm` 0.56x with bf16
+activations and 0.06x with fp32 ones, `torch._int_mm` with activations quantized by hand 0.39x, fp32 oneDNN (owngpt's
+fp32 kernel) 0.29x; at batch 8 the fbgemm op was again fastest (onednn 0.78x, qlinear 0.84x, the rest 0.55x or less).
+The LM head, the largest matrix (31% of the int8 bytes), runs at about 80% of its read ceiling (1.25-1.35 ms vs
+1.03-1.08); the tied embedding costs one dequantized row per token. torchao 0.18's eager int8 configs were 3-4x
+*slower* than fp32 (fast only under torch.compile, minutes per start). End to end (the engine, `generate_batch`, same
+run): calling the op directly instead of DynamicLinear's module decoded 1.02-1.06x faster at batch 1 and 1.03-1.22x at
+batch 8 (two runs, one on a quieter machine). Activations are quantized to 8 bits where the CPU has VNNI
+(`_reduce_range`; DynamicLinear always uses 7), which halves their rounding error; perplexity on the bundled Tiny
+Shakespeare (bench/bench_optimize.py's small model, 300 steps) moved +0.061% from fp32 with 8 bits and +0.074% with 7
+(the bound is +2%).
+Where batch-1 time goes: in a profile of the engine's int8 decode the int8 op is about 70% of the time spent in torch
+ops, and transformers' per-module Python adds more around them. Without it (`python bench/bench_int8_kernels.py
+--decode`: a GPT-2 step written by hand over the same `Int8Linear.kernel()` callables, static KV buffers) batch-1 int8
+decoded 1.28-1.54x faster than through the model's forward, at 0.97-1.25x llama.cpp q8_0's tokens/s in the same runs
+(the forward: 0.71-0.81x; on the quietest run 1.02x vs 0.77x, and at batch 8 2.67x vs 2.54x). `kernel(one_row, post)`
+keeps the contract of owngpt.decode_kernels' `PackedLinear.kernel`, so a decode step written for packed fp32 models
+(owngpt.decode_step) can call the int8 projections as they are; the int8 embedding has no fp32 `.weight` and is looked
+up through its module (`wte(ids)`).
 `torch.ao.quantization` is marked deprecated in favour of torchao, so the kernel choice lives in one function
 (`_int8_linear`): when torchao's eager CPU path is fast, swap it there.
 The GPT-2 `Conv1D` -> `nn.Linear` transposition is what lets every projection, not only the LM head, be quantized.
@@ -29,6 +48,7 @@ Plain transformers cannot load this directory (its weights are int8 + scales); `
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -134,24 +154,95 @@ def _embedding_class():
     return _Int8Embedding
 
 
-def _int8_linear(q, scale, bias):
-    """A module computing x @ (q * scale).T + bias with int8 matmuls (the one place the kernel is chosen)."""
+@functools.cache  # one class, so that isinstance works across models
+def _int8_linear_class():
     import torch
 
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao (see module doc)
-        warnings.simplefilter("ignore")
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    class Int8Linear(torch.nn.Module):
+        """y = x @ (q * scale).T + bias through torch's dynamic int8 linear op, called directly (see module doc).
 
-        out_f, in_f = q.shape
-        mod = DynamicLinear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
-        # torch's public constructor quantizes floats: q * scale divided by scale rounds back to q exactly (the error is
-        # far below half a step); checked, since a changed weight would be silent
-        zero = torch.zeros(out_f, dtype=torch.long)
+        The weights live packed for fbgemm in `packed` (torch's LinearPackedParams object, a plain attribute: not a
+        parameter or buffer, so state_dict() and .to() never see it; int8 models are for inference). `kernel()` gives
+        the bare op as a plain callable, for a hand-written decode step."""
+
+        def __init__(self, q: Any, scale: Any, bias: Any) -> None:
+            super().__init__()
+            self.out_features, self.in_features = q.shape
+            # the packed weight is no torch parameter, so parameter counts miss it: its size, under the name
+            # PackedLinear uses for the same purpose (owngpt.decode_kernels.parameter_count)
+            self.weight_numel = q.numel()
+            self.packed = _prepack(q, scale, bias)
+            self.reduce_range = _reduce_range()
+
+        def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
+            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+        def kernel(self, one_row: bool = False, post: tuple[str, str] = ("none", "")) -> Any:
+            """A callable (B, in) -> (B, out) computing post(x @ (q * scale).T + b), for a hand-written decode step:
+            the same contract as owngpt.decode_kernels' PackedLinear.kernel (post is a oneDNN post-op name: none,
+            gelu with "tanh" or "none", swish). One int8 kernel serves every batch size, so `one_row` is unused."""
+            op, packed, rr = torch.ops.quantized.linear_dynamic, self.packed, self.reduce_range
+            act = _post_op(post)
+            if act is None:
+                return lambda x: op(x, packed, rr)
+            return lambda x: act(op(x, packed, rr))
+
+        def weight(self) -> Any:
+            """The int8 weight as a quantized per-channel tensor [out, in] (what DynamicLinear.weight() gives)."""
+            return self.packed.unpack()[0]
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 (fbgemm, dynamic)"
+
+    return Int8Linear
+
+
+def _post_op(post: tuple[str, str]) -> Any:
+    """The activation a decode step asks a kernel to apply to its product (None: nothing)."""
+    import torch.nn.functional as F
+
+    ops = {
+        ("none", ""): None,
+        ("gelu", "tanh"): lambda y: F.gelu(y, approximate="tanh"),
+        ("gelu", "none"): F.gelu,
+        ("swish", ""): F.silu,
+    }
+    if post not in ops:
+        raise ValueError(f"post-op {post!r} is not one of {sorted(ops)}")
+    return ops[post]
+
+
+def _reduce_range() -> bool:
+    """Whether activations must be quantized to 7 bits instead of 8: on a CPU without AVX512-VNNI fbgemm multiplies
+    uint8 x int8 pairs with vpmaddubsw, whose 16-bit sums saturate (255 * 127 * 2 > 32767); with AVX512-VNNI
+    (vpdpbusd, 32-bit sums) all 8 bits are safe and halve the activation rounding error (measured by
+    bench/bench_int8_kernels.py: largest error 1.0e-2 vs 2.5e-2 of the largest output; tests/test_quantize.py checks
+    the full-range case). DynamicLinear always reduces."""
+    import torch
+
+    # torch's helper checks AVX512-VNNI only (its note says so); private, so absent means "do not assume VNNI"
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return not (vnni is not None and vnni() and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
+def _prepack(q: Any, scale: Any, bias: Any) -> Any:
+    """fbgemm's packed form of int8 weights q [out, in] with per-row fp32 scales (and an fp32 bias or None)."""
+    import torch
+
+    with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao (see module doc)
+        warnings.simplefilter("ignore")
+        # torch's public constructor quantizes floats: q * scale divided by scale rounds back to q exactly (the error
+        # is far below half a step); checked, since a changed weight would be silent
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
         qw = torch.quantize_per_channel(q.float() * scale.float()[:, None], scale.double(), zero, 0, torch.qint8)
         if not torch.equal(qw.int_repr(), q.to(torch.int8)):  # pragma: no cover - a guard, never seen
             raise RuntimeError("int8 weights changed when quantized again: please report this")
-        mod.set_weight_bias(qw, None if bias is None else bias.float())
-    return mod
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().contiguous())
+
+
+def _int8_linear(q, scale, bias):
+    """A module computing x @ (q * scale).T + bias with int8 matmuls (the one place the kernel is chosen)."""
+    return _int8_linear_class()(q, scale, bias)
 
 
 def _set_module(model: Any, name: str, new: Any) -> None:
