@@ -1,7 +1,8 @@
-"""The decode kernels (owngpt.decode_kernels): the packed fp32 path against the reference path on the same weights.
+"""The fast fp32 decode path (owngpt.decode_kernels' packed weights, owngpt.decode_step's hand-written step) against
+the reference path on the same weights.
 
-Oracle: the same model unpacked, decoding with the engine (greedy tokens must be equal) and a fresh full forward
-over the window each step used (logits equal up to the order of the sums).
+Oracle: the same model unpacked, decoding with the engine through transformers' forward (greedy tokens must be
+equal) and a fresh full forward over the window each step used (logits equal up to the order of the sums).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 import fixtures
 from owngpt.decode_kernels import pack_for_decode
+from owngpt.decode_step import decode_step_for
 from owngpt.engine import Decoder, Row, RowSettings, run_to_end
 
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we", "A", "KING " * 12]
@@ -31,8 +33,13 @@ def tok():
     return fixtures.char_tokenizer()
 
 
-def models(tok, arch):
+def models(tok, arch, kv_heads=None):
     ref = (fixtures.tiny_gpt2 if arch == "gpt2" else fixtures.tiny_llama)(tok, n_positions=64, n_embd=64, n_head=4)
+    if kv_heads is not None:  # grouped-query attention: fewer key/value heads than query heads, same random weights
+        cfg = copy.deepcopy(ref.config)
+        cfg.num_key_value_heads = kv_heads
+        torch.manual_seed(0)
+        ref = type(ref)(cfg).eval()
     with torch.no_grad():  # GPT-2 initialises biases to zero: random ones, so a dropped bias shows
         for name, p in ref.named_parameters():
             if name.endswith("bias"):
@@ -41,11 +48,15 @@ def models(tok, arch):
     return ref, fast, pack_for_decode(fast)
 
 
-def greedy(model, tok, prompts, trace=False):
-    rows = [Row(tok.encode(p), RowSettings(max_tokens=40, temperature=0)) for p in prompts]
+def greedy(model, tok, prompts, trace=False, **settings):
+    rows = [Row(tok.encode(p), RowSettings(**{"max_tokens": 40, "temperature": 0, **settings})) for p in prompts]
     for r in rows:
         r.trace = [] if trace else None
-    run_to_end(Decoder(model, tok, 24, shift=5), rows)
+    decoder = Decoder(model, tok, 24, shift=5)
+    # the packed model decodes through the hand-written step, the reference through transformers' forward
+    packed = any(type(m).__name__ == "PackedLinear" for m in model.modules())
+    assert (decoder._fast_step is not None) == packed
+    run_to_end(decoder, rows)
     return rows
 
 
@@ -61,9 +72,9 @@ def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, a
         assert a == b
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch):
-    ref, fast, _ = models(tok, arch)
+@pytest.mark.parametrize("arch,kv_heads", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1)])
+def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch, kv_heads):
+    ref, fast, _ = models(tok, arch, kv_heads)
     for r in greedy(fast, tok, PROMPTS, trace=True):
         assert len({s for s, _e, _lg in r.trace}) >= 3  # the window moved (re-fills went through the packed path)
         for s, e, logits in r.trace:
@@ -95,3 +106,38 @@ def test_parameter_count_includes_packed_weights(tok):
 
     ref, fast, _ = models(tok, "gpt2")
     assert parameter_count(fast) == parameter_count(ref) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampled_rows_and_rows_joining_mid_batch_equal_the_reference(tok, arch):
+    """Seeded sampling with every logits processor, and continuous batching: rows join a running batch (their
+    caches right-aligned, the fast step's padding mask) and leave it, as in the server."""
+    ref, fast, _ = models(tok, arch)
+    settings = {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2, "seed": 3}
+
+    def staggered(model):
+        decoder = Decoder(model, tok, 24, shift=5)
+        rows = [Row(tok.encode(p), RowSettings(max_tokens=12 + 5 * i, **settings)) for i, p in enumerate(PROMPTS)]
+        for i, r in enumerate(rows):
+            decoder.add(r)
+            for _ in range(3 + i):
+                decoder.step()
+        while decoder.active:
+            decoder.step()
+        return [r.token_ids for r in rows]
+
+    assert staggered(fast) == staggered(ref)
+    assert [r.token_ids for r in greedy(fast, tok, PROMPTS, **settings)] == [
+        r.token_ids for r in greedy(ref, tok, PROMPTS, **settings)
+    ]
+
+
+def test_the_hand_written_step_serves_only_models_it_implements(tok):
+    ref, fast, _ = models(tok, "gpt2")
+    assert decode_step_for(fast) is not None
+    assert decode_step_for(ref) is None  # unpacked: transformers' forward
+    odd = copy.deepcopy(ref)
+    odd.config.scale_attn_by_inverse_layer_idx = True  # a GPT-2 option the step does not implement
+    pack_for_decode(odd)
+    assert decode_step_for(odd) is None
+    assert Decoder(fast, tok, 24, use_cache=False)._fast_step is None  # no cache: every step a full forward

@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from owngpt.decode_step import decode_step_for
+
 log = logging.getLogger("owngpt.engine")
 
 # Prompt tokens kept as left context for incremental decoding, so that tokenizers whose decoding of a token depends
@@ -449,6 +451,8 @@ class Decoder:
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_arg(model)
         self._keeps_logits = _accepts(model, "logits_to_keep")
+        # a packed fp32 GPT-2 / LLaMA decodes through a hand-written step over the same weights (owngpt.decode_step)
+        self._fast_step = decode_step_for(model) if use_cache else None
 
     @property
     def active(self) -> int:
@@ -500,6 +504,24 @@ class Decoder:
         rows, c = self.rows, self._cache
         c.make_room(max(r.cached for r in rows))
         L = c.L
+        if self._fast_step is not None:
+            ids = torch.tensor([r.ids[-1] for r in rows], dtype=torch.long)  # (B,)
+            pos = torch.tensor([r.cached for r in rows], dtype=torch.long)  # (B,)
+            valid_from = None if all(r.cached == L for r in rows) else L - pos  # rows' first cached columns
+            logits = self._fast_step(ids, pos, c.k, c.v, len(rows), L, valid_from)
+        else:
+            logits = self._forward_one(rows, L)
+        c.L += 1
+        for r in rows:
+            r.cached += 1
+            r.window = (r.start, len(r.ids))
+        return logits
+
+    def _forward_one(self, rows: list[Row], L: int) -> Any:
+        """The model's own forward for one token per row over the batch cache (L columns): logits (B, V)."""
+        import torch
+
+        c = self._cache
         x = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
         pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
         mask = None  # no padding in the cache (every row as long as the batch): no mask, the fast attention path
@@ -509,10 +531,6 @@ class Decoder:
                 mask[i, L - r.cached :] = 1
         kw = {self._cache_kw: c.as_transformers_cache()}
         out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        c.L += 1
-        for r in rows:
-            r.cached += 1
-            r.window = (r.start, len(r.ids))
         return out.logits[:, -1]
 
     def _needs_refill(self, row: Row) -> bool:
