@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fixtures
+from owngpt import decode_kernels
 from owngpt.decode_kernels import pack_for_decode
 from owngpt.decode_step import decode_step_for
 from owngpt.engine import Decoder, Row, RowSettings, run_to_end
@@ -31,6 +32,15 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tok():
     return fixtures.char_tokenizer()
+
+
+@pytest.fixture(params=["cache-resident", "streamed"])
+def weights_size(request, monkeypatch):
+    """Both kernel choices of pack_for_decode: a model that fits in the CPU's cache keeps an [in, out] copy for MKL
+    at one row; a larger one (the cache size pretended to be 0 here) uses oneDNN's packed weights for every row."""
+    if request.param == "streamed":
+        monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: 0)
+    return request.param
 
 
 def models(tok, arch, kv_heads=None):
@@ -61,11 +71,13 @@ def greedy(model, tok, prompts, trace=False, **settings):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, arch):
+def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, arch, weights_size):
     from transformers.pytorch_utils import Conv1D
 
     ref, fast, n = models(tok, arch)
     assert n > 0 and not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in fast.modules())
+    kept = {m.weight_io is not None for m in fast.modules() if type(m).__name__ == "PackedLinear"}
+    assert kept == {weights_size == "cache-resident"}
     for prompts in (PROMPTS[:1], PROMPTS):  # batch 1 and a batch of rows of different lengths (padding, masks)
         a = [r.token_ids for r in greedy(ref, tok, prompts)]
         b = [r.token_ids for r in greedy(fast, tok, prompts)]
@@ -73,9 +85,10 @@ def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, a
 
 
 @pytest.mark.parametrize("arch,kv_heads", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1)])
-def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch, kv_heads):
+def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch, kv_heads, weights_size):
     ref, fast, _ = models(tok, arch, kv_heads)
-    for r in greedy(fast, tok, PROMPTS, trace=True):
+    # one row alone (the one-row kernels), then rows of different lengths together
+    for r in greedy(fast, tok, PROMPTS[:1], trace=True) + greedy(fast, tok, PROMPTS, trace=True):
         assert len({s for s, _e, _lg in r.trace}) >= 3  # the window moved (re-fills went through the packed path)
         for s, e, logits in r.trace:
             with torch.no_grad():
@@ -109,7 +122,7 @@ def test_parameter_count_includes_packed_weights(tok):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_sampled_rows_and_rows_joining_mid_batch_equal_the_reference(tok, arch):
+def test_sampled_rows_and_rows_joining_mid_batch_equal_the_reference(tok, arch, weights_size):
     """Seeded sampling with every logits processor, and continuous batching: rows join a running batch (their
     caches right-aligned, the fast step's padding mask) and leave it, as in the server."""
     ref, fast, _ = models(tok, arch)

@@ -85,71 +85,53 @@ class _GPT2Step(DecodeStep):
 
         t = model.transformer
         cfg = model.config
+        self.F = F
         self.wte, self.wpe = t.wte.weight, t.wpe.weight
         self.eps = cfg.layer_norm_epsilon
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         self.scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-        self.layers = [
-            (
-                (b.ln_1.weight, b.ln_1.bias),
-                _linear(b.attn.c_attn),
-                _linear(b.attn.c_proj),
-                (b.ln_2.weight, b.ln_2.bias),
-                _linear(b.mlp.c_fc),
-                _linear(b.mlp.c_proj),
-            )
-            for b in t.h
-        ]
+        self.ln = [((b.ln_1.weight, b.ln_1.bias), (b.ln_2.weight, b.ln_2.bias)) for b in t.h]
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
-        self.head = _linear(model.lm_head)
-        act = cfg.activation_function
-        # gelu_new (GPT-2's) is the tanh approximation written as seven tensor ops; oneDNN applies the same function
-        # to the c_fc product as it writes it (a post-op: no second pass over the activations, no extra op call),
-        # equal to ~1e-7 (checked against the model's forward by the tests)
-        self.fused_act: tuple[str, str] | None = None
-        if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            self.fused_act = ("gelu", "tanh")
-        elif act == "gelu":
-            self.fused_act = ("gelu", "none")
-        self.act = t.h[0].mlp.act
-        self.F, self.lp = F, _linear_pointwise()
+        # gelu_new (GPT-2's) is the tanh approximation written as seven tensor ops; here the kernel applies the same
+        # function to the c_fc product (oneDNN as a post-op, as it writes it), equal to ~1e-7 (the tests check the
+        # logits against the model's forward)
+        fused = {"gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
+        post = fused.get(cfg.activation_function)
+        act = t.h[0].mlp.act
+
+        def kernels(one_row: bool) -> list[tuple[Any, ...]]:
+            out = []
+            for b in t.h:
+                if post is not None:
+                    fc = b.mlp.c_fc.kernel(one_row, post)
+                else:
+                    fc = _then(b.mlp.c_fc.kernel(one_row), act)
+                out.append(
+                    (b.attn.c_attn.kernel(one_row), b.attn.c_proj.kernel(one_row), fc, b.mlp.c_proj.kernel(one_row))
+                )
+            return out
+
+        # the kernels for one row and for several (owngpt.decode_kernels.PackedLinear.kernel)
+        self.layers = {False: kernels(False), True: kernels(True)}
+        self.head = {False: model.lm_head.kernel(False), True: model.lm_head.kernel(True)}
 
     def __call__(self, ids, pos, keys, values, rows, length, valid_from):
-        F, lp = self.F, self.lp
+        F = self.F
         B, H, D = rows, self.n_head, self.head_dim
         C = H * D
-        eps, fused = self.eps, self.fused_act
+        eps = self.eps
         mask = _padding_mask(valid_from, length)
         h = F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)  # (B, C)
-        for i, (ln1, c_attn, c_proj, ln2, c_fc, m_proj) in enumerate(self.layers):
-            a = F.layer_norm(h, (C,), ln1[0], ln1[1], eps)
-            qkv = lp(a, *c_attn, "none", [], "").view(B, 3, H, 1, D)  # (B, 3C): q, k, v of every head
+        for i, ((ln1, ln2), (c_attn, c_proj, c_fc, m_proj)) in enumerate(zip(self.ln, self.layers[B == 1])):
+            qkv = c_attn(F.layer_norm(h, (C,), ln1[0], ln1[1], eps)).view(B, 3, H, 1, D)  # q, k, v of every head
             k_buf, v_buf = keys[i], values[i]
             k_buf[:B, :, length : length + 1] = qkv[:, 1]
             v_buf[:B, :, length : length + 1] = qkv[:, 2]
             o = _attend(qkv[:, 0], k_buf[:B, :, : length + 1], v_buf[:B, :, : length + 1], mask, self.scale)
-            h = h + lp(o.view(B, C), *c_proj, "none", [], "")
-            m = F.layer_norm(h, (C,), ln2[0], ln2[1], eps)
-            if fused is not None:
-                m = lp(m, *c_fc, fused[0], [], fused[1])
-            else:
-                m = self.act(lp(m, *c_fc, "none", [], ""))
-            h = h + lp(m, *m_proj, "none", [], "")
-        h = F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps)
-        return lp(h, *self.head, "none", [], "")
-
-
-def _linear(module: Any) -> tuple[Any, Any]:
-    """A PackedLinear's (packed weight, bias), for calling the kernel without the module call around it."""
-    return module.packed, module.bias
-
-
-def _linear_pointwise() -> Any:
-    """oneDNN's linear on a packed weight: y = post_op(x W^T + b) (what PackedLinear.forward calls)."""
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise
+            h = h + c_proj(o.view(B, C))
+            h = h + m_proj(c_fc(F.layer_norm(h, (C,), ln2[0], ln2[1], eps)))
+        return self.head[B == 1](F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
 
 
 class _LlamaStep(DecodeStep):
@@ -159,54 +141,69 @@ class _LlamaStep(DecodeStep):
 
         m = model.model
         cfg = model.config
+        self.F = F
         self.embed = m.embed_tokens.weight
-        self.rotary = m.rotary_emb
+        self.rotary = m.rotary_emb  # the model's own rotary table (its RoPE scaling)
         self.rope = apply_rotary_pos_emb
         self.n_head = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.layers = [
+        self.norms = [
             (
                 (b.input_layernorm.weight, b.input_layernorm.variance_epsilon),
-                _linear(b.self_attn.q_proj),
-                _linear(b.self_attn.k_proj),
-                _linear(b.self_attn.v_proj),
-                _linear(b.self_attn.o_proj),
                 (b.post_attention_layernorm.weight, b.post_attention_layernorm.variance_epsilon),
-                _linear(b.mlp.gate_proj),
-                _linear(b.mlp.up_proj),
-                _linear(b.mlp.down_proj),
             )
             for b in m.layers
         ]
         self.norm = (m.norm.weight, m.norm.variance_epsilon)
-        self.head = _linear(model.lm_head)
-        # SiLU (LLaMA's) applied by oneDNN to the gate product as it writes it ("swish", equal to ~1e-6 relative)
-        self.fused_act = getattr(cfg, "hidden_act", None) == "silu"
-        self.act = m.layers[0].mlp.act_fn
-        self.F, self.lp = F, _linear_pointwise()
+        # SiLU (LLaMA's) applied by the kernel to the gate product (oneDNN's "swish" post-op, equal to ~1e-6 relative)
+        silu = getattr(cfg, "hidden_act", None) == "silu"
+        act = m.layers[0].mlp.act_fn
+
+        def kernels(one_row: bool) -> list[tuple[Any, ...]]:
+            out = []
+            for b in m.layers:
+                a, p = b.self_attn, b.mlp
+                gate = p.gate_proj.kernel(one_row, ("swish", "")) if silu else _then(p.gate_proj.kernel(one_row), act)
+                projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+                out.append(
+                    (
+                        *(x.kernel(one_row) for x in projections),
+                        gate,
+                        p.up_proj.kernel(one_row),
+                        p.down_proj.kernel(one_row),
+                    )
+                )
+            return out
+
+        self.layers = {False: kernels(False), True: kernels(True)}
+        self.head = {False: model.lm_head.kernel(False), True: model.lm_head.kernel(True)}
 
     def __call__(self, ids, pos, keys, values, rows, length, valid_from):
-        F, lp = self.F, self.lp
+        F = self.F
         B, H, Hkv, D = rows, self.n_head, self.n_kv, self.head_dim
         mask = _padding_mask(valid_from, length)
         h = F.embedding(ids, self.embed)  # (B, C)
-        cos, sin = self.rotary(h, pos.view(B, 1))  # (B, 1, D): the model's own rotary table (its RoPE scaling)
-        for i, (n1, q_proj, k_proj, v_proj, o_proj, n2, gate, up, down) in enumerate(self.layers):
+        cos, sin = self.rotary(h, pos.view(B, 1))  # (B, 1, D)
+        for i, ((n1, n2), (q_proj, k_proj, v_proj, o_proj, gate, up, down)) in enumerate(
+            zip(self.norms, self.layers[B == 1])
+        ):
             a = _rms_norm(h, *n1)
-            q = lp(a, *q_proj, "none", [], "").view(B, H, 1, D)
-            k = lp(a, *k_proj, "none", [], "").view(B, Hkv, 1, D)
-            q, k = self.rope(q, k, cos, sin)
+            q, k = self.rope(q_proj(a).view(B, H, 1, D), k_proj(a).view(B, Hkv, 1, D), cos, sin)
             k_buf, v_buf = keys[i], values[i]
             k_buf[:B, :, length : length + 1] = k
-            v_buf[:B, :, length : length + 1] = lp(a, *v_proj, "none", [], "").view(B, Hkv, 1, D)
+            v_buf[:B, :, length : length + 1] = v_proj(a).view(B, Hkv, 1, D)
             o = _attend(q, k_buf[:B, :, : length + 1], v_buf[:B, :, : length + 1], mask, self.scale)
-            h = h + lp(o.view(B, H * D), *o_proj, "none", [], "")
+            h = h + o_proj(o.view(B, H * D))
             m = _rms_norm(h, *n2)
-            g = lp(m, *gate, "swish", [], "") if self.fused_act else self.act(lp(m, *gate, "none", [], ""))
-            h = h + lp(g * lp(m, *up, "none", [], ""), *down, "none", [], "")
-        return lp(_rms_norm(h, *self.norm), *self.head, "none", [], "")
+            h = h + down(gate(m) * up(m))
+        return self.head[B == 1](_rms_norm(h, *self.norm))
+
+
+def _then(kernel: Any, act: Any) -> Any:
+    """kernel followed by an activation the kernels cannot fuse (the model's own module)."""
+    return lambda x: act(kernel(x))
 
 
 def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
