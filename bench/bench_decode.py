@@ -188,7 +188,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.no_write = 8, 1, True
+    from owngpt.decode_kernels import prefer_huge_pages
 
+    prefer_huge_pages()  # as owngpt's decode commands do, before torch's first allocation (every torch contestant)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging

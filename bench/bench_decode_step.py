@@ -157,7 +157,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch and llama.cpp thread counts")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median and minimum reported)")
     args = ap.parse_args()
+    from owngpt.decode_kernels import prefer_huge_pages
 
+    prefer_huge_pages()  # as owngpt's decode commands do, before torch's first allocation
     import torch
     from transformers import GPT2Config
     from transformers.utils import logging as hf_logging

@@ -8,6 +8,7 @@ equal) and a fresh full forward over the window each step used (logits equal up 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -154,3 +155,15 @@ def test_the_hand_written_step_serves_only_models_it_implements(tok):
     pack_for_decode(odd)
     assert decode_step_for(odd) is None
     assert Decoder(fast, tok, 24, use_cache=False)._fast_step is None  # no cache: every step a full forward
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_decode_commands_ask_torch_for_huge_pages_unless_the_user_chose(tiny_ckpt, monkeypatch, capsys, preset):
+    from owngpt.cli import main
+
+    if preset is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+    assert main(["generate", str(tiny_ckpt), "--prompt", "A", "--max-new-tokens", "2"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == (preset or "1")

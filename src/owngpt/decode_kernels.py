@@ -143,6 +143,22 @@ def pack_for_decode(model: Any) -> int:
     return len(swaps)
 
 
+def prefer_huge_pages() -> None:
+    """Ask torch to back its large CPU tensors (the weights) with 2 MiB pages; call before torch's first allocation.
+
+    A decode step streams every weight once, and on 4 KiB pages that is a TLB miss every 4 KiB. torch madvises its
+    allocations of 2 MiB and more for transparent huge pages when THP_MEM_ALLOC_ENABLE=1 is set before its first
+    allocation (it reads the variable once). Measured here (gpt2 size, one thread, the 49 packed weights alone,
+    interleaved in one process): 14.39 ms a step on 4 KiB pages, 13.20 ms on huge pages (1.09x); in separate
+    processes 1.09-1.13x (minima). Collapsing the pages after packing instead (madvise MADV_COLLAPSE) gave the same
+    speed but cost ~2 s at load (the kernel copies 500 MB), so it is not done. Only a hint to the OS: where huge
+    pages are off (THP `never`) or not free, the weights stay on small pages. The decode commands (generate, chat,
+    serve) call it; API users may export the variable themselves. A value already set is kept."""
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def parameter_count(model: Any) -> int:
     """The model's parameter count, packed weights included (they are not torch parameters any more)."""
     n = sum(p.numel() for p in model.parameters())
