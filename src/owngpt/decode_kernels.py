@@ -12,6 +12,22 @@ does to frozen weights), multiplied by `mkldnn._linear_pointwise` with fp32 accu
 as the reference path's up to the order of the sums (logits equal to ~1e-6; tests/test_decode_kernels.py checks
 greedy tokens against the unpacked model).
 
+Which kernel at one row (bench/bench_decode_step.py; same run, medians, shared machine): a model whose projections
+fit in half the L3 cache (here 16 MiB: the `tiny` and `mini` presets) is bound by per-call overhead, not memory,
+and there MKL's sgemm on [in, out] (2-10 us a call) beats oneDNN's inner product (12-20 us): `tiny` with a char
+vocabulary 0.10 vs 0.30 ms for all its products, `mini` 0.30 vs 0.54; such models keep an [in, out] copy as well
+(a few MB) and `PackedLinear.kernel` picks it for one row. Bigger ones stream from memory, where oneDNN's layout
+wins (`small` 1.81 vs 2.42 ms, `gpt2` 15.8 vs 24.8 ms), and batches keep oneDNN (`mini`, 8 rows: 0.72 vs 0.95).
+Other kernels measured at gpt2 size and dropped: MKL's packed sgemm (`mkl._mkl_linear`, 28 ms), F.linear on
+[out, in] (29 ms), numpy's BLAS (slower still), oneDNN reordered for a batch-size hint of 1 (slower than no hint).
+
+The tied LM head (GPT-2, owngpt's LLaMA presets) is packed as a second copy of the embedding (+154 MB at gpt2 size):
+reading the embedding as stored ([V, C], MKL) costs 10.5 ms a step vs 4.4 ms packed (gpt2 size, one thread, out of
+~16 ms for the whole step), and a [C, V] copy the embedding could be read from (as a strided view) 5.4 ms: the copy
+pays.
+
+Weights on 2 MiB pages (`prefer_huge_pages`, set by the decode commands): 1.09x more per step at gpt2 size.
+
 Written by hand because transformers has no such switch for eager CPU inference. Its CPU route to speed is
 torch.compile with a static cache; measured here (gpt2 size, one thread, `generate(cache_implementation="static")` over
 a forward compiled by inductor with freezing): 38 s before the first token, then 25 tokens/s, no faster than eager
