@@ -155,6 +155,8 @@ def test_the_hand_written_step_serves_only_models_it_implements(tok):
     pack_for_decode(odd)
     assert decode_step_for(odd) is None
     assert Decoder(fast, tok, 24, use_cache=False)._fast_step is None  # no cache: every step a full forward
+    classifier = fixtures.tiny_gpt2(tok, task="classify")  # packable, but no LM head to decode with
+    assert pack_for_decode(classifier) > 0 and decode_step_for(classifier) is None
 
 
 @pytest.mark.parametrize("preset", [None, "0"])

@@ -37,8 +37,9 @@ def decode_step_for(model: Any) -> DecodeStep | None:
     """A `DecodeStep` over `model`'s weights, or None when the model keeps its own forward (see the module doc)."""
     cfg = model.config
     kind = getattr(cfg, "model_type", None)
-    if kind not in PACKABLE_MODEL_TYPES or model.training:
-        return None
+    base = getattr(model, "transformer" if kind == "gpt2" else "model", None)
+    if kind not in PACKABLE_MODEL_TYPES or model.training or base is None or not hasattr(model, "lm_head"):
+        return None  # not a causal LM of a known layout (a classifier, a wrapper) or not in eval mode
     # every projection packed (fp32 on the CPU, owngpt.decode_kernels): nothing else is read by the step
     if not any(type(m).__name__ == "PackedLinear" for m in model.modules()):
         return None
