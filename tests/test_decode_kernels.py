@@ -169,3 +169,20 @@ def test_decode_commands_ask_torch_for_huge_pages_unless_the_user_chose(tiny_ckp
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
     assert main(["generate", str(tiny_ckpt), "--prompt", "A", "--max-new-tokens", "2"]) == 0
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == (preset or "1")
+
+
+def test_llama_positions_past_the_rope_table_use_the_models_rotary_module(tok):
+    """The step's precomputed RoPE table covers max_position_embeddings; past it (a window beyond the table) the
+    model's own rotary module computes cos/sin per step. Both paths against a fresh reference forward."""
+    ref, fast, _ = models(tok, "llama")
+    row = Row(tok.encode(PROMPTS[1]), RowSettings(max_tokens=30, temperature=0))
+    row.trace = []
+    decoder = Decoder(fast, tok, 24, shift=5)
+    cos, sin = decoder._fast_step.table
+    decoder._fast_step.table = (cos[:12], sin[:12])  # steps at cache lengths >= 12 go through the module
+    run_to_end(decoder, [row])
+    assert {e - s for s, e, _lg in row.trace} & {11, 13, 20}  # both sides of the cut
+    for s, e, logits in row.trace:
+        with torch.no_grad():
+            want = ref(torch.tensor([row.ids[s:e]])).logits[0, -1]
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)

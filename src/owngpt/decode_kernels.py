@@ -17,14 +17,21 @@ fit in half the L3 cache (here 16 MiB: the `tiny` and `mini` presets) is bound b
 and there MKL's sgemm on [in, out] (2-10 us a call) beats oneDNN's inner product (12-20 us): `tiny` with a char
 vocabulary 0.10 vs 0.30 ms for all its products, `mini` 0.30 vs 0.54; such models keep an [in, out] copy as well
 (a few MB) and `PackedLinear.kernel` picks it for one row. Bigger ones stream from memory, where oneDNN's layout
-wins (`small` 1.81 vs 2.42 ms, `gpt2` 15.8 vs 24.8 ms), and batches keep oneDNN (`mini`, 8 rows: 0.72 vs 0.95).
-Other kernels measured at gpt2 size and dropped: MKL's packed sgemm (`mkl._mkl_linear`, 28 ms), F.linear on
-[out, in] (29 ms), numpy's BLAS (slower still), oneDNN reordered for a batch-size hint of 1 (slower than no hint).
+wins (`small` 1.81 vs 2.42 ms; `gpt2`, quiet machine, huge pages: 13.9 vs 21.1 ms on one thread, 11.1 vs 20.8 on
+two: MKL's one-row product does not use the second thread), and batches keep oneDNN (`mini`, 8 rows: 0.72 vs 0.95).
+Other kernels measured at gpt2 size and dropped: MKL's packed sgemm (`mkl._mkl_linear`, 20.8 ms), F.linear on
+[out, in] (27.7 ms), numpy's BLAS (slower still), oneDNN reordered for a batch-size hint of 1 (slower than no hint).
+
+The ceiling this sets: llama.cpp's whole f32 step on the same weights (its C API, same run) took 13.2 ms on one
+thread and 10.6 ms on two, so oneDNN's 49 products alone, with nothing around them, run at 0.95x llama.cpp's step
+on either thread count. No decode step built on torch's kernels reaches llama.cpp's batch-1 rate here; owngpt's
+(owngpt.decode_step) is within 5% of the products alone. At 8 rows the products cost about what one row does and
+owngpt is ahead (bench/bench_decode.py).
 
 The tied LM head (GPT-2, owngpt's LLaMA presets) is packed as a second copy of the embedding (+154 MB at gpt2 size):
-reading the embedding as stored ([V, C], MKL) costs 10.5 ms a step vs 4.4 ms packed (gpt2 size, one thread, out of
-~16 ms for the whole step), and a [C, V] copy the embedding could be read from (as a strided view) 5.4 ms: the copy
-pays.
+reading the embedding as stored ([V, C], MKL) costs 9.0 ms a step vs 3.9 ms packed (gpt2 size, one thread, out of
+~14.6 ms for the whole step), and a [C, V] copy the embedding could be read from (as a strided view) 5.4 ms: the
+copy pays.
 
 Weights on 2 MiB pages (`prefer_huge_pages`, set by the decode commands): 1.09x more per step at gpt2 size.
 
