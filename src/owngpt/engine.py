@@ -22,7 +22,8 @@ that the logits equal a fresh forward pass over exactly that window.
 
 Rows of different lengths share one batched KV cache in preallocated buffers (`_SlotCache`: each row a slot, its
 tokens right-aligned, zeros on the left, masked); position ids are given explicitly (position 0 is the window's first
-token), so a row in a batch computes what it would alone.
+token), so a row in a batch computes what it would alone. A cached step of a packed fp32 GPT-2 or LLaMA on the CPU
+runs `owngpt.decode_step`'s hand-written step over these buffers; any other model runs its own forward.
 
 Sampling uses transformers' logits processors (repetition penalty, no-repeat n-grams, temperature, top-k, top-p)
 row by row, and each row draws from its own `torch.Generator` (a seeded row gives the same text whatever shares its
