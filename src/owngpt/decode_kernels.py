@@ -35,6 +35,12 @@ copy pays.
 
 Weights on 2 MiB pages (`prefer_huge_pages`, set by the decode commands): 1.09x more per step at gpt2 size.
 
+Threads (gpt2 size, one row): on a quiet machine a second thread makes oneDNN's products 1.25x faster (13.9 ->
+11.1 ms), as it does llama.cpp's step (13.2 -> 10.6 ms); MKL's one-row product does not use it (21.1 -> 20.8 ms).
+When other work holds the cores, every two-thread step collapses (oneDNN's products 126 ms median vs 16 ms on one
+thread; llama.cpp 149 vs 20 ms; the `small` preset 355 vs 2.8 ms): a step waits for its slowest thread. Hence the
+rule already in owngpt.generation (small models decode on one thread) and `owngpt serve --threads`.
+
 Written by hand because transformers has no such switch for eager CPU inference. Its CPU route to speed is
 torch.compile with a static cache; measured here (gpt2 size, one thread, `generate(cache_implementation="static")` over
 a forward compiled by inductor with freezing): 38 s before the first token, then 25 tokens/s, no faster than eager
