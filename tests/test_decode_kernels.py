@@ -35,13 +35,19 @@ def tok():
     return fixtures.char_tokenizer()
 
 
-@pytest.fixture(params=["cache-resident", "streamed"])
+@pytest.fixture(params=["cache-resident", "streamed", "streamed head"])
 def weights_size(request, monkeypatch):
-    """Both kernel choices of pack_for_decode: a model that fits in the CPU's cache keeps an [in, out] copy for MKL
-    at one row; a larger one (the cache size pretended to be 0 here) uses oneDNN's packed weights for every row."""
+    """The kernel choices of pack_for_decode: a model that fits in the CPU's cache keeps an [in, out] copy for MKL
+    at one row; a larger one (the cache size pretended to be 0 here) uses oneDNN's packed weights for every row; and
+    small layers under a head too large for the cache (the cache pretended to hold the layers only)."""
     if request.param == "streamed":
         monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: 0)
+    if request.param == "streamed head":  # models() sets the size to the layers' bytes
+        monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: _LAYER_BYTES[0])
     return request.param
+
+
+_LAYER_BYTES = [0]
 
 
 def models(tok, arch, kv_heads=None):
@@ -55,6 +61,11 @@ def models(tok, arch, kv_heads=None):
         for name, p in ref.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+    from transformers.pytorch_utils import Conv1D
+
+    head = ref.get_output_embeddings()
+    linears = [m for m in ref.modules() if isinstance(m, (Conv1D, torch.nn.Linear)) and m is not head]
+    _LAYER_BYTES[0] = sum(m.weight.numel() for m in linears) * 4
     fast = copy.deepcopy(ref)
     return ref, fast, pack_for_decode(fast)
 
@@ -77,8 +88,10 @@ def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, a
 
     ref, fast, n = models(tok, arch)
     assert n > 0 and not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in fast.modules())
-    kept = {m.weight_io is not None for m in fast.modules() if type(m).__name__ == "PackedLinear"}
-    assert kept == {weights_size == "cache-resident"}
+    head = fast.get_output_embeddings()
+    kept = {m.weight_io is not None for m in fast.modules() if type(m).__name__ == "PackedLinear" and m is not head}
+    assert kept == {weights_size != "streamed"}
+    assert (head.weight_io is not None) == (weights_size == "cache-resident")
     for prompts in (PROMPTS[:1], PROMPTS):  # batch 1 and a batch of rows of different lengths (padding, masks)
         a = [r.token_ids for r in greedy(ref, tok, prompts)]
         b = [r.token_ids for r in greedy(fast, tok, prompts)]
