@@ -13,7 +13,8 @@ as the reference path's up to the order of the sums (logits equal to ~1e-6; test
 greedy tokens against the unpacked model).
 
 Which kernel at one row (bench/bench_decode_step.py; same run, medians, shared machine): a model whose projections
-fit in half the L3 cache (here 16 MiB: the `tiny` and `mini` presets) is bound by per-call overhead, not memory,
+fit in half the L3 cache (here 16 MiB: the `tiny` and `mini` presets; the LM head counted apart, see
+pack_for_decode) is bound by per-call overhead, not memory,
 and there MKL's sgemm on [in, out] (2-10 us a call) beats oneDNN's inner product (12-20 us): `tiny` with a char
 vocabulary 0.10 vs 0.30 ms for all its products, `mini` 0.30 vs 0.54; such models keep an [in, out] copy as well
 (a few MB) and `PackedLinear.kernel` picks it for one row. Bigger ones stream from memory, where oneDNN's layout
