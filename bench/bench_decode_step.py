@@ -3,6 +3,7 @@
     python bench/bench_decode_step.py                 # gpt2 size, batch 1, 1 and 2 threads, 7 interleaved repeats
     python bench/bench_decode_step.py --batch 8 --threads 1
     python bench/bench_decode_step.py --preset tiny --vocab 96 --threads 1   # a laptop-size char model
+    python bench/bench_decode_step.py --small-pages   # weights on 4 KiB pages (compare with a run without it)
 
 Prints milliseconds per token (median and minimum of interleaved repeats; nothing is written to the docs), for a
 random GPT-2 of an owngpt preset's shape (`--preset`, default `gpt2`: 124M):
@@ -156,10 +157,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1, help="rows per step")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch and llama.cpp thread counts")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median and minimum reported)")
+    ap.add_argument("--small-pages", action="store_true", help="do not ask torch for 2 MiB pages (owngpt's default)")
     args = ap.parse_args()
     from owngpt.decode_kernels import prefer_huge_pages
 
-    prefer_huge_pages()  # as owngpt's decode commands do, before torch's first allocation
+    if not args.small_pages:
+        prefer_huge_pages()  # as owngpt's decode commands do, before torch's first allocation
     import torch
     from transformers import GPT2Config
     from transformers.utils import logging as hf_logging
