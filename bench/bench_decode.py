@@ -6,8 +6,8 @@
 What runs (every contestant greedy, KV cache, exactly batch x new-tokens tokens, no early stop):
 - owngpt fp32: `owngpt.generation.generate_batch` (the decode engine `owngpt.engine` that the CLI, the chat, the API
   and the server share) on the model as `load_for_generation` prepares it (weights packed for oneDNN,
-  owngpt.decode_kernels);
-- owngpt fp32, reference kernels: the same engine on the unpacked model (what decode cost before the packing);
+  owngpt.decode_kernels; each cached step through the hand-written owngpt.decode_step);
+- owngpt fp32, reference kernels: the same engine on the unpacked model (transformers' forward, MKL's kernels);
 - owngpt int8: the engine on the int8 export of the same weights (owngpt.quantize: int8 weights, dynamic activations);
 - transformers `generate` on the unpacked fp32 model;
 - llama.cpp through llama-cpp-python's low-level API (one `llama_batch` holding every row, one sequence id per row),
@@ -188,7 +188,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.no_write = 8, 1, True
+    from owngpt.decode_kernels import prefer_huge_pages
 
+    prefer_huge_pages()  # as owngpt's decode commands do, before torch's first allocation (every torch contestant)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -346,7 +348,8 @@ def render(
         f"early stop, the same thread count for everyone; median of {args.repeats} alternating runs each. owngpt is "
         "`owngpt.generation.generate_batch`, the decode engine `owngpt.engine` behind `owngpt generate`, `chat`, the "
         "API and the server, on the model as `load_for_generation` prepares it (fp32 projections packed once for "
-        "oneDNN, owngpt.decode_kernels); *reference kernels* is the same engine on the unpacked model; int8 is "
+        "oneDNN, owngpt.decode_kernels, each cached step through owngpt.decode_step); *reference kernels* is the same "
+        "engine on the unpacked model (transformers' forward); int8 is "
         "`owngpt export --to int8` of the same weights. llama.cpp runs `owngpt export --to gguf` f32 of the same "
         "weights and llama.cpp's own q8_0 quantization of that file, batched through its C API (one `llama_batch`, "
         "a sequence id per row). *Bound* is the tokens/s the memory bandwidth allows: batch x copy bandwidth "

@@ -1,18 +1,22 @@
-"""The decode kernels (owngpt.decode_kernels): the packed fp32 path against the reference path on the same weights.
+"""The fast fp32 decode path (owngpt.decode_kernels' packed weights, owngpt.decode_step's hand-written step) against
+the reference path on the same weights.
 
-Oracle: the same model unpacked, decoding with the engine (greedy tokens must be equal) and a fresh full forward
-over the window each step used (logits equal up to the order of the sums).
+Oracle: the same model unpacked, decoding with the engine through transformers' forward (greedy tokens must be
+equal) and a fresh full forward over the window each step used (logits equal up to the order of the sums).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 import fixtures
+from owngpt import decode_kernels
 from owngpt.decode_kernels import pack_for_decode
+from owngpt.decode_step import decode_step_for
 from owngpt.engine import Decoder, Row, RowSettings, run_to_end
 
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we", "A", "KING " * 12]
@@ -31,40 +35,74 @@ def tok():
     return fixtures.char_tokenizer()
 
 
-def models(tok, arch):
+@pytest.fixture(params=["cache-resident", "streamed", "streamed head"])
+def weights_size(request, monkeypatch):
+    """The kernel choices of pack_for_decode: a model that fits in the CPU's cache keeps an [in, out] copy for MKL
+    at one row; a larger one (the cache size pretended to be 0 here) uses oneDNN's packed weights for every row; and
+    small layers under a head too large for the cache (the cache pretended to hold the layers only)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: 0)
+    if request.param == "streamed head":  # models() sets the size to the layers' bytes
+        monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: _LAYER_BYTES[0])
+    return request.param
+
+
+_LAYER_BYTES = [0]
+
+
+def models(tok, arch, kv_heads=None):
     ref = (fixtures.tiny_gpt2 if arch == "gpt2" else fixtures.tiny_llama)(tok, n_positions=64, n_embd=64, n_head=4)
+    if kv_heads is not None:  # grouped-query attention: fewer key/value heads than query heads, same random weights
+        cfg = copy.deepcopy(ref.config)
+        cfg.num_key_value_heads = kv_heads
+        torch.manual_seed(0)
+        ref = type(ref)(cfg).eval()
     with torch.no_grad():  # GPT-2 initialises biases to zero: random ones, so a dropped bias shows
         for name, p in ref.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+    from transformers.pytorch_utils import Conv1D
+
+    head = ref.get_output_embeddings()
+    linears = [m for m in ref.modules() if isinstance(m, (Conv1D, torch.nn.Linear)) and m is not head]
+    _LAYER_BYTES[0] = sum(m.weight.numel() for m in linears) * 4
     fast = copy.deepcopy(ref)
     return ref, fast, pack_for_decode(fast)
 
 
-def greedy(model, tok, prompts, trace=False):
-    rows = [Row(tok.encode(p), RowSettings(max_tokens=40, temperature=0)) for p in prompts]
+def greedy(model, tok, prompts, trace=False, **settings):
+    rows = [Row(tok.encode(p), RowSettings(**{"max_tokens": 40, "temperature": 0, **settings})) for p in prompts]
     for r in rows:
         r.trace = [] if trace else None
-    run_to_end(Decoder(model, tok, 24, shift=5), rows)
+    decoder = Decoder(model, tok, 24, shift=5)
+    # the packed model decodes through the hand-written step, the reference through transformers' forward
+    packed = any(type(m).__name__ == "PackedLinear" for m in model.modules())
+    assert (decoder._fast_step is not None) == packed
+    run_to_end(decoder, rows)
     return rows
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, arch):
+def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, arch, weights_size):
     from transformers.pytorch_utils import Conv1D
 
     ref, fast, n = models(tok, arch)
     assert n > 0 and not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in fast.modules())
+    head = fast.get_output_embeddings()
+    kept = {m.weight_io is not None for m in fast.modules() if type(m).__name__ == "PackedLinear" and m is not head}
+    assert kept == {weights_size != "streamed"}
+    assert (head.weight_io is not None) == (weights_size == "cache-resident")
     for prompts in (PROMPTS[:1], PROMPTS):  # batch 1 and a batch of rows of different lengths (padding, masks)
         a = [r.token_ids for r in greedy(ref, tok, prompts)]
         b = [r.token_ids for r in greedy(fast, tok, prompts)]
         assert a == b
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch):
-    ref, fast, _ = models(tok, arch)
-    for r in greedy(fast, tok, PROMPTS, trace=True):
+@pytest.mark.parametrize("arch,kv_heads", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1)])
+def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch, kv_heads, weights_size):
+    ref, fast, _ = models(tok, arch, kv_heads)
+    # one row alone (the one-row kernels), then rows of different lengths together
+    for r in greedy(fast, tok, PROMPTS[:1], trace=True) + greedy(fast, tok, PROMPTS, trace=True):
         assert len({s for s, _e, _lg in r.trace}) >= 3  # the window moved (re-fills went through the packed path)
         for s, e, logits in r.trace:
             with torch.no_grad():
@@ -95,3 +133,69 @@ def test_parameter_count_includes_packed_weights(tok):
 
     ref, fast, _ = models(tok, "gpt2")
     assert parameter_count(fast) == parameter_count(ref) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampled_rows_and_rows_joining_mid_batch_equal_the_reference(tok, arch, weights_size):
+    """Seeded sampling with every logits processor, and continuous batching: rows join a running batch (their
+    caches right-aligned, the fast step's padding mask) and leave it, as in the server."""
+    ref, fast, _ = models(tok, arch)
+    settings = {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2, "seed": 3}
+
+    def staggered(model):
+        decoder = Decoder(model, tok, 24, shift=5)
+        rows = [Row(tok.encode(p), RowSettings(max_tokens=12 + 5 * i, **settings)) for i, p in enumerate(PROMPTS)]
+        for i, r in enumerate(rows):
+            decoder.add(r)
+            for _ in range(3 + i):
+                decoder.step()
+        while decoder.active:
+            decoder.step()
+        return [r.token_ids for r in rows]
+
+    assert staggered(fast) == staggered(ref)
+    assert [r.token_ids for r in greedy(fast, tok, PROMPTS, **settings)] == [
+        r.token_ids for r in greedy(ref, tok, PROMPTS, **settings)
+    ]
+
+
+def test_the_hand_written_step_serves_only_models_it_implements(tok):
+    ref, fast, _ = models(tok, "gpt2")
+    assert decode_step_for(fast) is not None
+    assert decode_step_for(ref) is None  # unpacked: transformers' forward
+    odd = copy.deepcopy(ref)
+    odd.config.scale_attn_by_inverse_layer_idx = True  # a GPT-2 option the step does not implement
+    pack_for_decode(odd)
+    assert decode_step_for(odd) is None
+    assert Decoder(fast, tok, 24, use_cache=False)._fast_step is None  # no cache: every step a full forward
+    classifier = fixtures.tiny_gpt2(tok, task="classify")  # packable, but no LM head to decode with
+    assert pack_for_decode(classifier) > 0 and decode_step_for(classifier) is None
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_decode_commands_ask_torch_for_huge_pages_unless_the_user_chose(tiny_ckpt, monkeypatch, capsys, preset):
+    from owngpt.cli import main
+
+    if preset is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+    assert main(["generate", str(tiny_ckpt), "--prompt", "A", "--max-new-tokens", "2"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == (preset or "1")
+
+
+def test_llama_positions_past_the_rope_table_use_the_models_rotary_module(tok):
+    """The step's precomputed RoPE table covers max_position_embeddings; past it (a window beyond the table) the
+    model's own rotary module computes cos/sin per step. Both paths against a fresh reference forward."""
+    ref, fast, _ = models(tok, "llama")
+    row = Row(tok.encode(PROMPTS[1]), RowSettings(max_tokens=30, temperature=0))
+    row.trace = []
+    decoder = Decoder(fast, tok, 24, shift=5)
+    cos, sin = decoder._fast_step.table
+    decoder._fast_step.table = (cos[:12], sin[:12])  # steps at cache lengths >= 12 go through the module
+    run_to_end(decoder, [row])
+    assert {e - s for s, e, _lg in row.trace} & {11, 13, 20}  # both sides of the cut
+    for s, e, logits in row.trace:
+        with torch.no_grad():
+            want = ref(torch.tensor([row.ids[s:e]])).logits[0, -1]
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,36 @@ does to frozen weights), multiplied by `mkldnn._linear_pointwise` with fp32 accu
 as the reference path's up to the order of the sums (logits equal to ~1e-6; tests/test_decode_kernels.py checks
 greedy tokens against the unpacked model).
 
+Which kernel at one row (bench/bench_decode_step.py; same run, medians, shared machine): a model whose projections
+fit in half the L3 cache (here 16 MiB: the `tiny` and `mini` presets; the LM head counted apart, see
+pack_for_decode) is bound by per-call overhead, not memory,
+and there MKL's sgemm on [in, out] (2-10 us a call) beats oneDNN's inner product (12-20 us): `tiny` with a char
+vocabulary 0.10 vs 0.30 ms for all its products, `mini` 0.30 vs 0.54; such models keep an [in, out] copy as well
+(a few MB) and `PackedLinear.kernel` picks it for one row. Bigger ones stream from memory, where oneDNN's layout
+wins (`small` 1.81 vs 2.42 ms; `gpt2`, quiet machine, huge pages: 13.9 vs 21.1 ms on one thread, 11.1 vs 20.8 on
+two: MKL's one-row product does not use the second thread), and batches keep oneDNN (`mini`, 8 rows: 0.72 vs 0.95).
+Other kernels measured at gpt2 size and dropped: MKL's packed sgemm (`mkl._mkl_linear`, 20.8 ms), F.linear on
+[out, in] (27.7 ms), numpy's BLAS (slower still), oneDNN reordered for a batch-size hint of 1 (slower than no hint).
+
+The ceiling this sets: llama.cpp's whole f32 step on the same weights (its C API, same run) took 13.2 ms on one
+thread and 10.6 ms on two, so oneDNN's 49 products alone, with nothing around them, run at 0.95x llama.cpp's step
+on either thread count. No decode step built on torch's kernels reaches llama.cpp's batch-1 rate here; owngpt's
+(owngpt.decode_step) is within 5% of the products alone. At 8 rows the products cost about what one row does and
+owngpt is ahead (bench/bench_decode.py).
+
+The tied LM head (GPT-2, owngpt's LLaMA presets) is packed as a second copy of the embedding (+154 MB at gpt2 size):
+reading the embedding as stored ([V, C], MKL) costs 9.0 ms a step vs 3.9 ms packed (gpt2 size, one thread, out of
+~14.6 ms for the whole step), and a [C, V] copy the embedding could be read from (as a strided view) 5.4 ms: the
+copy pays.
+
+Weights on 2 MiB pages (`prefer_huge_pages`, set by the decode commands): 1.09x more per step at gpt2 size.
+
+Threads (gpt2 size, one row): on a quiet machine a second thread makes oneDNN's products 1.25x faster (13.9 ->
+11.1 ms), as it does llama.cpp's step (13.2 -> 10.6 ms); MKL's one-row product does not use it (21.1 -> 20.8 ms).
+When other work holds the cores, every two-thread step collapses (oneDNN's products 126 ms median vs 16 ms on one
+thread; llama.cpp 149 vs 20 ms; the `small` preset 355 vs 2.8 ms): a step waits for its slowest thread. Hence the
+rule already in owngpt.generation (small models decode on one thread) and `owngpt serve --threads`.
+
 Written by hand because transformers has no such switch for eager CPU inference. Its CPU route to speed is
 torch.compile with a static cache; measured here (gpt2 size, one thread, `generate(cache_implementation="static")` over
 a forward compiled by inductor with freezing): 38 s before the first token, then 25 tokens/s, no faster than eager
@@ -44,12 +74,22 @@ def _packing_available() -> bool:
 
 def _packed_linear_class():
     import torch
+    import torch.nn.functional as F
+
+    lp = torch.ops.mkldnn._linear_pointwise
+    # the post-ops a decode step fuses (oneDNN's names), and the same functions for MKL's path
+    post_ops = {
+        ("none", ""): lambda y: y,
+        ("gelu", "tanh"): lambda y: F.gelu(y, approximate="tanh"),
+        ("gelu", "none"): F.gelu,
+        ("swish", ""): F.silu,
+    }
 
     class PackedLinear(torch.nn.Module):
         """y = x @ W.T + b with W reordered once for oneDNN (inference only: no `.weight`, no gradients)."""
 
-        def __init__(self, weight: Any, bias: Any, tied: bool = False) -> None:  # weight [out, in] (nn.Linear)
-            super().__init__()
+        def __init__(self, weight: Any, bias: Any, tied: bool = False, keep_rows_layout: bool = False) -> None:
+            super().__init__()  # weight [out, in] (nn.Linear's layout)
             self.out_features, self.in_features = weight.shape
             # counted by parameter_count (the packed tensor is no parameter); a tied head's weight is still the
             # input embedding's parameter, counted there
@@ -58,14 +98,40 @@ def _packed_linear_class():
             # .to() and parameter counts never see it
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
             self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+            # [in, out] for MKL's sgemm, kept only for models that fit in the CPU's cache (see pack_for_decode)
+            self.weight_io = weight.detach().float().t().contiguous() if keep_rows_layout else None
 
         def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return lp(x, self.packed, self.bias, "none", [], "")
+
+        def kernel(self, one_row: bool, post: tuple[str, str] = ("none", "")) -> Any:
+            """A callable (B, in) -> (B, out) computing post(x W^T + b) with the fastest kernel here: MKL's sgemm on
+            [in, out] for one row of a cache-resident model (no oneDNN call overhead), else oneDNN on the packed
+            weight with the post-op fused."""
+            w, b = self.packed, self.bias
+            if one_row and self.weight_io is not None:
+                w_io, act = self.weight_io, post_ops[post]
+                if b is None:
+                    return lambda x: act(torch.mm(x, w_io))
+                return lambda x: act(torch.addmm(b, x, w_io))
+            attr, algorithm = post
+            return lambda x: lp(x, w, b, attr, [], algorithm)
 
         def extra_repr(self) -> str:
             return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
 
     return PackedLinear
+
+
+def cache_resident_bytes() -> int:
+    """Weight bytes below which a model's projections stay in the CPU's last-level cache between decode steps: half
+    the L3 (the rest holds activations, the KV cache, other processes' data), 16 MiB when the size is not known."""
+    try:
+        text = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()  # Linux: "32768K"
+        unit = {"K": 2**10, "M": 2**20}.get(text[-1:], 1)
+        return int(text.rstrip("KM")) * unit // 2
+    except (OSError, ValueError):
+        return 16 * 2**20
 
 
 def pack_for_decode(model: Any) -> int:
@@ -95,12 +161,39 @@ def pack_for_decode(model: Any) -> int:
         if weight.dtype != torch.float32:
             continue
         swaps.append((name, weight, mod.bias))
+    # Weights that stay in the cache between steps are bound by per-call overhead at one row, where MKL's sgemm
+    # (~2-10 us a call here) beats oneDNN's (~12-20 us): they keep an [in, out] copy too (a few MB). The LM head is
+    # counted apart: a large vocabulary's head streams from memory every step (oneDNN's), while the layers' small
+    # projections still gain from MKL (`tiny` with GPT-2's vocabulary: 0.67 vs 0.81 ms for all products, `mini`
+    # 1.32 vs 1.44; `small` 3.84 vs 3.52, so not there).
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    body = sum(w.numel() for n, w, _b in swaps if n != head_name) * 4
+    whole = sum(w.numel() for _n, w, _b in swaps) * 4
     with torch.no_grad():
         for name, weight, bias in swaps:
             parent, _, child = name.rpartition(".")
             tied = weight is tied_weight
-            setattr(model.get_submodule(parent) if parent else model, child, packed_cls(weight, bias, tied))
+            small = (whole if name == head_name else body) <= cache_resident_bytes()
+            module = packed_cls(weight, bias, tied, keep_rows_layout=small)
+            setattr(model.get_submodule(parent) if parent else model, child, module)
     return len(swaps)
+
+
+def prefer_huge_pages() -> None:
+    """Ask torch to back its large CPU tensors (the weights) with 2 MiB pages; call before torch's first allocation.
+
+    A decode step streams every weight once, and on 4 KiB pages that is a TLB miss every 4 KiB. torch madvises its
+    allocations of 2 MiB and more for transparent huge pages when THP_MEM_ALLOC_ENABLE=1 is set before its first
+    allocation (it reads the variable once). Measured here (gpt2 size, one thread, the 49 packed weights alone,
+    interleaved in one process): 14.39 ms a step on 4 KiB pages, 13.20 ms on huge pages (1.09x); in separate
+    processes 1.09-1.13x (minima). Collapsing the pages after packing instead (madvise MADV_COLLAPSE) gave the same
+    speed but cost ~2 s at load (the kernel copies 500 MB), so it is not done. Only a hint to the OS: where huge
+    pages are off (THP `never`) or not free, the weights stay on small pages. The decode commands (generate, chat,
+    serve) call it; API users may export the variable themselves. A value already set is kept."""
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def parameter_count(model: Any) -> int:

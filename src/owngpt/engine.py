@@ -22,7 +22,8 @@ that the logits equal a fresh forward pass over exactly that window.
 
 Rows of different lengths share one batched KV cache in preallocated buffers (`_SlotCache`: each row a slot, its
 tokens right-aligned, zeros on the left, masked); position ids are given explicitly (position 0 is the window's first
-token), so a row in a batch computes what it would alone.
+token), so a row in a batch computes what it would alone. A cached step of a packed fp32 GPT-2 or LLaMA on the CPU
+runs `owngpt.decode_step`'s hand-written step over these buffers; any other model runs its own forward.
 
 Sampling uses transformers' logits processors (repetition penalty, no-repeat n-grams, temperature, top-k, top-p)
 row by row, and each row draws from its own `torch.Generator` (a seeded row gives the same text whatever shares its
@@ -37,6 +38,8 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from owngpt.decode_step import decode_step_for
 
 log = logging.getLogger("owngpt.engine")
 
@@ -449,6 +452,8 @@ class Decoder:
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_arg(model)
         self._keeps_logits = _accepts(model, "logits_to_keep")
+        # a packed fp32 GPT-2 / LLaMA decodes through a hand-written step over the same weights (owngpt.decode_step)
+        self._fast_step = decode_step_for(model) if use_cache else None
 
     @property
     def active(self) -> int:
@@ -500,6 +505,24 @@ class Decoder:
         rows, c = self.rows, self._cache
         c.make_room(max(r.cached for r in rows))
         L = c.L
+        if self._fast_step is not None:
+            ids = torch.tensor([r.ids[-1] for r in rows], dtype=torch.long)  # (B,)
+            pos = torch.tensor([r.cached for r in rows], dtype=torch.long)  # (B,)
+            valid_from = None if all(r.cached == L for r in rows) else L - pos  # rows' first cached columns
+            logits = self._fast_step(ids, pos, c.k, c.v, len(rows), L, valid_from)
+        else:
+            logits = self._forward_one(rows, L)
+        c.L += 1
+        for r in rows:
+            r.cached += 1
+            r.window = (r.start, len(r.ids))
+        return logits
+
+    def _forward_one(self, rows: list[Row], L: int) -> Any:
+        """The model's own forward for one token per row over the batch cache (L columns): logits (B, V)."""
+        import torch
+
+        c = self._cache
         x = torch.tensor([[r.ids[-1]] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
         pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)  # (B, 1)
         mask = None  # no padding in the cache (every row as long as the batch): no mask, the fast attention path
@@ -509,10 +532,6 @@ class Decoder:
                 mask[i, L - r.cached :] = 1
         kw = {self._cache_kw: c.as_transformers_cache()}
         out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        c.L += 1
-        for r in rows:
-            r.cached += 1
-            r.window = (r.start, len(r.ids))
         return out.logits[:, -1]
 
     def _needs_refill(self, row: Row) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from owngpt.decode_kernels import prefer_huge_pages
 from owngpt.device import add_device_argument
 
 HELP = "talk to a checkpoint in the terminal"
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    prefer_huge_pages()  # weights on 2 MiB pages: set before torch's first allocation
     from owngpt.errors import ConfigError
 
     if args.candidates < 1:

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from owngpt.decode_kernels import prefer_huge_pages
 from owngpt.device import add_device_argument
 
 HELP = "generate text from a checkpoint"
@@ -77,6 +78,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    prefer_huge_pages()  # weights on 2 MiB pages: set before torch's first allocation
     from owngpt.errors import ConfigError
 
     if args.num_samples < 1:

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 
+from owngpt.decode_kernels import prefer_huge_pages
 from owngpt.device import add_device_argument
 
 HELP = "OpenAI-compatible HTTP server with a web chat page"
@@ -100,6 +101,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    prefer_huge_pages()  # weights on 2 MiB pages: set before torch's first allocation
     from owngpt.errors import ConfigError, require
 
     require("fastapi", "serve")

@@ -1,0 +1,265 @@
+"""One decode step of a packed fp32 GPT-2 or LLaMA model on the CPU, without transformers' per-module Python.
+
+What it is for: `owngpt.engine.Decoder` advances every row by one token per step; on a model that
+`owngpt.decode_kernels.pack_for_decode` has packed (fp32, CPU, GPT-2 or LLaMA) it calls `DecodeStep` instead of the
+model's forward. The step reads the same weights (the packed projections, the model's own embeddings and norms),
+writes each layer's new key and value straight into the engine's preallocated KV buffers (`engine._SlotCache`) and
+attends over them; the logits equal the model's forward up to the order of the sums (tests/test_decode_kernels.py:
+greedy tokens equal the unpacked model's, per-step logits equal a fresh forward over the window).
+
+Why by hand: at batch 1 a step is 49 matrix-vector products (gpt2 size) and, around them, transformers' forward:
+per-layer modules, a Cache object per step, attention masks built for any shape, the attention dispatch and output
+dataclasses, all Python per token. Measured on the 2-core target CPU (shared with other work: ratios of interleaved
+runs, medians; one thread):
+- the step alone (bench/bench_decode_step.py), this step vs transformers' forward on the same packed weights and
+  cache: gpt2 size 14.6 vs 16.7 ms on one thread, 11.8 vs 13.6 on two (quiet machine; the products alone take 13.9
+  and 11.1, llama.cpp's whole step 13.2 and 10.6: see owngpt.decode_kernels for that ceiling), `small` 2.1 vs
+  3.3 ms, `tiny` (char vocabulary) 0.30 vs 1.98 ms;
+- the engine end to end, greedy, 200 tokens, char vocabulary: `tiny` 3984 tokens/s vs 933 before this step (packed
+  weights through transformers' forward) and 1209 on the unpacked model; batch 8: 11782 vs 5115; `small` 488 vs 304;
+  gpt2 size (GPT-2 vocabulary, 64 tokens) 1.15x at batch 1, 1.06x at batch 8; LLaMA `tiny` 2965 vs 839 (1199
+  unpacked), `small` about 1.5x (542 vs 369 before the RoPE table and fused RMSNorm, which gave 1.21x at `tiny`,
+  1.03x at `small`).
+What did not pay and is not here: torch.compile of the step (see owngpt.decode_kernels: 38 s to the first token, no
+gain).
+
+What it is not: prefill (a prompt, a window re-fill) stays on the model's forward, whose cache the engine copies
+into its buffers; beam search stays with transformers' `generate`; other architectures, int8 models, unpacked
+models and GPT-2 options it does not implement (cross-attention, per-layer attention scaling, upcast attention)
+keep the model's forward (`decode_step_for` returns None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from owngpt.decode_kernels import PACKABLE_MODEL_TYPES
+
+
+def decode_step_for(model: Any) -> DecodeStep | None:
+    """A `DecodeStep` over `model`'s weights, or None when the model keeps its own forward (see the module doc)."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", None)
+    base = getattr(model, "transformer" if kind == "gpt2" else "model", None)
+    if kind not in PACKABLE_MODEL_TYPES or model.training or base is None or not hasattr(model, "lm_head"):
+        return None  # not a causal LM of a known layout (a classifier, a wrapper) or not in eval mode
+    # every projection packed (fp32 on the CPU, owngpt.decode_kernels): nothing else is read by the step
+    if not any(type(m).__name__ == "PackedLinear" for m in model.modules()):
+        return None
+    if any(isinstance(m, _plain_linears()) for m in model.modules()):
+        return None
+    if kind == "gpt2":
+        if (
+            getattr(cfg, "add_cross_attention", False)
+            or getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+            or getattr(cfg, "reorder_and_upcast_attn", False)
+        ):
+            return None
+        return _GPT2Step(model)
+    return _LlamaStep(model)
+
+
+def _plain_linears() -> tuple[type, ...]:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
+class DecodeStep:
+    """step(ids, pos, keys, values, rows, length, valid_from) -> logits (rows, V).
+
+    ids, pos: (B,) the last token of each row and its position in the window. keys/values: per layer the engine's
+    buffers (B_cap, H_kv, L_cap, D); columns [0, length) hold the rows' cached tokens, column `length` receives this
+    step's. valid_from: None when every row's cache fills all `length` columns, else (B,) the first valid column of
+    each row (its tokens are right-aligned; the columns on the left are padding and are masked).
+    """
+
+    def __call__(
+        self, ids: Any, pos: Any, keys: list[Any], values: list[Any], rows: int, length: int, valid_from: Any
+    ) -> Any:
+        raise NotImplementedError
+
+
+def _attend(q: Any, k: Any, v: Any, mask: Any, scale: float) -> Any:
+    """softmax(q k^T * scale + mask) v for one query row per sequence: q (B, H, 1, D), k and v (B, H_kv, L, D).
+
+    Several rows with as many key heads as query heads: two matmuls and a softmax, measured faster here than SDPA's
+    CPU kernel (8 rows, 12 heads of 64, one thread: 41 vs 48 us at 32 cached tokens, 241 vs 266 at 256, 3.3 vs 4.8 ms
+    at 1024); one row, or grouped-query heads: SDPA (8 vs 13 us at 32 tokens, even at 1024)."""
+    import torch
+    import torch.nn.functional as F
+
+    if q.shape[0] > 1 and k.shape[1] == q.shape[1]:
+        w = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, 1, L)
+        if mask is not None:
+            w = w.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(w, dim=-1), v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class _GPT2Step(DecodeStep):
+    def __init__(self, model: Any) -> None:
+        import torch.nn.functional as F
+
+        t = model.transformer
+        cfg = model.config
+        self.F = F
+        self.wte, self.wpe = t.wte.weight, t.wpe.weight
+        self.eps = cfg.layer_norm_epsilon
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        self.ln = [((b.ln_1.weight, b.ln_1.bias), (b.ln_2.weight, b.ln_2.bias)) for b in t.h]
+        self.ln_f = (t.ln_f.weight, t.ln_f.bias)
+        # gelu_new (GPT-2's) is the tanh approximation written as seven tensor ops; here the kernel applies the same
+        # function to the c_fc product (oneDNN as a post-op, as it writes it), equal to ~1e-7 (the tests check the
+        # logits against the model's forward)
+        fused = {"gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
+        post = fused.get(cfg.activation_function)
+        act = t.h[0].mlp.act
+
+        def kernels(one_row: bool) -> list[tuple[Any, ...]]:
+            out = []
+            for b in t.h:
+                if post is not None:
+                    fc = b.mlp.c_fc.kernel(one_row, post)
+                else:
+                    fc = _then(b.mlp.c_fc.kernel(one_row), act)
+                out.append(
+                    (b.attn.c_attn.kernel(one_row), b.attn.c_proj.kernel(one_row), fc, b.mlp.c_proj.kernel(one_row))
+                )
+            return out
+
+        # the kernels for one row and for several (owngpt.decode_kernels.PackedLinear.kernel)
+        self.layers = {False: kernels(False), True: kernels(True)}
+        self.head = {False: model.lm_head.kernel(False), True: model.lm_head.kernel(True)}
+
+    def __call__(self, ids, pos, keys, values, rows, length, valid_from):
+        F = self.F
+        B, H, D = rows, self.n_head, self.head_dim
+        C = H * D
+        eps = self.eps
+        mask = _padding_mask(valid_from, length)
+        h = F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)  # (B, C)
+        for i, ((ln1, ln2), (c_attn, c_proj, c_fc, m_proj)) in enumerate(zip(self.ln, self.layers[B == 1])):
+            qkv = c_attn(F.layer_norm(h, (C,), ln1[0], ln1[1], eps)).view(B, 3, H, 1, D)  # q, k, v of every head
+            k_buf, v_buf = keys[i], values[i]
+            k_buf[:B, :, length : length + 1] = qkv[:, 1]
+            v_buf[:B, :, length : length + 1] = qkv[:, 2]
+            o = _attend(qkv[:, 0], k_buf[:B, :, : length + 1], v_buf[:B, :, : length + 1], mask, self.scale)
+            h = h + c_proj(o.view(B, C))
+            h = h + m_proj(c_fc(F.layer_norm(h, (C,), ln2[0], ln2[1], eps)))
+        return self.head[B == 1](F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
+
+
+class _LlamaStep(DecodeStep):
+    def __init__(self, model: Any) -> None:
+        import torch.nn.functional as F
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        m = model.model
+        cfg = model.config
+        self.F = F
+        self.embed = m.embed_tokens.weight
+        self.rotary = m.rotary_emb  # the model's own rotary embedding (its RoPE scaling)
+        self.rope = apply_rotary_pos_emb
+        # Default RoPE depends on the position only: its cos/sin for every position computed once by the model's own
+        # module (the same elementwise arithmetic as per step), and applied as x cos + roll(x, D/2) sin', where sin'
+        # carries rotate_half's sign: 4 tensor ops a projection instead of transformers' 7 (rotate_half's slices,
+        # negation and concatenation)
+        self.table: tuple[Any, Any] | None = None
+        if getattr(self.rotary, "rope_type", None) == "default":
+            import torch
+
+            n = int(cfg.max_position_embeddings)
+            with torch.no_grad():
+                cos, sin = self.rotary(self.embed[:1], torch.arange(n).view(1, n))  # (1, n, D)
+            half = sin.shape[-1] // 2
+            self.table = (cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1))
+        self.n_head = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.norms = [
+            (
+                (b.input_layernorm.weight, b.input_layernorm.variance_epsilon),
+                (b.post_attention_layernorm.weight, b.post_attention_layernorm.variance_epsilon),
+            )
+            for b in m.layers
+        ]
+        self.norm = (m.norm.weight, m.norm.variance_epsilon)
+        # SiLU (LLaMA's) applied by the kernel to the gate product (oneDNN's "swish" post-op, equal to ~1e-6 relative)
+        silu = getattr(cfg, "hidden_act", None) == "silu"
+        act = m.layers[0].mlp.act_fn
+
+        def kernels(one_row: bool) -> list[tuple[Any, ...]]:
+            out = []
+            for b in m.layers:
+                a, p = b.self_attn, b.mlp
+                gate = p.gate_proj.kernel(one_row, ("swish", "")) if silu else _then(p.gate_proj.kernel(one_row), act)
+                projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+                out.append(
+                    (
+                        *(x.kernel(one_row) for x in projections),
+                        gate,
+                        p.up_proj.kernel(one_row),
+                        p.down_proj.kernel(one_row),
+                    )
+                )
+            return out
+
+        self.layers = {False: kernels(False), True: kernels(True)}
+        self.head = {False: model.lm_head.kernel(False), True: model.lm_head.kernel(True)}
+
+    def __call__(self, ids, pos, keys, values, rows, length, valid_from):
+        F = self.F
+        B, H, Hkv, D = rows, self.n_head, self.n_kv, self.head_dim
+        mask = _padding_mask(valid_from, length)
+        h = F.embedding(ids, self.embed)  # (B, C)
+        table = self.table if self.table is not None and length < len(self.table[0]) else None
+        if table is not None:  # positions <= length: inside the table
+            cos, sin = table[0][pos].view(B, 1, 1, D), table[1][pos].view(B, 1, 1, D)
+        else:
+            cos, sin = self.rotary(h, pos.view(B, 1))  # (B, 1, D)
+        for i, ((n1, n2), (q_proj, k_proj, v_proj, o_proj, gate, up, down)) in enumerate(
+            zip(self.norms, self.layers[B == 1])
+        ):
+            a = _rms_norm(h, *n1)
+            q, k = q_proj(a).view(B, H, 1, D), k_proj(a).view(B, Hkv, 1, D)
+            if table is not None:
+                q = q * cos + q.roll(D // 2, -1) * sin
+                k = k * cos + k.roll(D // 2, -1) * sin
+            else:
+                q, k = self.rope(q, k, cos, sin)
+            k_buf, v_buf = keys[i], values[i]
+            k_buf[:B, :, length : length + 1] = k
+            v_buf[:B, :, length : length + 1] = v_proj(a).view(B, Hkv, 1, D)
+            o = _attend(q, k_buf[:B, :, : length + 1], v_buf[:B, :, : length + 1], mask, self.scale)
+            h = h + o_proj(o.view(B, H * D))
+            m = _rms_norm(h, *n2)
+            h = h + down(gate(m) * up(m))
+        return self.head[B == 1](_rms_norm(h, *self.norm))
+
+
+def _then(kernel: Any, act: Any) -> Any:
+    """kernel followed by an activation the kernels cannot fuse (the model's own module)."""
+    return lambda x: act(kernel(x))
+
+
+def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """LlamaRMSNorm's arithmetic (fp32 throughout here) in torch's one fused op (bitwise equal to it here, 2x faster
+    at these sizes)."""
+    import torch.nn.functional as F
+
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def _padding_mask(valid_from: Any, length: int) -> Any:
+    """None, or a boolean (B, 1, 1, length + 1) mask: row b attends to columns valid_from[b] .. length."""
+    if valid_from is None:
+        return None
+    import torch
+
+    cols = torch.arange(length + 1, device=valid_from.device)
+    return (cols.unsqueeze(0) >= valid_from.unsqueeze(1)).view(len(valid_from), 1, 1, length + 1)
