@@ -199,3 +199,45 @@ def test_llama_positions_past_the_rope_table_use_the_models_rotary_module(tok):
         with torch.no_grad():
             want = ref(torch.tensor([row.ids[s:e]])).logits[0, -1]
         torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_models_decode_through_the_step_as_through_their_forward(tok, arch):
+    """An int8 model (owngpt.quantize's Int8Linear projections, int8 embedding looked up by its module) takes the
+    hand-written step; oracle: the same int8 model decoding through transformers' forward (the step disabled), whose
+    per-step logits it must equal (the same int8 op on the same rows) and so its greedy and sampled tokens."""
+    from owngpt.decode_kernels import parameter_count
+    from owngpt.quantize import quantize_model
+
+    ref, _fast, _ = models(tok, arch)
+    int8 = quantize_model(copy.deepcopy(ref)).eval()
+    assert abs(parameter_count(int8) - parameter_count(ref)) < 0.02 * parameter_count(ref)  # weights, not biases
+
+    def run(step_on, prompts, **settings):
+        rows = [Row(tok.encode(p), RowSettings(**{"max_tokens": 30, "temperature": 0, **settings})) for p in prompts]
+        for r in rows:
+            r.trace = []
+        decoder = Decoder(int8, tok, 24, shift=5)
+        assert decoder._fast_step is not None
+        if not step_on:
+            decoder._fast_step = None
+        run_to_end(decoder, rows)
+        return rows
+
+    # One row: the same int8 op on the same fp32 inputs, so equal logits. Several rows: the step's fp32 attention
+    # (matmuls where transformers calls SDPA) differs in the last bits, and an int8 activation (one scale per call,
+    # over all rows) can round one step the other way: ~1e-3 on these logits, so the bound there is 1e-2 (a wrong
+    # weight, position or mask moves them by ~1).
+    cases = (
+        (PROMPTS[:1], {}, 1e-6),
+        (PROMPTS, {}, 1e-2),
+        (PROMPTS, {"temperature": 0.8, "top_k": 20, "seed": 3}, 1e-2),
+    )
+    for prompts, settings, tol in cases:
+        a, b = run(True, prompts, **settings), run(False, prompts, **settings)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+        for ra, rb in zip(a, b):
+            assert len(ra.trace) == len(rb.trace) > 10
+            for (sa, ea, la), (sb, eb, lb) in zip(ra.trace, rb.trace):
+                assert (sa, ea) == (sb, eb)
+                torch.testing.assert_close(la, lb, rtol=0, atol=tol)

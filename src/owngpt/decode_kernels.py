@@ -199,4 +199,5 @@ def prefer_huge_pages() -> None:
 def parameter_count(model: Any) -> int:
     """The model's parameter count, packed weights included (they are not torch parameters any more)."""
     n = sum(p.numel() for p in model.parameters())
-    return n + sum(getattr(m, "weight_numel", 0) for m in model.modules() if type(m).__name__ == "PackedLinear")
+    packed = ("PackedLinear", "Int8Linear")  # Int8Linear: owngpt.quantize's int8 projection, its weight packed too
+    return n + sum(getattr(m, "weight_numel", 0) for m in model.modules() if type(m).__name__ in packed)

@@ -20,12 +20,16 @@ runs, medians; one thread):
   gpt2 size (GPT-2 vocabulary, 64 tokens) 1.15x at batch 1, 1.06x at batch 8; LLaMA `tiny` 2965 vs 839 (1199
   unpacked), `small` about 1.5x (542 vs 369 before the RoPE table and fused RMSNorm, which gave 1.21x at `tiny`,
   1.03x at `small`).
+int8 models (owngpt.quantize's `Int8Linear`) go through the same step: their projections offer the same `.kernel()`
+callable, and the int8 embedding is looked up through its module. At gpt2 size, one thread, shared machine: 6.4 vs
+9.1 ms a step at batch 1 against transformers' forward over the same int8 modules (bench/bench_int8_kernels.py
+--decode); one row's logits equal that forward's exactly (tests/test_decode_kernels.py).
 What did not pay and is not here: torch.compile of the step (see owngpt.decode_kernels: 38 s to the first token, no
 gain).
 
 What it is not: prefill (a prompt, a window re-fill) stays on the model's forward, whose cache the engine copies
-into its buffers; beam search stays with transformers' `generate`; other architectures, int8 models, unpacked
-models and GPT-2 options it does not implement (cross-attention, per-layer attention scaling, upcast attention)
+into its buffers; beam search stays with transformers' `generate`; other architectures, unpacked models and
+GPT-2 options it does not implement (cross-attention, per-layer attention scaling, upcast attention)
 keep the model's forward (`decode_step_for` returns None).
 """
 
@@ -43,8 +47,9 @@ def decode_step_for(model: Any) -> DecodeStep | None:
     base = getattr(model, "transformer" if kind == "gpt2" else "model", None)
     if kind not in PACKABLE_MODEL_TYPES or model.training or base is None or not hasattr(model, "lm_head"):
         return None  # not a causal LM of a known layout (a classifier, a wrapper) or not in eval mode
-    # every projection packed (fp32 on the CPU, owngpt.decode_kernels): nothing else is read by the step
-    if not any(type(m).__name__ == "PackedLinear" for m in model.modules()):
+    # every projection packed (fp32 on the CPU, owngpt.decode_kernels) or int8 (owngpt.quantize's Int8Linear): both
+    # give the step a plain callable per projection (`.kernel()`), nothing else is read by the step
+    if not any(type(m).__name__ in STEP_KERNEL_MODULES for m in model.modules()):
         return None
     if any(isinstance(m, _plain_linears()) for m in model.modules()):
         return None
@@ -57,6 +62,23 @@ def decode_step_for(model: Any) -> DecodeStep | None:
             return None
         return _GPT2Step(model)
     return _LlamaStep(model)
+
+
+# the projection modules whose `.kernel(one_row, post)` the step calls: owngpt.decode_kernels' packed fp32 ones and
+# owngpt.quantize's int8 ones (the same contract)
+STEP_KERNEL_MODULES = frozenset({"PackedLinear", "Int8Linear"})
+
+
+def _embedding(module: Any) -> Any:
+    """ids (B,) -> rows (B, C): F.embedding on an fp32 table (no module call per step), else the module itself (an
+    int8 embedding has no fp32 `.weight`; its forward dequantizes the rows it looks up)."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(module, torch.nn.Embedding):
+        weight = module.weight
+        return lambda ids: F.embedding(ids, weight)
+    return module
 
 
 def _plain_linears() -> tuple[type, ...]:
@@ -105,7 +127,8 @@ class _GPT2Step(DecodeStep):
         t = model.transformer
         cfg = model.config
         self.F = F
-        self.wte, self.wpe = t.wte.weight, t.wpe.weight
+        self.tokens = _embedding(t.wte)  # fp32 table, or the int8 model's rows dequantized on lookup
+        self.wpe = t.wpe.weight
         self.eps = cfg.layer_norm_epsilon
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -141,7 +164,7 @@ class _GPT2Step(DecodeStep):
         C = H * D
         eps = self.eps
         mask = _padding_mask(valid_from, length)
-        h = F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)  # (B, C)
+        h = self.tokens(ids) + F.embedding(pos, self.wpe)  # (B, C)
         for i, ((ln1, ln2), (c_attn, c_proj, c_fc, m_proj)) in enumerate(zip(self.ln, self.layers[B == 1])):
             qkv = c_attn(F.layer_norm(h, (C,), ln1[0], ln1[1], eps)).view(B, 3, H, 1, D)  # q, k, v of every head
             k_buf, v_buf = keys[i], values[i]
@@ -161,7 +184,7 @@ class _LlamaStep(DecodeStep):
         m = model.model
         cfg = model.config
         self.F = F
-        self.embed = m.embed_tokens.weight
+        self.tokens = _embedding(m.embed_tokens)  # fp32 table, or the int8 model's rows dequantized on lookup
         self.rotary = m.rotary_emb  # the model's own rotary embedding (its RoPE scaling)
         self.rope = apply_rotary_pos_emb
         # Default RoPE depends on the position only: its cos/sin for every position computed once by the model's own
@@ -174,7 +197,9 @@ class _LlamaStep(DecodeStep):
 
             n = int(cfg.max_position_embeddings)
             with torch.no_grad():
-                cos, sin = self.rotary(self.embed[:1], torch.arange(n).view(1, n))  # (1, n, D)
+                cos, sin = self.rotary(
+                    m.norm.weight[None, None], torch.arange(n).view(1, n)
+                )  # (1, n, D); x for dtype, device
             half = sin.shape[-1] // 2
             self.table = (cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1))
         self.n_head = cfg.num_attention_heads
@@ -213,10 +238,9 @@ class _LlamaStep(DecodeStep):
         self.head = {False: model.lm_head.kernel(False), True: model.lm_head.kernel(True)}
 
     def __call__(self, ids, pos, keys, values, rows, length, valid_from):
-        F = self.F
         B, H, Hkv, D = rows, self.n_head, self.n_kv, self.head_dim
         mask = _padding_mask(valid_from, length)
-        h = F.embedding(ids, self.embed)  # (B, C)
+        h = self.tokens(ids)  # (B, C)
         table = self.table if self.table is not None and length < len(self.table[0]) else None
         if table is not None:  # positions <= length: inside the table
             cos, sin = table[0][pos].view(B, 1, 1, D), table[1][pos].view(B, 1, 1, D)

@@ -22,7 +22,7 @@ that the logits equal a fresh forward pass over exactly that window.
 
 Rows of different lengths share one batched KV cache in preallocated buffers (`_SlotCache`: each row a slot, its
 tokens right-aligned, zeros on the left, masked); position ids are given explicitly (position 0 is the window's first
-token), so a row in a batch computes what it would alone. A cached step of a packed fp32 GPT-2 or LLaMA on the CPU
+token), so a row in a batch computes what it would alone. A cached step of a packed fp32 or an int8 GPT-2 or LLaMA on the CPU
 runs `owngpt.decode_step`'s hand-written step over these buffers; any other model runs its own forward.
 
 Sampling uses transformers' logits processors (repetition penalty, no-repeat n-grams, temperature, top-k, top-p)
@@ -452,7 +452,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_arg(model)
         self._keeps_logits = _accepts(model, "logits_to_keep")
-        # a packed fp32 GPT-2 / LLaMA decodes through a hand-written step over the same weights (owngpt.decode_step)
+        # a packed fp32 or int8 GPT-2 / LLaMA decodes through a hand-written step over the same weights (owngpt.decode_step)
         self._fast_step = decode_step_for(model) if use_cache else None
 
     @property
