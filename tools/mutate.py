@@ -96,6 +96,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "serve/engine": ["tests/test_mutation_kills_serve.py", "tests/test_serve.py", "tests/test_frontends.py"],
     "data/prepare": [
+        "tests/test_mutation_kills_prepare.py",  # the contract: bounds, report and meta counts, refusals, progress
         "tests/test_mutation_kills_data.py",
         "tests/test_hostile_inputs.py::test_safe_pieces_tokenize_exactly_as_the_whole",
         "tests/test_split_scales_weights.py::test_the_validation_documents_depend_on_the_seed_and_only_on_it",
