@@ -81,6 +81,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_chat_render_parity.py",
     ],
     "generation": [
+        "tests/test_mutation_kills_generation_contract.py",  # bounds, flags, unescape, results, batched beams
         "tests/test_mutation_kills_generation.py",
         "tests/test_engine.py::test_loading_for_generation_prints_no_progress_bars",
         "tests/test_generate.py",
