@@ -104,6 +104,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_prepare.py",
     ],
     "data/datadir": [
+        "tests/test_mutation_kills_datadir.py",  # every check open_data_dir makes, the accessors, the writers
         "tests/test_mutation_kills_data.py",
         "tests/test_hostile_inputs.py::test_a_damaged_data_dir_is_refused",
         "tests/test_hostile_inputs.py::test_an_intact_data_dir_passes_every_check",
