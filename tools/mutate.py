@@ -95,7 +95,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_engine.py",
         "tests/test_generate.py",
     ],
-    "serve/engine": ["tests/test_mutation_kills_serve.py", "tests/test_serve.py", "tests/test_frontends.py"],
+    "serve/engine": [
+        "tests/test_mutation_kills_serve_contract.py",  # stats, defaults, continuous batching, failures, classifier
+        "tests/test_mutation_kills_serve.py",
+        "tests/test_serve.py",
+        "tests/test_frontends.py",
+    ],
     "data/prepare": [
         "tests/test_mutation_kills_prepare.py",  # the contract: bounds, report and meta counts, refusals, progress
         "tests/test_mutation_kills_data.py",
