@@ -268,6 +268,10 @@ def test_what_is_not_a_data_dir_is_named(made, tmp_path):
     _refused(d, f"{d / 'meta.json'} is unreadable (")
     (d / "meta.json").write_text("[1, 2]", encoding="utf-8")
     _refused(d, f"{d / 'meta.json'} is not a JSON object")
+    # the smallest vocabulary meta.json may record is one token (its ids are checked against it on verify)
+    d1 = _copy(made, "lm", tmp_path / "one-token")
+    _edit_meta(d1, lambda m: m["tokenizer"].update(vocab_size=1))
+    assert open_data_dir(d1, verify=False).vocab_size == 1
     # version 0 (written before the field existed) and the current version are read
     for version in (0, datadir.VERSION):
         d2 = _copy(made, "chat", tmp_path / f"v{version}")
@@ -323,6 +327,9 @@ def test_empty_and_missing_splits(made, tmp_path):
     assert not open_data_dir(c, verify=False).has_split("val")
     _edit_meta(c, lambda m: m["splits"]["val"].pop("examples"))
     assert not open_data_dir(c, verify=False).has_split("val")  # no count recorded: nothing to read
+    _edit_meta(c, lambda m: m["splits"]["val"].update(examples=1))
+    assert open_data_dir(c, verify=False).has_split("val")  # one example is a split
+    _edit_meta(c, lambda m: m["splits"]["val"].pop("examples"))
     (c / "val.idx.npy").unlink()
     data = open_data_dir(c)  # a split without its index is left to the reader that needs it
     with pytest.raises(DataError, match=r"val\.idx\.npy is missing: the data dir is incomplete"):

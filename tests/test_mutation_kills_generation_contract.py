@@ -313,3 +313,58 @@ def test_a_prompt_cancelled_during_beam_search_keeps_the_beam_it_had(lm):
     assert second.token_ids == short.token_ids and tok.pad_token_id not in second.token_ids
     (alone,) = generate_batch(lm.model, tok, [a], p, eos_token_ids=[])
     assert (first.token_ids, first.finish_reason) == (alone.token_ids, "length")
+
+
+def test_the_generation_config_takes_every_field_from_the_settings_never_from_the_checkpoint(lm):
+    # transformers fills a GenerationConfig's unset fields from the checkpoint's generation_config.json: a Hub model
+    # may ship sampling, penalties, no cache. Every field generation_config sets must come from the settings (or
+    # transformers' neutral values), whatever the checkpoint saved.
+    from owngpt.generation import generation_config
+
+    saved = lm.model.generation_config
+    keep = saved.to_dict()
+    try:
+        for k, v in dict(do_sample=True, temperature=5.0, top_k=3, top_p=0.5, repetition_penalty=2.0,
+                         no_repeat_ngram_size=4, use_cache=False, num_beams=5, max_new_tokens=7,
+                         early_stopping=False, length_penalty=3.0, bos_token_id=11).items():  # fmt: skip
+            setattr(saved, k, v)
+        tok = lm.tokenizer
+        beam = SamplingParams(max_new_tokens=9, temperature=0.7, top_k=4, top_p=0.9, repetition_penalty=1.2,
+                              no_repeat_ngram_size=2, num_beams=3, num_return_sequences=2)  # fmt: skip
+        g = generation_config(lm.model, tok, beam, [5, 6])
+        assert (g.max_new_tokens, g.num_beams, g.num_return_sequences) == (9, 3, 2)
+        assert (g.do_sample, g.temperature, g.top_k, g.top_p) == (True, 0.7, 4, 0.9)
+        assert (g.repetition_penalty, g.no_repeat_ngram_size, g.use_cache) == (1.2, 2, True)
+        assert (g.early_stopping, g.length_penalty) == (True, 1.0)
+        assert g.eos_token_id == [5, 6] and g.pad_token_id == tok.pad_token_id and g.bos_token_id == 11
+        greedy = generation_config(lm.model, tok, SamplingParams(max_new_tokens=4, temperature=0), [])
+        assert (greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p) == (False, 1.0, 50, 1.0)
+        assert greedy.num_beams == 1 and greedy.use_cache is True and greedy.eos_token_id == []
+        # without a pad token: the first end token pads, and without either, id 0
+        pad = tok.pad_token
+        tok.pad_token = None
+        try:
+            assert generation_config(lm.model, tok, beam, [5, 6]).pad_token_id == 5
+            assert generation_config(lm.model, tok, beam, []).pad_token_id == 0
+        finally:
+            tok.pad_token = pad
+    finally:
+        for k, v in keep.items():
+            if hasattr(saved, k):
+                setattr(saved, k, v)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_streamed_pieces_are_never_empty_and_join_to_each_rows_text(lm, num_beams):
+    from owngpt.generation import generate_batch
+
+    tok = lm.tokenizer
+    pieces: dict[int, list[str]] = {}
+    p = SamplingParams(max_new_tokens=15, temperature=0 if num_beams > 1 else 1.0, seed=1, num_beams=num_beams,
+                       num_return_sequences=2)  # fmt: skip
+    results = generate_batch(lm.model, tok, [tok.encode("KING"), tok.encode("O")], p,
+                             streamer_callback=lambda i, s: pieces.setdefault(i, []).append(s),
+                             eos_token_ids=[])  # fmt: skip
+    assert all(s for ps in pieces.values() for s in ps)
+    for r in results:
+        assert "".join(pieces.get(r.index, [])) == r.text
