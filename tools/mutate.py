@@ -62,6 +62,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_train.py::test_chat_and_mmi_train_with_the_chat_template",
     ],
     "tasks/classify": [
+        "tests/test_mutation_kills_classify.py",  # settings, predictions alone in eval mode, metrics, EOS readout
         "tests/test_mutation_kills_tasks.py",
         "tests/test_split_scales_weights.py::test_balanced_weights_with_an_absent_class_match_sklearn_on_the_classes_present",
         "tests/test_classify.py",
