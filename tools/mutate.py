@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The two-process torchrun tests are left out: a few minutes per mutant on two cores.
 MODULES: dict[str, list[str]] = {
     "train": [
+        "tests/test_mutation_kills_train_loop.py",  # the run record, best and last, overwrite, resume, generation config
         "tests/test_mutation_kills_train.py",
         "tests/test_train_oracles.py",
         "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
@@ -90,6 +91,7 @@ MODULES: dict[str, list[str]] = {
     ],
     # the one decode engine (rows, sampling through transformers' processors, stop strings, the window)
     "engine": [
+        "tests/test_mutation_kills_engine_contract.py",  # default shift, a wide head past the cache, a failed step
         "tests/test_mutation_kills_engine.py",
         "tests/test_decode_stream.py",
         "tests/test_sampling_oracles.py",

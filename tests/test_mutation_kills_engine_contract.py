@@ -1,0 +1,83 @@
+"""The decode engine's contract, written against the classes of mutants that survived in engine (#25): the default
+window shift, the batch cache past its first capacity when a head is wider than that capacity, and what a failed
+step leaves behind. Oracles: each row decoded alone, the module docstring's window rule, the rows handed in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fixtures
+from owngpt.engine import Decoder, Row, RowSettings, default_shift, run_to_end
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fixtures.char_tokenizer()
+
+
+@pytest.mark.parametrize("context", [1, 3, 4, 20, 41])
+def test_the_default_shift_is_a_quarter_of_the_context(context):
+    assert default_shift(context) == max(1, context // 4)
+
+
+def test_a_window_moves_by_a_quarter_of_the_context_by_default(tok):
+    # without `shift`, a window that reaches the context keeps its last context - context // 4 + 1 tokens
+    model = fixtures.tiny_gpt2(tok, n_positions=64)
+    row = Row(tok.encode("ROMEO:"), RowSettings(max_tokens=60, temperature=0))
+    row.trace = []
+    run_to_end(Decoder(model, tok, 20), [row])
+    lengths = [e - s for s, e, _ in row.trace]
+    assert max(lengths) == 20 and min(lengths[20:]) == 20 - 20 // 4 + 1
+
+
+def test_a_head_wider_than_the_first_cache_capacity_decodes_past_it(tok):
+    # two rows of one token, one head of 128 dimensions, 80 tokens in a context of 100: the batch cache's first 64
+    # columns fill while every column is still in both windows, so it must grow (oracle: each row without a cache)
+    model = fixtures.tiny_gpt2(tok, n_layer=1, n_embd=128, n_head=1, n_positions=128)
+
+    def rows():
+        return [Row(tok.encode(p), RowSettings(max_tokens=80, temperature=0)) for p in ("A", "K")]
+
+    cached, plain = rows(), rows()
+    run_to_end(Decoder(model, tok, 100), cached)
+    for r in plain:
+        run_to_end(Decoder(model, tok, 100, use_cache=False), [r])
+    assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
+    assert all(len(r.token_ids) == 80 for r in cached)
+
+
+def test_a_failed_step_ends_every_row_it_held_with_the_error(tok, monkeypatch):
+    # rows decoding, rows just added (prefilled in the failing step): fail() ends them all with the message, returns
+    # them, and leaves the decoder empty for the next rows
+    model = fixtures.tiny_gpt2(tok, n_positions=64)
+    d = Decoder(model, tok, 64)
+    running = [Row(tok.encode(p), RowSettings(max_tokens=20, temperature=0)) for p in ("KING", "QUEEN")]
+    for r in running:
+        d.add(r)
+    d.step()
+    new = Row(tok.encode("Romeo"), RowSettings(max_tokens=20, temperature=0))
+    d.add(new)
+
+    def boom(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(RuntimeError):
+        d.step()
+    ended = d.fail("generation failed: RuntimeError: boom")
+    assert sorted(map(id, ended)) == sorted(map(id, [*running, new]))
+    assert all((r.finish_reason, r.error) == ("error", "generation failed: RuntimeError: boom") for r in ended)
+    assert d.active == 0
+    monkeypatch.undo()
+    later = Row(tok.encode("KING"), RowSettings(max_tokens=3, temperature=0))
+    run_to_end(d, [later])
+    assert later.finish_reason == "length" and len(later.token_ids) == 3
