@@ -81,3 +81,59 @@ def test_a_failed_step_ends_every_row_it_held_with_the_error(tok, monkeypatch):
     later = Row(tok.encode("KING"), RowSettings(max_tokens=3, temperature=0))
     run_to_end(d, [later])
     assert later.finish_reason == "length" and len(later.token_ids) == 3
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_a_decoding_context_cut_inside_a_character_keeps_its_whole_characters(window):
+    # The stream decodes each new token after the prompt's last few tokens. Cut inside a character made of byte
+    # tokens, those leading bytes are dropped and the rest of the context kept: with a SentencePiece-style decoder
+    # (LLaMA's: "▁" is a space, the text's first space stripped) the context decides whether a word starts with a
+    # space. Oracle: the tokenizer's decode() of the kept context and the new token.
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from owngpt.engine import IncrementalDecoder
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, "x": 258, "▁world": 259}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>")
+    context = [vocab["<0xA5>"], vocab["<0xBD>"], vocab["x"]]  # the last two bytes of 好 (E5 A5 BD), then x
+    assert tok.decode(context).startswith("\ufffd")
+    d = IncrementalDecoder(tok, context)
+    if window:
+        d.stream = None  # the window over decode(), for tokenizers without DecodeStream
+    want = tok.decode([vocab["x"], vocab["▁world"]])[len(tok.decode([vocab["x"]])) :]
+    assert want == " world" and tok.decode([vocab["▁world"]]) == "world"
+    assert d.push(vocab["▁world"]) + d.flush() == want
+
+
+def test_a_row_joining_with_a_window_longer_than_twice_the_cache_computes_what_it_would_alone(tok):
+    # the cache holds one short row (64 columns); a row with a 150-token window joins: the buffers must grow to hold
+    # it whole (oracle: each row decoded alone)
+    model = fixtures.tiny_gpt2(tok, n_positions=256)
+    prompts = ["A", ("KING RICHARD: " * 12)[:150]]
+
+    def alone(p):
+        r = Row(tok.encode(p), RowSettings(max_tokens=6, temperature=0))
+        run_to_end(Decoder(model, tok, 200), [r])
+        return r.token_ids
+
+    d = Decoder(model, tok, 200)
+    rows = [Row(tok.encode(p), RowSettings(max_tokens=6, temperature=0)) for p in prompts]
+    assert len(rows[1].prompt_ids) == 150
+    d.add(rows[0])
+    d.step()
+    d.add(rows[1])
+    while d.active:
+        d.step()
+    assert [r.token_ids for r in rows] == [alone(p) for p in prompts]
+
+
+def test_a_decoder_caches_keys_and_values_unless_told_not_to(tok):
+    # the default is the KV cache (a step reads one new token per row); use_cache=False recomputes every window
+    model = fixtures.tiny_gpt2(tok, n_positions=64)
+    assert Decoder(model, tok, 64).use_cache is True
+    assert Decoder(model, tok, 64, use_cache=False).use_cache is False

@@ -235,3 +235,23 @@ def test_after_an_idle_spell_a_lone_request_runs_without_waiting_for_the_last_ba
     finally:
         engine.close()
     assert engine.stats.batches == 2 and engine.stats.rows_done == 3
+
+
+def test_closing_the_engine_ends_the_rows_it_is_decoding_cancelled(model, tok):
+    # a row still decoding when the server shuts down ends "cancelled" (its client is told), like the queued ones
+    engine = Engine(model, tok, context=64)
+    started = threading.Event()
+    done = threading.Semaphore(0)
+
+    def flag():  # asked when the row is admitted, then at every step
+        started.set()
+        return False
+
+    long = Row(tok.encode("KING"), RowSettings(max_tokens=10_000, temperature=0), lambda r, p, f: f and done.release(),
+               flag)  # fmt: skip
+    engine.submit([long])
+    engine.start()
+    assert started.wait(timeout=60)
+    engine.close()
+    assert done.acquire(timeout=60)
+    assert long.finish_reason == "cancelled" and len(long.token_ids) < 10_000
