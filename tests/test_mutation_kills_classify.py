@@ -148,3 +148,27 @@ def test_an_empty_text_is_read_from_the_pad_token_when_there_is_no_end_of_text(d
     tok.eos_token = None
     assert tok.eos_token_id is None and tok.pad_token_id is not None
     assert encode_texts(tok, ["", "ab"], 8) == [[tok.pad_token_id], tok("ab")["input_ids"]]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_roberta_classifier_positions_its_rows_itself(side):
+    # RoBERTa derives position ids from its pad token itself (offset by padding_idx): classifier_logits must call it
+    # as it is, with no positions of its own, on either padding side. Oracle: the model called directly; with right
+    # padding (its tokenizer's side) that is also each row alone.
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from owngpt.tasks.classify import classifier_logits, collate_ids
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40, pad_token_id=1, num_labels=3)  # fmt: skip
+    model = RobertaForSequenceClassification(cfg).eval()
+    seqs = [[0, 5, 6, 7, 8, 9, 2], [0, 11, 2], [0, 12, 13, 2]]
+    batch = collate_ids(seqs, pad_id=1, padding_side=side)
+    with torch.no_grad():
+        got = classifier_logits(model, batch["input_ids"], batch["attention_mask"])
+        direct = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = torch.cat([model(input_ids=torch.tensor([s])).logits for s in seqs])
+    torch.testing.assert_close(got, direct)
+    if side == "right":
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)

@@ -120,6 +120,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_mutation_kills_tasks.py",
     ],
     "data/privacy": [
+        "tests/test_mutation_kills_privacy.py",  # every kind's count, where a CJK name ends
         "tests/test_privacy_properties.py",
         "tests/test_mutation_kills.py",
         "tests/test_mutation_kills_data.py",
