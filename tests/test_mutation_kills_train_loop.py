@@ -33,6 +33,10 @@ def test_a_run_records_every_log_and_evaluation_and_keeps_its_best(tmp_path, tin
     assert best_meta["step"] == best["step"] and best_meta["metrics"]["val_loss"] == best["val_loss"]
     assert last_meta["step"] == 7 and last_meta["metrics"] == {k: v for k, v in evals[-1].items() if k != "step"}
     assert res.best_checkpoint == run / "checkpoints" / "best" and res.last_checkpoint == run / "checkpoints" / "last"
+    # only last carries the trainer state (optimizer, RNG) a resume needs; best is weights and metadata
+    assert (run / "checkpoints" / "last" / "trainer").is_dir() and not (
+        run / "checkpoints" / "best" / "trainer"
+    ).exists()
     assert (res.steps, res.best_metric, res.stopped_early) == (7, best["val_loss"], False)
     assert res.metrics == last_meta["metrics"]
     err = capsys.readouterr().err
@@ -162,3 +166,46 @@ def test_a_checkpoint_generates_until_the_end_tokens_of_its_task(tmp_path, tiny_
     assert len(want) == (2 if task == "chat" else 1)
     assert gen.eos_token_id == (want if len(want) > 1 else want[0])
     assert gen.pad_token_id == tok.pad_token_id and gen.max_length == read_meta(res.last_checkpoint)["trained_context"]
+
+
+def test_a_task_that_does_not_match_the_data_names_the_flag_that_fixes_it(tmp_path, tiny_lm_data, tiny_ckpt):
+    from owngpt.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, task="classify"))
+    msg = str(e.value)
+    assert msg.startswith("--task classify needs classify data, but ") and "holds 'lm' data" in msg
+    assert msg.endswith("prepare it with `owngpt prepare ... --task classify` or train with --task lm")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_chat_checkpoint_carries_the_chat_template_even_when_the_data_tokenizer_had_none(tmp_path, tiny_ckpt):
+    # a chat data dir whose tokenizer was saved without a template: the checkpoint's tokenizer gets owngpt's, so
+    # transformers' apply_chat_template renders what the model was trained on
+    from train_helpers import write_chat_data_dir
+
+    from owngpt.chat_format import CHAT_TEMPLATE
+    from owngpt.tokenizer import load_tokenizer
+
+    data = write_chat_data_dir(tmp_path / "chat", 8, 2)
+    for f in (data / "tokenizer").glob("chat_template*"):
+        f.unlink()
+    cfg_f = data / "tokenizer" / "tokenizer_config.json"
+    cfg_f.write_text(
+        json.dumps({k: v for k, v in json.loads(cfg_f.read_text(encoding="utf-8")).items() if k != "chat_template"}),
+        encoding="utf-8",
+    )
+    assert not getattr(load_tokenizer(data / "tokenizer"), "chat_template", None)
+    res = train(quick_cfg(data, tmp_path / "run", tiny_ckpt, task="chat", max_steps=1, eval_every=1))
+    assert load_tokenizer(res.last_checkpoint).chat_template == CHAT_TEMPLATE
+
+
+def test_a_merged_lora_checkpoint_is_weights_only(tmp_path, tiny_lm_data, tiny_ckpt):
+    # --merge-lora writes checkpoints/merged: the base with the adapter folded in, for transformers alone; the trainer
+    # state and the adapter stay in checkpoints/last
+    res = train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, lora=True, merge_lora=True, max_steps=2,
+                          eval_every=2))  # fmt: skip
+    merged = tmp_path / "run" / "checkpoints" / "merged"
+    assert (merged / "config.json").exists() and read_meta(merged)["step"] == 2
+    assert not (merged / "trainer").exists() and not (merged / "adapter").exists()
+    assert (res.last_checkpoint / "trainer").is_dir() and (res.last_checkpoint / "adapter").is_dir()
