@@ -137,3 +137,53 @@ def test_a_decoder_caches_keys_and_values_unless_told_not_to(tok):
     model = fixtures.tiny_gpt2(tok, n_positions=64)
     assert Decoder(model, tok, 64).use_cache is True
     assert Decoder(model, tok, 64, use_cache=False).use_cache is False
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_flush_drops_an_incomplete_last_character_but_keeps_invalid_bytes_the_model_wrote(tok, window):
+    # At the end a reply cut inside a character (at most 3 bytes of a 4-byte one) loses those bytes; a longer run of
+    # invalid bytes is what the model wrote and stays, as decode() shows it. Oracle: decode().
+    from owngpt.engine import IncrementalDecoder
+
+    v = tok.get_vocab()
+    ok = tok("ok", add_special_tokens=False)["input_ids"]
+    cut = [v["<0xF0>"], v["<0x9F>"], v["<0x98>"]]  # the first 3 bytes of an emoji
+    for ids, want in ((ok + cut, "ok"), (ok + [v["<0x80>"], *cut], tok.decode(ok + [v["<0x80>"], *cut]))):
+        d = IncrementalDecoder(tok, [])
+        if window:
+            d.stream = None
+        assert "".join(d.push(i) for i in ids) + d.flush() == want
+    assert want == "ok" + "\ufffd" * 4
+
+
+@pytest.mark.parametrize("stop", [(), ("ea",)])
+def test_a_row_tells_its_consumer_it_finished_exactly_once(tok, stop):
+    # whether it ends at its length or on a stop string, the last event is ("", finished=True) and the only one
+    events = []
+    row = Row(tok.encode("Say:"), RowSettings(max_tokens=8, stop=stop), lambda r, p, f: events.append((p, f)))
+    row.begin(tok, tok.eos_token_id)
+    for t in tok("the sea, the sea", add_special_tokens=False)["input_ids"]:
+        row.feed(t)
+    row.finish("length")
+    assert [f for _, f in events].count(True) == 1 and events[-1] == ("", True)
+    assert row.finish_reason == ("stop" if stop else "length")
+    assert "".join(p for p, _ in events) == row.text == ("the s" if stop else "the sea,")
+
+
+def test_an_empty_prompt_starts_from_end_of_text_and_finished_rows_leave_the_batch_at_once(tok):
+    model = fixtures.tiny_gpt2(tok, n_positions=64)
+    d = Decoder(model, tok, 64)
+    assert d.start_id == tok.eos_token_id is not None
+    short, empty = Row(tok.encode("KING"), RowSettings(max_tokens=1, temperature=0)), Row([], RowSettings(max_tokens=3))
+    d.add(short)
+    d.add(empty)
+    assert empty.ids == [tok.eos_token_id]  # unconditional sampling starts a document
+    from owngpt.tokenizer import gpt2_tokenizer
+
+    gpt2 = gpt2_tokenizer()  # an end-of-text id other than 0 (this char tokenizer's is 0)
+    other, row = Decoder(model, gpt2, 64), Row([], RowSettings(max_tokens=1))
+    other.add(row)
+    assert other.start_id == row.ids[0] == gpt2.eos_token_id == 50256
+    done = d.step()
+    assert done == [short] and short.finish_reason == "length"
+    assert d.active == 1 and d.rows == [empty]  # the finished row has left the batch

@@ -368,3 +368,15 @@ def test_streamed_pieces_are_never_empty_and_join_to_each_rows_text(lm, num_beam
     assert all(s for ps in pieces.values() for s in ps)
     for r in results:
         assert "".join(pieces.get(r.index, [])) == r.text
+
+
+def test_the_trained_context_is_used_when_it_is_a_positive_int():
+    # context_length: the loader's trained context (any positive int, even 1) wins; anything else falls back to the
+    # model's position table
+    import fixtures
+    from owngpt.generation import context_length
+
+    model = fixtures.tiny_gpt2(fixtures.char_tokenizer(), n_positions=48)
+    for trained, want in ((1, 1), (32, 32), (0, 48), (-3, 48), (None, 48), (16.0, 48)):
+        model.owngpt_context = trained
+        assert context_length(model) == want, trained
