@@ -172,3 +172,13 @@ def test_a_roberta_classifier_positions_its_rows_itself(side):
     torch.testing.assert_close(got, direct)
     if side == "right":
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_texts_are_cut_to_max_length_tokens_specials_included(data):
+    # a text longer than the block reads its first tokens, the EOS readout still last (the position the head reads)
+    tok = data.load_tokenizer()
+    add_eos_readout(tok)
+    long = "good fun " * 20
+    (ids,) = encode_texts(tok, [long], 8)
+    assert len(ids) == 8 and ids[-1] == tok.eos_token_id
+    assert ids[:-1] == tok(long, add_special_tokens=False)["input_ids"][:7]

@@ -201,6 +201,9 @@ def test_load_of_a_classifier_without_a_pad_token_classifies_a_batch_as_each_tex
     clf = loaded.classifier
     assert clf.model.config.pad_token_id == loaded.tokenizer.pad_token_id is not None
     assert clf.max_length == 32
+    # on the device asked for (the meta device stands for any device other than the CPU)
+    assert next(load(ck, device=torch.device("meta")).classifier.model.parameters()).device.type == "meta"
+    assert next(clf.model.parameters()).device.type == "cpu"
     texts = ["KING", "QUEEN OF ALL THE LAND"]
     together = clf.classify(texts)
     for text, t in zip(texts, together):
