@@ -330,3 +330,21 @@ def test_freeze_body_freezes_everything_but_the_head(tmp_path):
     task.prepare_model(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("score.") for n in trainable)
+
+
+# --- fresh sample (seed 1) of tasks/base --------------------------------------------------------------------------
+
+
+def test_an_evaluation_without_a_batch_limit_reads_every_row(tmp_path):
+    # evaluate() and eval_loss() default to max_batches=0: every evaluation row of the split, each block_size tokens
+    # (oracle: eval_rows' own count). Kills both defaults 0 -> 1 (one batch read as the whole split).
+    import fixtures
+
+    data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
+    task = get_task("lm")(data, data.load_tokenizer(), TrainConfig(task="lm"), 4)
+    model = fixtures.tiny_gpt2(task.tokenizer)
+    n_rows = len(task.eval_rows("val", 0))
+    assert n_rows > 8
+    every = task.evaluate(model)
+    assert every["val_tokens"] == n_rows * 4
+    assert task.eval_loss(model) == every["val_loss"] != task.evaluate(model, max_batches=1)["val_loss"]

@@ -368,6 +368,10 @@ def test_concurrent_async_streams_all_finish_and_share_batches(server, model_id)
                 messages=[{"role": "user", "content": f"Tell me {i}"}],
                 max_tokens=30,
                 temperature=0.8,
+                # Seeded: this checkpoint has no chat template, so its replies end at the plain transcript's stop
+                # strings ("\n\n", "\nUser:"), which the random model writes by chance (2 of 800 unseeded replies
+                # did): unseeded, about one run in 50 ended a stream "stop" and failed the assertion below.
+                seed=i,
                 stream=True,
                 extra_body={"ignore_eos": True},
             )

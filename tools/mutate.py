@@ -39,15 +39,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # module (under src/owngpt) -> the tests that say what it must do (pytest paths or node ids, relative to ROOT).
-# The two-process torchrun tests are left out: a few minutes per mutant on two cores.
+# The two-process torchrun tests are left out (a few minutes per mutant on a loaded machine), except for train.
 MODULES: dict[str, list[str]] = {
     "train": [
+        "tests/test_mutation_kills_train_loop.py",  # the run record, best and last, overwrite, resume, generation config
         "tests/test_mutation_kills_train.py",
         "tests/test_train_oracles.py",
         "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
         "tests/test_train.py::test_overfits_and_writes_the_run_dir",
         "tests/test_resume.py::test_stopped_and_resumed_equals_uninterrupted",
         "tests/test_optim.py::test_muon_run_stopped_and_resumed_is_bitwise_equal",
+        # the two-process tests (DDP, FSDP): 23 s here on a quiet machine; they alone see the multi-process code
+        "tests/test_distributed.py",
     ],
     "tasks/lm": [
         "tests/test_mutation_kills.py",
@@ -62,6 +65,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_train.py::test_chat_and_mmi_train_with_the_chat_template",
     ],
     "tasks/classify": [
+        "tests/test_mutation_kills_classify.py",  # settings, predictions alone in eval mode, metrics, EOS readout
         "tests/test_mutation_kills_tasks.py",
         "tests/test_split_scales_weights.py::test_balanced_weights_with_an_absent_class_match_sklearn_on_the_classes_present",
         "tests/test_classify.py",
@@ -81,6 +85,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_chat_render_parity.py",
     ],
     "generation": [
+        "tests/test_mutation_kills_generation_contract.py",  # bounds, flags, unescape, results, batched beams
         "tests/test_mutation_kills_generation.py",
         "tests/test_engine.py::test_loading_for_generation_prints_no_progress_bars",
         "tests/test_generate.py",
@@ -88,20 +93,28 @@ MODULES: dict[str, list[str]] = {
     ],
     # the one decode engine (rows, sampling through transformers' processors, stop strings, the window)
     "engine": [
+        "tests/test_mutation_kills_engine_contract.py",  # default shift, a wide head past the cache, a failed step
         "tests/test_mutation_kills_engine.py",
         "tests/test_decode_stream.py",
         "tests/test_sampling_oracles.py",
         "tests/test_engine.py",
         "tests/test_generate.py",
     ],
-    "serve/engine": ["tests/test_mutation_kills_serve.py", "tests/test_serve.py", "tests/test_frontends.py"],
+    "serve/engine": [
+        "tests/test_mutation_kills_serve_contract.py",  # stats, defaults, continuous batching, failures, classifier
+        "tests/test_mutation_kills_serve.py",
+        "tests/test_serve.py",
+        "tests/test_frontends.py",
+    ],
     "data/prepare": [
+        "tests/test_mutation_kills_prepare.py",  # the contract: bounds, report and meta counts, refusals, progress
         "tests/test_mutation_kills_data.py",
         "tests/test_hostile_inputs.py::test_safe_pieces_tokenize_exactly_as_the_whole",
         "tests/test_split_scales_weights.py::test_the_validation_documents_depend_on_the_seed_and_only_on_it",
         "tests/test_prepare.py",
     ],
     "data/datadir": [
+        "tests/test_mutation_kills_datadir.py",  # every check open_data_dir makes, the accessors, the writers
         "tests/test_mutation_kills_data.py",
         "tests/test_hostile_inputs.py::test_a_damaged_data_dir_is_refused",
         "tests/test_hostile_inputs.py::test_an_intact_data_dir_passes_every_check",
@@ -109,6 +122,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_mutation_kills_tasks.py",
     ],
     "data/privacy": [
+        "tests/test_mutation_kills_privacy.py",  # every kind's count, where a CJK name ends
         "tests/test_privacy_properties.py",
         "tests/test_mutation_kills.py",
         "tests/test_mutation_kills_data.py",

@@ -449,6 +449,7 @@ class Decoder:
         self.rows: list[Row] = []  # row i is slot i of the cache
         self._cache = _SlotCache(self.context)
         self._new: list[Row] = []  # added, not yet prefilled
+        self._stepping: list[Row] = []  # the rows of the step in progress (fail() must reach those it moved)
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_arg(model)
         self._keeps_logits = _accepts(model, "logits_to_keep")
@@ -542,7 +543,7 @@ class Decoder:
         """Advance every row by one token; return the rows that finished (they have left the batch)."""
         import torch
 
-        everyone = self.rows + self._new
+        everyone = self._stepping = self.rows + self._new
         with torch.no_grad():
             # 1. Rows that cannot continue: cancelled, or at the context without sliding.
             for r in everyone:
@@ -580,14 +581,17 @@ class Decoder:
                     r.trace.append((r.window[0], r.window[1], lg.detach().clone()))
                 r.feed(r.choose(lg))
             self._drop(lambda r: not r.finished)
+        self._stepping = []
         return [r for r in everyone if r.finished]
 
     def fail(self, message: str) -> list[Row]:
         """End every row with an error (the caller reports it); the decoder is empty afterwards."""
-        rows = self.rows + self._new
+        # A step that failed may have taken new and re-filled rows out of both lists before their prefill: they are
+        # in _stepping only, and their clients wait for them to end too.
+        rows = list({id(r): r for r in self.rows + self._new + self._stepping}.values())
         for r in rows:
             r.finish("error", error=message)
-        self.rows, self._new, self._cache = [], [], _SlotCache(self.context)
+        self.rows, self._new, self._stepping, self._cache = [], [], [], _SlotCache(self.context)
         return rows
 
 
