@@ -175,7 +175,17 @@ def decode_weight_bytes(model: Any, bytes_per_weight: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- main
+def _load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+# the 1-minute load before the benchmark starts its own threads: what says whether other work shared the CPU (the
+# load at the end includes the benchmark's threads, up to the thread count)
+_LOAD_BEFORE = [float("nan")]
+
+
 def main() -> int:
+    _LOAD_BEFORE[0] = _load_average()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="rows decoded together")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
@@ -331,7 +341,7 @@ def render(
     import torch
     import transformers
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load, before = _load_average(), _LOAD_BEFORE[0]
     cmd = "python bench/bench_decode.py"
     if args.repeats != 3 or args.new_tokens != 64 or args.batch_sizes != [1, 8] or args.prompt_tokens != 32:
         cmd += (
@@ -380,12 +390,14 @@ def render(
         + f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, transformers {transformers.__version__}"
         + (f", llama-cpp-python {llama_version}" if llama_version else "")
-        + f", Python {platform.python_version()}. Load average at the end: {load:.1f}"
+        + f", Python {platform.python_version()}. Load average before the run {before:.1f}, at the end {load:.1f}"
         + (
             " (other work shared the CPU: absolute numbers are low and two-thread runs suffer most; compare ratios "
             "within the run, and rerun on a quiet machine for absolute numbers)."
-            if load > 1.5
-            else "."
+            if before > 1.0
+            else " (a quiet machine; the load at the end is the benchmark's own threads)."
+            if before <= 1.0
+            else "."  # not measured (no getloadavg, or render called without main)
         ),
         "",
         f"Reproduce: `{cmd}`",
