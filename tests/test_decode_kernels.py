@@ -88,6 +88,7 @@ def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, a
 
     ref, fast, n = models(tok, arch)
     assert n > 0 and not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in fast.modules())
+    assert not any(m.training for m in fast.modules())  # packed modules take the eval model's mode
     head = fast.get_output_embeddings()
     kept = {m.weight_io is not None for m in fast.modules() if type(m).__name__ == "PackedLinear" and m is not head}
     assert kept == {weights_size != "streamed"}

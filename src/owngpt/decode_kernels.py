@@ -176,6 +176,7 @@ def pack_for_decode(model: Any) -> int:
             tied = weight is tied_weight
             small = (whole if name == head_name else body) <= cache_resident_bytes()
             module = packed_cls(weight, bias, tied, keep_rows_layout=small)
+            module.train(model.training)  # a new module starts in training mode; the model's mode is the truth
             setattr(model.get_submodule(parent) if parent else model, child, module)
     return len(swaps)
 
