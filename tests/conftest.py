@@ -64,3 +64,15 @@ def _restore_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures(...)`): on a
+    shared 2-core machine a second thread only adds spin-waiting (about 10x slower for these models)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

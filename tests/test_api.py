@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 import owngpt
 from owngpt.generation import SamplingParams, encode_prompt, generate_batch
@@ -16,12 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = "runs/shakespeare/checkpoints/last"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

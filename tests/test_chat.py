@@ -9,7 +9,6 @@ import signal
 import sys
 
 import pytest
-import torch
 
 from owngpt import chat as chat_mod
 from owngpt.chat import ChatREPL, ChatSettings, is_chat_model, plain_transcript, reply
@@ -18,13 +17,7 @@ from owngpt.conversation import conversation_prompt
 from owngpt.errors import ConfigError
 from owngpt.generation import SamplingParams, load_for_generation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model on a shared machine: one thread is faster
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from owngpt.engine import Decoder, Row, RowSettings, run_to_end
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we", "A", "KING " * 12]  # the last is longer than the context
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ USER_TURNS = ["Hello there, who are you?", "Speak, speak.", "And then what happe
 N = 12  # tokens per reply
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def checkpoint(path, task):

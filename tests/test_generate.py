@@ -19,13 +19,7 @@ from owngpt.generation import (
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we", "A"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread only adds spin-waiting (10x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

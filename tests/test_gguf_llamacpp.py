@@ -79,12 +79,7 @@ def _checkpoint(path: Path, arch: str, tok_kind: str, steps: int) -> Path:
     return save_checkpoint(path, model, tok, meta)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

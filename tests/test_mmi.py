@@ -17,12 +17,7 @@ HISTORY = ["You are all resolved rather to die?", "Speak, speak.", "Before we pr
 CANDIDATES = ["Resolved. resolved.", "", "Ay me!", "But, soft! what light through yonder window breaks?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

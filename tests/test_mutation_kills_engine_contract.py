@@ -5,18 +5,11 @@ step leaves behind. Oracles: each row decoded alone, the module docstring's wind
 from __future__ import annotations
 
 import pytest
-import torch
 
 import fixtures
 from owngpt.engine import Decoder, Row, RowSettings, default_shift, run_to_end
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

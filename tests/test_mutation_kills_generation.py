@@ -12,13 +12,7 @@ import fixtures
 from owngpt.errors import ConfigError
 from owngpt.generation import SamplingParams, context_length, generate_batch, load_for_generation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on a shared machine)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
