@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fixtures
-from owngpt import decode_kernels
+from owngpt import decode_kernels, native_kernels
 from owngpt.decode_kernels import pack_for_decode
 from owngpt.decode_step import decode_step_for
 from owngpt.engine import Decoder, Row, RowSettings, run_to_end
@@ -43,6 +43,23 @@ def weights_size(request, monkeypatch):
 
 
 _LAYER_BYTES = [0]
+
+
+@pytest.fixture(params=["native kernel", "torch kernels"])
+def kernels(request, weights_size, monkeypatch):
+    """Streamed layers at one row: owngpt's own kernel (owngpt.native_kernels, where it builds here), or torch's
+    (the user's OWNGPT_NATIVE_KERNELS=0, and every machine without a compiler). A cache-resident model uses MKL
+    either way, so it runs once."""
+    if request.param == "torch kernels":
+        monkeypatch.setenv(native_kernels.ENV, "0")
+    elif weights_size == "cache-resident":
+        pytest.skip("a cache-resident model does not use the native kernel")
+    return request.param
+
+
+def native_in_use(model):
+    """Whether the model's packed layers carry owngpt's native kernel."""
+    return any(getattr(m, "native_packed", None) is not None for m in model.modules())
 
 
 def models(tok, arch, kv_heads=None):
@@ -78,10 +95,12 @@ def greedy(model, tok, prompts, trace=False, **settings):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, arch, weights_size):
+def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, arch, weights_size, kernels):
     from transformers.pytorch_utils import Conv1D
 
     ref, fast, n = models(tok, arch)
+    available = native_kernels.native_gemv() is not None
+    assert native_in_use(fast) == (kernels == "native kernel" and available)
     assert n > 0 and not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in fast.modules())
     assert not any(m.training for m in fast.modules())  # packed modules take the eval model's mode
     head = fast.get_output_embeddings()
@@ -95,7 +114,7 @@ def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, a
 
 
 @pytest.mark.parametrize("arch,kv_heads", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1)])
-def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch, kv_heads, weights_size):
+def test_packed_logits_equal_a_fresh_reference_forward_over_each_window(tok, arch, kv_heads, weights_size, kernels):
     ref, fast, _ = models(tok, arch, kv_heads)
     # one row alone (the one-row kernels), then rows of different lengths together
     for r in greedy(fast, tok, PROMPTS[:1], trace=True) + greedy(fast, tok, PROMPTS, trace=True):
@@ -132,7 +151,7 @@ def test_parameter_count_includes_packed_weights(tok):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_sampled_rows_and_rows_joining_mid_batch_equal_the_reference(tok, arch, weights_size):
+def test_sampled_rows_and_rows_joining_mid_batch_equal_the_reference(tok, arch, weights_size, kernels):
     """Seeded sampling with every logits processor, and continuous batching: rows join a running batch (their
     caches right-aligned, the fast step's padding mask) and leave it, as in the server."""
     ref, fast, _ = models(tok, arch)
@@ -237,3 +256,15 @@ def test_int8_models_decode_through_the_step_as_through_their_forward(tok, arch)
             for (sa, ea, la), (sb, eb, lb) in zip(ra.trace, rb.trace):
                 assert (sa, ea) == (sb, eb)
                 torch.testing.assert_close(la, lb, rtol=0, atol=tol)
+
+
+def test_a_failed_kernel_build_falls_back_to_torchs_kernels(tok, monkeypatch, tmp_path):
+    """No usable compiler (here one that always fails): the model still packs, decodes through torch's kernels and
+    gives the reference's tokens."""
+    monkeypatch.setattr(native_kernels, "_loaded", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: 0)  # streamed: where the kernel would serve
+    ref, fast, n = models(tok, "gpt2")
+    assert n > 0 and not native_in_use(fast)
+    assert [r.token_ids for r in greedy(fast, tok, PROMPTS[:2])] == [r.token_ids for r in greedy(ref, tok, PROMPTS[:2])]

@@ -58,6 +58,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from owngpt.native_kernels import native_gemv
+
 # model types whose forward only calls its projections (checked by tests/test_decode_kernels.py)
 PACKABLE_MODEL_TYPES = frozenset({"gpt2", "llama"})
 
@@ -88,7 +90,9 @@ def _packed_linear_class():
     class PackedLinear(torch.nn.Module):
         """y = x @ W.T + b with W reordered once for oneDNN (inference only: no `.weight`, no gradients)."""
 
-        def __init__(self, weight: Any, bias: Any, tied: bool = False, keep_rows_layout: bool = False) -> None:
+        def __init__(
+            self, weight: Any, bias: Any, tied: bool = False, keep_rows_layout: bool = False, native: Any = None
+        ) -> None:
             super().__init__()  # weight [out, in] (nn.Linear's layout)
             self.out_features, self.in_features = weight.shape
             # counted by parameter_count (the packed tensor is no parameter); a tied head's weight is still the
@@ -100,6 +104,10 @@ def _packed_linear_class():
             self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
             # [in, out] for MKL's sgemm, kept only for models that fit in the CPU's cache (see pack_for_decode)
             self.weight_io = weight.detach().float().t().contiguous() if keep_rows_layout else None
+            # owngpt's own one-row kernel (owngpt.native_kernels) on its own blocked copy of the weight, for the
+            # streamed layers (not the cache-resident ones, where MKL's [in, out] copy is used)
+            self.native = native if not keep_rows_layout else None
+            self.native_packed = self.native.pack(weight) if self.native is not None else None
 
         def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
             return lp(x, self.packed, self.bias, "none", [], "")
@@ -109,6 +117,8 @@ def _packed_linear_class():
             [in, out] for one row of a cache-resident model (no oneDNN call overhead), else oneDNN on the packed
             weight with the post-op fused."""
             w, b = self.packed, self.bias
+            if one_row and self.native_packed is not None:
+                return self.native.kernel(self.native_packed, self.out_features, self.in_features, b, post)
             if one_row and self.weight_io is not None:
                 w_io, act = self.weight_io, post_ops[post]
                 if b is None:
@@ -118,7 +128,8 @@ def _packed_linear_class():
             return lambda x: lp(x, w, b, attr, [], algorithm)
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN"
+            native = f" and owngpt's {self.native.isa} kernel" if self.native is not None else ""
+            return f"in_features={self.in_features}, out_features={self.out_features}, packed for oneDNN{native}"
 
     return PackedLinear
 
@@ -148,6 +159,7 @@ def pack_for_decode(model: Any) -> int:
     if not params or any(p.device.type != "cpu" for p in params):
         return 0
     packed_cls = _packed_linear_class()
+    native = native_gemv()  # owngpt's one-row kernel, None where torch's kernels are used (owngpt.native_kernels)
     embedding = model.get_input_embeddings()
     tied_weight = getattr(embedding, "weight", None)
     swaps = []
@@ -175,7 +187,7 @@ def pack_for_decode(model: Any) -> int:
             parent, _, child = name.rpartition(".")
             tied = weight is tied_weight
             small = (whole if name == head_name else body) <= cache_resident_bytes()
-            module = packed_cls(weight, bias, tied, keep_rows_layout=small)
+            module = packed_cls(weight, bias, tied, keep_rows_layout=small, native=native)
             module.train(model.training)  # a new module starts in training mode; the model's mode is the truth
             setattr(model.get_submodule(parent) if parent else model, child, module)
     return len(swaps)

@@ -1,0 +1,194 @@
+"""owngpt's own CPU kernel for one-row decoding (native_gemv.cpp), built on first use, with torch's kernels as fallback.
+
+What it is for: at batch 1 a decode step is a chain of matrix-vector products whose speed is how fast the weights
+stream from memory. torch's best kernel for that (oneDNN's inner product on weights packed once, what
+owngpt.decode_kernels uses) took 13.9 ms for gpt2's 49 products on one thread against 11.1 ms... and llama.cpp's
+whole step 13.2 ms (one thread) / 10.6 ms (two): no step built on torch's kernels reaches llama.cpp there, so
+native_gemv.cpp does it by hand (the numbers of this kernel: docs/benchmarks.md, decode-step section, and
+owngpt.decode_kernels).
+
+How it is built: with the system C++ compiler (`$CXX`, else g++, c++ or clang++), no torch headers (about a second),
+into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions/owngpt/), once per machine
+and source version; one line on stderr says so. Builds of several processes at once wait on a file lock; the library
+is written aside and renamed, so a half-written file is never loaded. It is loaded with ctypes (plain C functions).
+
+When torch's kernels are used instead, silently except for one logged line saying why: `OWNGPT_NATIVE_KERNELS=0` in
+the environment (read at each model load), no compiler, a failed build, a CPU without AVX-512F or AVX2+FMA, a
+platform other than x86-64 Linux. The arithmetic is the same up to the order of the sums (fp32 accumulation):
+tests/test_decode_kernels.py checks greedy tokens and logits with the kernel on and off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("owngpt.native_kernels")
+
+ENV = "OWNGPT_NATIVE_KERNELS"  # "0" turns the kernel off
+SOURCE = Path(__file__).with_name("native_gemv.cpp")
+# -O3 without -march: the AVX-512 and AVX2 functions carry their own target attributes and are chosen at run time
+# from the CPU's flags, so the library runs on any x86-64 CPU (owngpt_isa() says 0 where neither set exists)
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
+OPENMP = ["-fopenmp"]  # threads; without it (a compiler lacking OpenMP) the kernel runs on one thread
+
+_loaded: dict[str, Any] = {}  # "kernel": NativeGemv | None once tried (one build attempt per process)
+
+
+class NativeGemv:
+    """The loaded library: `pack` a weight once, then `kernel` gives the y = act(x W^T + b) callable."""
+
+    def __init__(self, lib: Any, path: Path, isa: int) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.owngpt_packed_size.argtypes, lib.owngpt_packed_size.restype = [i64, i64], i64
+        lib.owngpt_pack.argtypes, lib.owngpt_pack.restype = [ptr, ptr, i64, i64], None
+        lib.owngpt_gemv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+        lib.owngpt_gemv.restype = None
+        self.lib, self.path = lib, path
+        self.level = isa  # 2: AVX-512F, 1: AVX2 + FMA (tests lower it to check the AVX2 code)
+
+    @property
+    def isa(self) -> str:
+        return {2: "avx512", 1: "avx2"}[self.level]
+
+    def pack(self, weight: Any) -> Any:
+        """weight [out, in] fp32 -> the kernel's blocked layout (a 1-D tensor; see native_gemv.cpp)."""
+        import torch
+
+        w = weight.detach().float().contiguous()
+        out, in_ = w.shape
+        packed = torch.zeros(self.lib.owngpt_packed_size(out, in_), dtype=torch.float32)
+        # the kernel's aligned loads need 64 bytes; torch's CPU allocator gives that (checked, not assumed)
+        if packed.data_ptr() % 64:
+            raise RuntimeError("torch's allocation is not 64-byte aligned")
+        self.lib.owngpt_pack(w.data_ptr(), packed.data_ptr(), out, in_)
+        return packed
+
+    def kernel(self, packed: Any, out: int, in_: int, bias: Any, post: tuple[str, str]) -> Any:
+        """A callable x (B, in) fp32 -> post(x W^T + b) (B, out) over `packed` (from `pack`) and `bias` (or None)."""
+        import torch
+        import torch.nn.functional as F
+
+        gemv, wp, level = self.lib.owngpt_gemv, packed.data_ptr(), self.level
+        bp = None if bias is None else bias.data_ptr()
+        threads = torch.get_num_threads
+        empty, f32 = torch.empty, torch.float32
+
+        def linear(x: Any) -> Any:
+            x = x.contiguous()
+            if x.dtype != f32 or x.shape[-1] != in_:
+                raise ValueError(f"native kernel: expected (rows, {in_}) fp32, got {tuple(x.shape)} {x.dtype}")
+            y = empty(x.shape[0], out, dtype=f32)
+            gemv(x.data_ptr(), x.shape[0], wp, bp, y.data_ptr(), out, in_, threads(), level)
+            return y
+
+        linear.keep_alive = (packed, bias)  # the raw pointers above are only valid while these tensors live
+
+        # the activation in place on the fresh output (torch's own elementwise kernels: ~2 us, and the same function
+        # as oneDNN's fused post-ops and the model's modules up to ~1e-7)
+        gelu_ = torch.ops.aten.gelu_
+        acts = {
+            ("none", ""): None,
+            ("gelu", "tanh"): lambda y: gelu_(y, approximate="tanh"),
+            ("gelu", "none"): lambda y: gelu_(y),
+            ("swish", ""): lambda y: F.silu(y, inplace=True),
+        }
+        act = acts[post]
+        if act is None:
+            return linear
+        return lambda x: act(linear(x))
+
+
+def enabled_by_user() -> bool:
+    """False when the user turned the kernel off (OWNGPT_NATIVE_KERNELS=0)."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def native_gemv() -> NativeGemv | None:
+    """The native kernel, built on first use; None where torch's kernels are to be used (see the module doc)."""
+    if not enabled_by_user():
+        return None
+    if "kernel" not in _loaded:
+        try:
+            _loaded["kernel"] = _load()
+        except _NotHere as e:
+            log.info("owngpt's native decode kernel is not used: %s", e)
+            _loaded["kernel"] = None
+        except Exception as e:  # a broken compiler, a full disk, ...: decoding still works, on torch's kernels
+            log.warning("owngpt's native decode kernel is not used (decoding uses torch's kernels): %s", e)
+            _loaded["kernel"] = None
+    return _loaded["kernel"]
+
+
+class _NotHere(Exception):
+    """This machine cannot have the kernel (expected; logged at info level)."""
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx)
+    return next((p for p in map(shutil.which, ("g++", "c++", "clang++")) if p), None)
+
+
+def build_dir() -> Path:
+    """Where the library is built: torch's extension cache (honouring TORCH_EXTENSIONS_DIR), owngpt's folder."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    return Path(root) / "owngpt"
+
+
+def _load() -> NativeGemv:
+    import torch  # noqa: F401  (first: the library's libgomp must resolve to the one torch loaded, not a second)
+
+    if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
+        raise _NotHere(f"written for x86-64 Linux, this is {sys.platform} {platform.machine()}")
+    cxx = _compiler()
+    if cxx is None:
+        raise _NotHere("no C++ compiler found (set CXX, or install g++)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + cxx.encode() + " ".join(FLAGS + OPENMP).encode()).hexdigest()[:16]
+    lib_path = build_dir() / f"native_gemv_{key}.so"
+    if not lib_path.exists():
+        _build(cxx, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    isa = lib.owngpt_isa()
+    if isa == 0:
+        raise _NotHere("this CPU has neither AVX-512F nor AVX2 with FMA")
+    return NativeGemv(lib, lib_path, isa)
+
+
+def _build(cxx: str, lib_path: Path) -> None:
+    import fcntl
+
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lib_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same library: wait for it, then reuse it
+        if lib_path.exists():
+            return
+        print("building owngpt's CPU decode kernel (once, ~2 s)", file=sys.stderr, flush=True)
+        tmp = lib_path.with_name(f"{lib_path.name}.{os.getpid()}.tmp")
+        t = time.perf_counter()
+        errors = []
+        for extra in (OPENMP, []):  # with threads, else (a compiler without OpenMP) on one thread
+            cmd = [cxx, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, lib_path)
+                log.info("built %s in %.1f s", lib_path, time.perf_counter() - t)
+                return
+            errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError("the build failed: " + " | ".join(errors))
