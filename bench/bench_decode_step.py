@@ -8,12 +8,14 @@
 Prints milliseconds per token (median and minimum of interleaved repeats; nothing is written to the docs), for a
 random GPT-2 of an owngpt preset's shape (`--preset`, default `gpt2`: 124M):
 - kernels: the 4 projections per layer + the LM head, `--batch` rows each, with nothing around them, through each
-  kernel torch offers here: oneDNN's inner product on weights packed once (`PackedLinear`, what owngpt uses),
+  kernel torch offers here: oneDNN's inner product on weights packed once (`PackedLinear`, what owngpt uses for
+  several rows), owngpt's own kernel (owngpt.native_kernels: what owngpt uses at one row, where it builds),
   MKL's sgemm on the [in, out] layout (`addmm`, GPT-2's `Conv1D`), on the [out, in] layout (`F.linear`, `nn.Linear`),
   and MKL's packed sgemm (`torch.ops.mkl._mkl_linear`); plus the LM head alone, packed vs read from the tied
   embedding as stored ([V, C], `F.linear`);
-- owngpt step: `owngpt.decode_step` (the hand-written step the engine calls) at a 64-token cache, and the same model's
-  transformers forward with the engine's cache (what the engine called before);
+- owngpt step: `owngpt.decode_step` (the hand-written step the engine calls) at a 64-token cache, the same step on
+  torch's kernels only (OWNGPT_NATIVE_KERNELS=0), and the same model's transformers forward with the engine's cache
+  (what the engine called before);
 - llama.cpp f32: its decode step on `owngpt export --to gguf` f32 of the same weights (64 tokens minus 1, over 63),
   through bench_decode.py's C-API driver; skipped when llama-cpp-python is missing or `--vocab` is not GPT-2's.
 The kernels' row is a floor for any Python-side decode step built on them: it says how close to llama.cpp one can get
@@ -23,6 +25,7 @@ without another kernel.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,10 +34,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_decode, _doc
+
 
 def kernels(cfg: Any, batch: int) -> dict[str, Callable[[], Any]]:
     import torch
     import torch.nn.functional as F
+
+    from owngpt.native_kernels import native_gemv
 
     torch.manual_seed(0)
     c = cfg.n_embd
@@ -65,7 +72,17 @@ def kernels(cfg: Any, batch: int) -> dict[str, Callable[[], Any]]:
             F.linear(xs[w.shape[1]], w, b)
         F.linear(xs[c], head)
 
-    out["kernels: oneDNN packed (owngpt)"] = k_packed
+    out["kernels: oneDNN packed"] = k_packed
+    native = native_gemv()
+    if native is not None:  # owngpt's own kernel (owngpt.native_kernels), what owngpt uses at one row
+        nk = [native.kernel(native.pack(w), w.shape[0], w.shape[1], b, ("none", "")) for w, b in zip(ws, bs)]
+        nk.append(native.kernel(native.pack(head), head.shape[0], c, None, ("none", "")))
+
+        def k_native() -> None:
+            for w, k in zip(ws + [head], nk, strict=True):
+                k(xs[w.shape[1]])
+
+        out[f"kernels: owngpt native ({native.isa})"] = k_native
     out["kernels: MKL addmm [in,out]"] = k_addmm_io
     out["kernels: MKL F.linear [out,in]"] = k_linear_oi
     if hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"):
@@ -89,6 +106,7 @@ def owngpt_steps(cfg: Any, batch: int) -> tuple[dict[str, Callable[[], Any]], An
     from owngpt.decode_kernels import pack_for_decode
     from owngpt.decode_step import decode_step_for
     from owngpt.engine import _cache_arg, _SlotCache
+    from owngpt.native_kernels import ENV
 
     torch.manual_seed(0)
     ref = GPT2LMHeadModel(cfg).eval()
@@ -109,6 +127,20 @@ def owngpt_steps(cfg: Any, batch: int) -> tuple[dict[str, Callable[[], Any]], An
         with torch.no_grad():
             step(ids, pos, cache.k, cache.v, batch, n, None)
 
+    # the same step on torch's kernels only (what owngpt does with OWNGPT_NATIVE_KERNELS=0 or without a compiler)
+    torch_only = GPT2LMHeadModel(cfg).eval()
+    torch_only.load_state_dict(ref.state_dict())
+    os.environ[ENV] = "0"
+    try:
+        pack_for_decode(torch_only)
+    finally:
+        del os.environ[ENV]
+    torch_step = decode_step_for(torch_only)
+
+    def fast_torch() -> None:
+        with torch.no_grad():
+            torch_step(ids, pos, cache.k, cache.v, batch, n, None)
+
     def hf() -> None:
         with torch.no_grad():
             model(
@@ -118,7 +150,8 @@ def owngpt_steps(cfg: Any, batch: int) -> tuple[dict[str, Callable[[], Any]], An
                 **{_cache_arg(model): cache.as_transformers_cache()},
             )
 
-    return {"owngpt step (decode_step)": fast, "owngpt step (transformers forward)": hf}, ref
+    steps = {"owngpt step (decode_step)": fast, "owngpt step, torch kernels only": fast_torch}
+    return {**steps, "owngpt step (transformers forward)": hf}, ref
 
 
 def llama_step(ref: Any, batch: int, threads: int, work: Path) -> Callable[[int], None] | None:
@@ -158,7 +191,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch and llama.cpp thread counts")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median and minimum reported)")
     ap.add_argument("--small-pages", action="store_true", help="do not ask torch for 2 MiB pages (owngpt's default)")
+    ap.add_argument(
+        "--main",
+        action="store_true",
+        help="only the rows that decide owngpt's kernel choice (oneDNN, owngpt's native kernel, the step on each, "
+        "llama.cpp): a shorter run",
+    )
+    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md (decode-step)")
     args = ap.parse_args()
+    import bench_decode
+
+    load_before = bench_decode._load_average()
     from owngpt.decode_kernels import prefer_huge_pages
 
     if not args.small_pages:
@@ -174,9 +217,16 @@ def main() -> int:
     fns = kernels(cfg, args.batch)
     steps, ref = owngpt_steps(cfg, args.batch)
     fns.update(steps)
+    if args.main:
+        fns = {k: f for k, f in fns.items() if "oneDNN packed" in k and "LM head" not in k or "owngpt" in k}
+        fns.pop("owngpt step (transformers forward)", None)
+    weight_bytes = bench_decode.decode_weight_bytes(ref, 4)
+    bandwidth = bench_decode.copy_bandwidth()  # the memory-rate limit, measured between the repeats
     work = tempfile.TemporaryDirectory(prefix="bench_decode_step_")
     # llama.cpp reads the GGUF's tokenizer (GPT-2's) for its vocabulary size: only with GPT-2's vocabulary
     llama = llama_step(ref, args.batch, max(args.threads), Path(work.name)) if args.vocab == 50257 else None
+    results: list[tuple[int, str, float, float, float | None]] = []  # threads, row, median, min, llama / this
+    copy_rate: dict[int, float] = {}
     for th in args.threads:
         torch.set_num_threads(th)
         times: dict[str, list[float]] = {k: [] for k in fns}
@@ -185,6 +235,7 @@ def main() -> int:
         for f in fns.values():
             f()
         order = list(times)
+        rates = []
         for r in range(args.repeats):
             for k in order if r % 2 == 0 else order[::-1]:
                 if k.startswith("llama.cpp"):
@@ -194,15 +245,76 @@ def main() -> int:
                 for _ in range(5):
                     fns[k]()
                 times[k].append((time.perf_counter() - t) / 5)
+            rates.append(bandwidth())
+        copy_rate[th] = statistics.median(rates)
+        print(f"{args.preset} threads {th}: copy bandwidth {copy_rate[th]:.1f} GB/s (bytes read + written)")
         base = statistics.median(times["llama.cpp f32 step"]) if llama is not None else None
         for k, v in times.items():
             m = statistics.median(v)
+            results.append((th, k, m, min(v), base / m if base else None))
             rel = f"  llama.cpp step / this {base / m:4.2f}" if base else ""
             print(
                 f"{args.preset} threads {th} batch {args.batch} {k:36s} {m * 1e3:7.2f} ms (min {min(v) * 1e3:6.2f}){rel}"
             )
     work.cleanup()
+    if args.write:
+        write_doc(args, results, copy_rate, weight_bytes, load_before, bench_decode._load_average())
     return 0
+
+
+def write_doc(
+    args: Any,
+    results: list[tuple[int, str, float, float, float | None]],
+    copy_rate: dict[int, float],
+    weight_bytes: float,
+    load_before: float,
+    load_after: float,
+) -> None:
+    import platform
+
+    import torch
+    from _doc import write_section
+
+    cmd = " ".join(["python bench/bench_decode_step.py", *sys.argv[1:]])
+    lines = [
+        "## Decode step at batch 1: the matrix kernels alone vs owngpt's step vs llama.cpp's step",
+        "",
+        f"One decode step of a random GPT-2 of the `{args.preset}` preset's shape ({weight_bytes / 1e6:.0f} MB of "
+        f"fp32 weights read per step, the LM head included), {args.batch} row(s), a 64-token cache, milliseconds per "
+        f"step, median (and minimum) of {args.repeats} interleaved repeats. *kernels* rows: the 49 products of one "
+        "step with nothing around them: oneDNN's inner product on weights packed once (torch's fastest here) and "
+        "owngpt's own kernel (`src/owngpt/native_gemv.cpp`, owngpt.native_kernels). *owngpt step*: the whole "
+        "hand-written step (owngpt.decode_step) with the native kernel at one row, and with torch's kernels only "
+        "(`OWNGPT_NATIVE_KERNELS=0`). *llama.cpp f32 step*: its decode step on the same weights (owngpt's GGUF "
+        "export, its C API). *GB/s* is weight bytes / time, to set against the copy bandwidth (bytes read + "
+        "written of a 512 MiB tensor copy, same run: "
+        + ", ".join(f"{v:.1f} GB/s on {k} thread(s)" for k, v in copy_rate.items())
+        + "; a kernel that only reads can go above it).",
+        "",
+        "| threads | row | ms (median) | ms (min) | GB/s of weights | llama.cpp step / this |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for th, name, med, best, rel in results:
+        rel_s = f"{rel:.2f}x" if rel is not None else ""
+        lines.append(
+            f"| {th} | {name} | {med * 1e3:.2f} | {best * 1e3:.2f} | {weight_bytes / med / 1e9:.1f} | {rel_s} |"
+        )
+    if load_before > 0.5:
+        machine = (
+            "a shared machine: other work held the cores and the memory bus, so every time is slower than on a quiet "
+            "machine; compare the rows with each other"
+        )
+    else:
+        machine = "a quiet machine"
+    lines += [
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}. Load average before the run {load_before:.1f}, at the end "
+        f"{load_after:.1f} ({machine}).",
+        "",
+        f"Reproduce: `{cmd}`",
+    ]
+    write_section("decode-step", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,6 @@ def pack_for_decode(model: Any) -> int:
     if not params or any(p.device.type != "cpu" for p in params):
         return 0
     packed_cls = _packed_linear_class()
-    native = native_gemv()  # owngpt's one-row kernel, None where torch's kernels are used (owngpt.native_kernels)
     embedding = model.get_input_embeddings()
     tied_weight = getattr(embedding, "weight", None)
     swaps = []
@@ -182,11 +181,16 @@ def pack_for_decode(model: Any) -> int:
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
     body = sum(w.numel() for n, w, _b in swaps if n != head_name) * 4
     whole = sum(w.numel() for _n, w, _b in swaps) * 4
+    resident = cache_resident_bytes()
+    streamed = any((whole if n == head_name else body) > resident for n, _w, _b in swaps)
+    # owngpt's own one-row kernel for the streamed layers (built on first use; None where torch's kernels are used,
+    # owngpt.native_kernels)
+    native = native_gemv() if streamed else None
     with torch.no_grad():
         for name, weight, bias in swaps:
             parent, _, child = name.rpartition(".")
             tied = weight is tied_weight
-            small = (whole if name == head_name else body) <= cache_resident_bytes()
+            small = (whole if name == head_name else body) <= resident
             module = packed_cls(weight, bias, tied, keep_rows_layout=small, native=native)
             module.train(model.training)  # a new module starts in training mode; the model's mode is the truth
             setattr(model.get_submodule(parent) if parent else model, child, module)
