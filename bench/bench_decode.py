@@ -7,6 +7,8 @@ What runs (every contestant greedy, KV cache, exactly batch x new-tokens tokens,
 - owngpt fp32: `owngpt.generation.generate_batch` (the decode engine `owngpt.engine` that the CLI, the chat, the API
   and the server share) on the model as `load_for_generation` prepares it (weights packed for oneDNN,
   owngpt.decode_kernels; each cached step through the hand-written owngpt.decode_step);
+- owngpt fp32, torch kernels only: the same, without owngpt's own one-row kernel (owngpt.native_kernels; what a
+  machine without a C++ compiler or OWNGPT_NATIVE_KERNELS=0 gets: oneDNN at every batch size);
 - owngpt fp32, reference kernels: the same engine on the unpacked model (transformers' forward, MKL's kernels);
 - owngpt int8: the engine on the int8 export of the same weights (owngpt.quantize: int8 weights, dynamic activations);
 - transformers `generate` on the unpacked fp32 model;
@@ -207,6 +209,7 @@ def main() -> int:
 
     from owngpt.decode_kernels import pack_for_decode
     from owngpt.generation import SamplingParams, generate_batch
+    from owngpt.native_kernels import ENV as NATIVE_ENV
     from owngpt.quantize import quantize_model
     from owngpt.tokenizer import gpt2_tokenizer
 
@@ -221,6 +224,12 @@ def main() -> int:
     int8_bytes = decode_weight_bytes(ref, 1)  # + one fp32 scale per output channel: under 0.2%
     packed = copy.deepcopy(ref)
     pack_for_decode(packed)  # as load_for_generation prepares a model
+    torch_packed = copy.deepcopy(ref)  # the same without owngpt's native one-row kernel (OWNGPT_NATIVE_KERNELS=0)
+    os.environ[NATIVE_ENV] = "0"
+    try:
+        pack_for_decode(torch_packed)
+    finally:
+        del os.environ[NATIVE_ENV]
     with torch.no_grad():
         int8 = quantize_model(ref)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
@@ -238,6 +247,7 @@ def main() -> int:
 
     contestants: dict[str, Callable[[list[list[int]]], list[list[int]]]] = {
         "owngpt fp32": engine(packed),
+        "owngpt fp32, torch kernels only": engine(torch_packed),
         "owngpt fp32, reference kernels": engine(ref),
         "owngpt int8": engine(int8),
         "transformers generate fp32": hf_generate,
@@ -280,6 +290,9 @@ def main() -> int:
         want = outs["transformers generate fp32"]
         assert outs["owngpt fp32"] == want, "owngpt's packed fp32 greedy tokens differ from transformers'"
         assert outs["owngpt fp32, reference kernels"] == want, "owngpt's greedy tokens differ from transformers'"
+        assert outs["owngpt fp32, torch kernels only"] == want, (
+            "owngpt's oneDNN greedy tokens differ from transformers'"
+        )
         agree = {k: _agreement(o, want) for k, o in outs.items()}
         times: dict[str, list[float]] = {k: [] for k in fns}
         order = list(fns)
@@ -358,7 +371,9 @@ def render(
         f"early stop, the same thread count for everyone; median of {args.repeats} alternating runs each. owngpt is "
         "`owngpt.generation.generate_batch`, the decode engine `owngpt.engine` behind `owngpt generate`, `chat`, the "
         "API and the server, on the model as `load_for_generation` prepares it (fp32 projections packed once for "
-        "oneDNN, owngpt.decode_kernels, each cached step through owngpt.decode_step); *reference kernels* is the same "
+        "oneDNN, owngpt.decode_kernels, one-row products through owngpt's own kernel, owngpt.native_kernels, each "
+        "cached step through owngpt.decode_step); *torch kernels only* is that without owngpt's kernel "
+        "(`OWNGPT_NATIVE_KERNELS=0`: oneDNN for one row too); *reference kernels* is the same "
         "engine on the unpacked model (transformers' forward); int8 is "
         "`owngpt export --to int8` of the same weights. llama.cpp runs `owngpt export --to gguf` f32 of the same "
         "weights and llama.cpp's own q8_0 quantization of that file, batched through its C API (one `llama_batch`, "

@@ -27,7 +27,12 @@ The ceiling this sets: llama.cpp's whole f32 step on the same weights (its C API
 thread and 10.6 ms on two, so oneDNN's 49 products alone, with nothing around them, run at 0.95x llama.cpp's step
 on either thread count. No decode step built on torch's kernels reaches llama.cpp's batch-1 rate here; owngpt's
 (owngpt.decode_step) is within 5% of the products alone. At 8 rows the products cost about what one row does and
-owngpt is ahead (bench/bench_decode.py).
+owngpt is ahead (bench/bench_decode.py). Hence owngpt's own one-row kernel (owngpt.native_kernels, native_gemv.cpp):
+where it builds, `PackedLinear` keeps its blocked copy of the weight too and `kernel(one_row=True)` calls it for the
+layers that stream from memory (cache-resident ones keep MKL). Measured on a shared machine (the 49 products, one
+thread, medians of interleaved runs): 1.13-1.19x oneDNN's speed in four runs, 1.04x as the median of per-pair
+ratios under heavy load; at 8 rows it ran 0.74-0.86x oneDNN's, so batches and prompts keep oneDNN. The cost is that
+second copy (+0.5 GB at gpt2 size).
 
 The tied LM head (GPT-2, owngpt's LLaMA presets) is packed as a second copy of the embedding (+154 MB at gpt2 size):
 reading the embedding as stored ([V, C], MKL) costs 9.0 ms a step vs 3.9 ms packed (gpt2 size, one thread, out of

@@ -2,10 +2,10 @@
 
 What it is for: at batch 1 a decode step is a chain of matrix-vector products whose speed is how fast the weights
 stream from memory. torch's best kernel for that (oneDNN's inner product on weights packed once, what
-owngpt.decode_kernels uses) took 13.9 ms for gpt2's 49 products on one thread against 11.1 ms... and llama.cpp's
-whole step 13.2 ms (one thread) / 10.6 ms (two): no step built on torch's kernels reaches llama.cpp there, so
-native_gemv.cpp does it by hand (the numbers of this kernel: docs/benchmarks.md, decode-step section, and
-owngpt.decode_kernels).
+owngpt.decode_kernels uses for several rows) took 13.9 ms for gpt2's 49 products on one thread and 11.1 ms on two,
+where llama.cpp's whole step took 13.2 and 10.6 ms (quiet machine): no step built on torch's kernels reaches
+llama.cpp there, so native_gemv.cpp does that product by hand (why and how: the comment at its top; its numbers:
+docs/benchmarks.md, decode-step section). Several rows (batch 8, a prompt) keep oneDNN, which was faster there.
 
 How it is built: with the system C++ compiler (`$CXX`, else g++, c++ or clang++), no torch headers (about a second),
 into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions/owngpt/), once per machine
