@@ -227,6 +227,7 @@ def main() -> int:
     llama = llama_step(ref, args.batch, max(args.threads), Path(work.name)) if args.vocab == 50257 else None
     results: list[tuple[int, str, float, float, float | None]] = []  # threads, row, median, min, llama / this
     copy_rate: dict[int, float] = {}
+    paired: list[tuple[int, str, float]] = []  # threads, "A vs B", median of B's time / A's over the repeats
     for th in args.threads:
         torch.set_num_threads(th)
         times: dict[str, list[float]] = {k: [] for k in fns}
@@ -248,6 +249,17 @@ def main() -> int:
             rates.append(bandwidth())
         copy_rate[th] = statistics.median(rates)
         print(f"{args.preset} threads {th}: copy bandwidth {copy_rate[th]:.1f} GB/s (bytes read + written)")
+        # On a shared machine the medians above drift with the other work; the ratio of two rows timed next to each
+        # other in the same repeat sees the same load: its median says which kernel is faster more robustly.
+        native_row = next((k for k in times if k.startswith("kernels: owngpt native")), None)
+        for fast, slow in (
+            (native_row, "kernels: oneDNN packed"),
+            ("owngpt step (decode_step)", "owngpt step, torch kernels only"),
+        ):
+            if fast in times and slow in times:
+                ratio = statistics.median(a / b for a, b in zip(times[slow], times[fast], strict=True))
+                paired.append((th, f"{fast} vs {slow}", ratio))
+                print(f"{args.preset} threads {th}: {fast} is {ratio:.3f}x as fast as {slow} (median of paired ratios)")
         base = statistics.median(times["llama.cpp f32 step"]) if llama is not None else None
         for k, v in times.items():
             m = statistics.median(v)
@@ -258,13 +270,14 @@ def main() -> int:
             )
     work.cleanup()
     if args.write:
-        write_doc(args, results, copy_rate, weight_bytes, load_before, bench_decode._load_average())
+        write_doc(args, results, paired, copy_rate, weight_bytes, load_before, bench_decode._load_average())
     return 0
 
 
 def write_doc(
     args: Any,
     results: list[tuple[int, str, float, float, float | None]],
+    paired: list[tuple[int, str, float]],
     copy_rate: dict[int, float],
     weight_bytes: float,
     load_before: float,
@@ -299,6 +312,12 @@ def write_doc(
         lines.append(
             f"| {th} | {name} | {med * 1e3:.2f} | {best * 1e3:.2f} | {weight_bytes / med / 1e9:.1f} | {rel_s} |"
         )
+    if paired:
+        lines += [
+            "",
+            "Paired speedups (the median over the repeats of the ratio of two rows timed next to each other, which "
+            "see the same load): " + "; ".join(f"{th} thread(s), {name}: {r:.2f}x" for th, name, r in paired) + ".",
+        ]
     if load_before > 0.5:
         machine = (
             "a shared machine: other work held the cores and the memory bus, so every time is slower than on a quiet "

@@ -23,15 +23,12 @@
 // chunk is read with a masked load (zeros past `in`), and only the `out` real results are written.
 //
 // Several rows of x (a small batch) reuse each block while it sits in L1/L2, so the weights are still read from
-// memory once per call. Threads (OpenMP, torch's thread count passed in) split the blocks into contiguous halves.
+// memory once per call. Threads (OpenMP, torch's thread count passed in) take chunks of blocks as they come free.
 //
 // Two instruction sets are compiled side by side and chosen at run time from the CPU's flags (owngpt_isa): AVX-512F
 // (16 lanes) and AVX2+FMA (the same layout, each chunk as two 8-lane halves). A CPU with neither reports 0 and owngpt
 // keeps torch's kernels.
 #include <immintrin.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -148,15 +145,14 @@ void owngpt_gemv(const float* x, int64_t rows, const float* packed, const float*
   const int64_t in_pad = round_up(in, CHUNK), blocks = round_up(out, R) / R;
   // a second thread pays (~5 us to wake) only on a weight that takes longer than that to read: >= 1 MiB
   const bool parallel = threads > 1 && blocks * R * in_pad >= (1 << 18);
+  // blocks handed out in chunks of ~128 KiB of weights as threads ask for them (not in fixed halves): on a machine
+  // where other work holds one core for a while, the other thread takes over the rest instead of waiting for it
+  const int64_t chunk = std::max<int64_t>(1, (1 << 15) / (R * in_pad));
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-    const int64_t t = 0, n = 1;
-#endif
     float sums[NX_MAX * R];
-    for (int64_t b = blocks * t / n; b < blocks * (t + 1) / n; ++b) {
+#pragma omp for schedule(dynamic, chunk) nowait
+    for (int64_t b = 0; b < blocks; ++b) {
       const float* wb = packed + b * R * in_pad;
       const int64_t o0 = b * R, m = std::min(R, out - o0);
       for (int64_t r = 0; r < rows;) {
