@@ -55,6 +55,15 @@ def tiny_lm_data(tmp_path_factory) -> Path:
     return fixtures.write_lm_data_dir(tmp_path_factory.mktemp("data") / "lm")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _native_kernel_built_before_the_tests():
+    """owngpt's native decode kernel is compiled the first time a model is packed (owngpt.native_kernels), with one
+    line on stderr: build it before any test captures output, so a fresh machine (CI) behaves as a warm one."""
+    from owngpt.native_kernels import native_gemv
+
+    native_gemv()
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Commands run in-process may pin torch to one thread (small-model decoding); later tests must not inherit

@@ -33,7 +33,7 @@ def tok():
 @pytest.fixture(params=["cache-resident", "streamed", "streamed head"])
 def weights_size(request, monkeypatch):
     """The kernel choices of pack_for_decode: a model that fits in the CPU's cache keeps an [in, out] copy for MKL
-    at one row; a larger one (the cache size pretended to be 0 here) uses oneDNN's packed weights for every row; and
+    at one row (where the native kernel is off); a larger one (the cache size pretended to be 0 here) uses oneDNN's packed weights for every row; and
     small layers under a head too large for the cache (the cache pretended to hold the layers only)."""
     if request.param == "streamed":
         monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: 0)
@@ -47,13 +47,11 @@ _LAYER_BYTES = [0]
 
 @pytest.fixture(params=["native kernel", "torch kernels"])
 def kernels(request, weights_size, monkeypatch):
-    """Streamed layers at one row: owngpt's own kernel (owngpt.native_kernels, where it builds here), or torch's
-    (the user's OWNGPT_NATIVE_KERNELS=0, and every machine without a compiler). A cache-resident model uses MKL
-    either way, so it runs once."""
+    """One-row products: owngpt's own kernel (owngpt.native_kernels, where it builds here), or torch's (the user's
+    OWNGPT_NATIVE_KERNELS=0, and every machine without a compiler): MKL's for a cache-resident model, oneDNN's
+    otherwise."""
     if request.param == "torch kernels":
         monkeypatch.setenv(native_kernels.ENV, "0")
-    elif weights_size == "cache-resident":
-        pytest.skip("a cache-resident model does not use the native kernel")
     return request.param
 
 
@@ -105,8 +103,9 @@ def test_every_projection_is_packed_and_greedy_tokens_equal_the_reference(tok, a
     assert not any(m.training for m in fast.modules())  # packed modules take the eval model's mode
     head = fast.get_output_embeddings()
     kept = {m.weight_io is not None for m in fast.modules() if type(m).__name__ == "PackedLinear" and m is not head}
-    assert kept == {weights_size != "streamed"}
-    assert (head.weight_io is not None) == (weights_size == "cache-resident")
+    mkl = not native_in_use(fast)  # MKL's [in, out] copy only where the native kernel does not serve one row
+    assert kept == {weights_size != "streamed" and mkl}
+    assert (head.weight_io is not None) == (weights_size == "cache-resident" and mkl)
     for prompts in (PROMPTS[:1], PROMPTS):  # batch 1 and a batch of rows of different lengths (padding, masks)
         a = [r.token_ids for r in greedy(ref, tok, prompts)]
         b = [r.token_ids for r in greedy(fast, tok, prompts)]
@@ -264,7 +263,6 @@ def test_a_failed_kernel_build_falls_back_to_torchs_kernels(tok, monkeypatch, tm
     monkeypatch.setattr(native_kernels, "_loaded", {})
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: 0)  # streamed: where the kernel would serve
     ref, fast, n = models(tok, "gpt2")
     assert n > 0 and not native_in_use(fast)
     assert [r.token_ids for r in greedy(fast, tok, PROMPTS[:2])] == [r.token_ids for r in greedy(ref, tok, PROMPTS[:2])]

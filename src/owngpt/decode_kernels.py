@@ -28,11 +28,13 @@ thread and 10.6 ms on two, so oneDNN's 49 products alone, with nothing around th
 on either thread count. No decode step built on torch's kernels reaches llama.cpp's batch-1 rate here; owngpt's
 (owngpt.decode_step) is within 5% of the products alone. At 8 rows the products cost about what one row does and
 owngpt is ahead (bench/bench_decode.py). Hence owngpt's own one-row kernel (owngpt.native_kernels, native_gemv.cpp):
-where it builds, `PackedLinear` keeps its blocked copy of the weight too and `kernel(one_row=True)` calls it for the
-layers that stream from memory (cache-resident ones keep MKL). Measured on a shared machine (the 49 products, one
-thread, medians of interleaved runs): 1.13-1.19x oneDNN's speed in four runs, 1.04x as the median of per-pair
-ratios under heavy load; at 8 rows it ran 0.74-0.86x oneDNN's, so batches and prompts keep oneDNN. The cost is that
-second copy (+0.5 GB at gpt2 size).
+where it builds, `PackedLinear` keeps its blocked copy of the weight too and `kernel(one_row=True)` calls it (for
+every layer: it also beat MKL on cache-resident models, `mini` 0.28 vs 0.39 ms for all products, `tiny` with GPT-2's
+vocabulary 0.92 vs 1.05, a char `tiny` a tie at 0.12, so the [in, out] copy is kept only where the native kernel is
+not available). Measured on a shared machine (gpt2 size, the 49 products; medians of the ratio of two runs timed
+next to each other, which see the same load): 1.05x oneDNN's speed on one thread and 1.10x on two, the whole step
+1.14x and 1.06x (docs/benchmarks.md, decode-step); at 8 rows the native kernel ran 0.74-0.86x oneDNN's, so batches
+and prompts keep oneDNN. The cost is that second copy of the weights (+0.5 GB at gpt2 size).
 
 The tied LM head (GPT-2, owngpt's LLaMA presets) is packed as a second copy of the embedding (+154 MB at gpt2 size):
 reading the embedding as stored ([V, C], MKL) costs 9.0 ms a step vs 3.9 ms packed (gpt2 size, one thread, out of
@@ -107,20 +109,20 @@ def _packed_linear_class():
             # .to() and parameter counts never see it
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
             self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
-            # [in, out] for MKL's sgemm, kept only for models that fit in the CPU's cache (see pack_for_decode)
-            self.weight_io = weight.detach().float().t().contiguous() if keep_rows_layout else None
-            # owngpt's own one-row kernel (owngpt.native_kernels) on its own blocked copy of the weight, for the
-            # streamed layers (not the cache-resident ones, where MKL's [in, out] copy is used)
-            self.native = native if not keep_rows_layout else None
-            self.native_packed = self.native.pack(weight) if self.native is not None else None
+            # owngpt's own one-row kernel (owngpt.native_kernels) on its own blocked copy of the weight; where it is
+            # not available, [in, out] for MKL's sgemm, kept only for models that fit in the CPU's cache (see
+            # pack_for_decode)
+            self.native = native
+            self.native_packed = native.pack(weight) if native is not None else None
+            self.weight_io = weight.detach().float().t().contiguous() if keep_rows_layout and native is None else None
 
         def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
             return lp(x, self.packed, self.bias, "none", [], "")
 
         def kernel(self, one_row: bool, post: tuple[str, str] = ("none", "")) -> Any:
-            """A callable (B, in) -> (B, out) computing post(x W^T + b) with the fastest kernel here: MKL's sgemm on
-            [in, out] for one row of a cache-resident model (no oneDNN call overhead), else oneDNN on the packed
-            weight with the post-op fused."""
+            """A callable (B, in) -> (B, out) computing post(x W^T + b) with the fastest kernel here: for one row
+            owngpt's native kernel where it is available, else MKL's sgemm on [in, out] for a cache-resident model
+            (no oneDNN call overhead); otherwise oneDNN on the packed weight with the post-op fused."""
             w, b = self.packed, self.bias
             if one_row and self.native_packed is not None:
                 return self.native.kernel(self.native_packed, self.out_features, self.in_features, b, post)
@@ -178,7 +180,8 @@ def pack_for_decode(model: Any) -> int:
             continue
         swaps.append((name, weight, mod.bias))
     # Weights that stay in the cache between steps are bound by per-call overhead at one row, where MKL's sgemm
-    # (~2-10 us a call here) beats oneDNN's (~12-20 us): they keep an [in, out] copy too (a few MB). The LM head is
+    # (~2-10 us a call here) beats oneDNN's (~12-20 us): without the native kernel (which beats both there) they keep
+    # an [in, out] copy too (a few MB). The LM head is
     # counted apart: a large vocabulary's head streams from memory every step (oneDNN's), while the layers' small
     # projections still gain from MKL (`tiny` with GPT-2's vocabulary: 0.67 vs 0.81 ms for all products, `mini`
     # 1.32 vs 1.44; `small` 3.84 vs 3.52, so not there).
@@ -187,10 +190,8 @@ def pack_for_decode(model: Any) -> int:
     body = sum(w.numel() for n, w, _b in swaps if n != head_name) * 4
     whole = sum(w.numel() for _n, w, _b in swaps) * 4
     resident = cache_resident_bytes()
-    streamed = any((whole if n == head_name else body) > resident for n, _w, _b in swaps)
-    # owngpt's own one-row kernel for the streamed layers (built on first use; None where torch's kernels are used,
-    # owngpt.native_kernels)
-    native = native_gemv() if streamed else None
+    # owngpt's own one-row kernel (built on first use; None where torch's kernels are used, owngpt.native_kernels)
+    native = native_gemv() if swaps else None
     with torch.no_grad():
         for name, weight, bias in swaps:
             parent, _, child = name.rpartition(".")
