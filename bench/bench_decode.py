@@ -409,7 +409,7 @@ def render(
         + (
             " (other work shared the CPU: absolute numbers are low and two-thread runs suffer most; compare ratios "
             "within the run, and rerun on a quiet machine for absolute numbers)."
-            if before > 1.0
+            if before > 1.0 or load > max(args.threads) + 1.0  # other work came during the run
             else " (a quiet machine; the load at the end is the benchmark's own threads)."
             if before <= 1.0
             else "."  # not measured (no getloadavg, or render called without main)
