@@ -530,6 +530,15 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
                 timeout=60000,
             )
             assert page.evaluate("localStorage.getItem('owngpt.api-key')") == KEY
+            # Enter that confirms an input method's candidate (typing Chinese) does not send the half-typed text;
+            # sending is synchronous up to the new message, so the count right after the event tells
+            ime = page.evaluate(
+                """() => { const el = document.getElementById('input'); el.value = 'ni hao';
+                  el.dispatchEvent(new KeyboardEvent('keydown',
+                    {key: 'Enter', keyCode: 229, isComposing: true, bubbles: true, cancelable: true}));
+                  return [document.querySelectorAll('.msg.user').length, el.value]; }"""
+            )
+            assert ime == [2, "ni hao"]
             page.click("#reset")
             assert page.locator(".msg").count() == 0
         finally:

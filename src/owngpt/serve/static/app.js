@@ -283,6 +283,9 @@ function init() {
     else send(text);
   });
   $("input").addEventListener("keydown", (ev) => {
+    // Enter while an input method composes (Chinese pinyin, Japanese kana) picks a candidate: it must not send
+    // the half-typed message. keyCode 229 is how Safari and older browsers mark that keydown.
+    if (ev.isComposing || ev.keyCode === 229) return;
     if (ev.key === "Enter" && !ev.shiftKey) {
       ev.preventDefault();
       $("composer").requestSubmit();
