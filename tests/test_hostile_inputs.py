@@ -112,7 +112,15 @@ CHECKPOINT_CASES = {
     "a weight missing": edit_weights(lambda t: t.pop("transformer.ln_f.weight")),
     "an unexpected weight": edit_weights(_extra_tensor),
     "tokenizer.json truncated": truncate("tokenizer.json", 0.5),
+    "tokenizer.json of another model (a larger vocabulary)": lambda ckpt: _other_models_tokenizer(ckpt),
 }
+
+
+def _other_models_tokenizer(ckpt: Path) -> str:
+    """A tokenizer.json copied from a model with a larger vocabulary: its ids reach past this model's embedding."""
+    tok = fixtures.char_tokenizer(fixtures.TEXT + "".join(chr(0x4E00 + i) for i in range(400)))
+    tok.backend_tokenizer.save(str(ckpt / "tokenizer.json"))
+    return "tokenizer.json"
 
 
 def _commands(ckpt: Path, data: Path, tmp: Path) -> dict[str, list]:

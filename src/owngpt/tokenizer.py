@@ -227,7 +227,33 @@ def load_tokenizer(path: str | os.PathLike):
             f"{where}: transformers could not load a tokenizer from it ({e}); the file is damaged: copy it again"
         ) from None
     _join_cjk_wordpieces(tok)
+    _check_fits_the_model(tok, p)
     return tok
+
+
+def _check_fits_the_model(tok, p: Path) -> None:
+    """Refuse a checkpoint's tokenizer whose vocabulary is larger than the model's embedding.
+
+    A tokenizer.json copied from another model produced ids past the embedding: an IndexError traceback from
+    torch in generate, chat, eval and serve, and export wrote the broken checkpoint out. The base vocabulary is
+    compared (without added tokens: some Hub models add special tokens past their embedding that text never
+    produces). A config.json that cannot be read is left to owngpt.checkpoint's checks, which name it.
+    """
+    import json
+
+    try:
+        rows = json.loads((p / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+        return
+    n = getattr(tok, "vocab_size", None)
+    if isinstance(n, int) and n > rows:
+        raise CheckpointError(
+            f"{p / 'tokenizer.json' if (p / 'tokenizer.json').is_file() else p}: the tokenizer has {n:,} tokens but "
+            f"config.json's vocab_size is {rows:,}: it belongs to another model; copy this checkpoint's own "
+            "tokenizer files back (from the run's other checkpoint or the data dir's tokenizer/)"
+        )
 
 
 def _join_cjk_wordpieces(tok) -> None:
