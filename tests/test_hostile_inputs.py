@@ -453,10 +453,21 @@ def test_the_body_limit_answers_before_reading_the_body():
         mw, _scope("/v1/completions", len(long_prompt)), [{"type": "http.request", "body": long_prompt}]
     )
     assert status == 400 and body["error"]["code"] == "context_length_exceeded" and not reached
-    messages = {"model": "m", "messages": [{"role": "user", "content": "z" * 30}] * 2}
-    ok = json.dumps(messages).encode()
-    status, body, reached = _call(mw, _scope("/v1/chat/completions", len(ok)), [{"type": "http.request", "body": ok}])
-    assert status == 400 and reached is False  # 60 characters of messages in all
+    # a chat's turns are cut to the context by owngpt.conversation (a long conversation is answered from its latest
+    # turns): only its system message must fit whole
+    long_chat = {"model": "m", "messages": [{"role": "user", "content": "z" * 30}] * 3}
+    body = json.dumps(long_chat).encode()
+    status, _, reached = _call(mw, _scope("/v1/chat/completions", len(body)), [{"type": "http.request", "body": body}])
+    assert status == 200 and reached
+    long_system = {
+        "model": "m",
+        "messages": [{"role": "system", "content": "z" * 51}, {"role": "user", "content": "hi"}],
+    }
+    body = json.dumps(long_system).encode()
+    status, body, reached = _call(
+        mw, _scope("/v1/chat/completions", len(body)), [{"type": "http.request", "body": body}]
+    )
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded" and not reached
     fits = json.dumps({"model": "m", "prompt": "y" * 50}).encode()
     status, _, reached = _call(mw, _scope("/v1/completions", len(fits)), [{"type": "http.request", "body": fits}])
     assert status == 200 and reached
@@ -494,6 +505,17 @@ def test_the_server_refuses_a_large_body_and_still_answers_health(tiny_ckpt):
         assert c.get("/health").status_code == 200
         r = c.post("/v1/completions", json={"model": "m", "prompt": "ROMEO:", "max_tokens": 2}, headers=auth)
         assert r.status_code == 200
+        # a long conversation (the chat page after many turns, far past the context in characters) is answered
+        # from its latest turns, as `owngpt chat` answers it; it was refused with 400 context_length_exceeded
+        turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "x" * 300} for i in range(99)]
+        body = {"model": "m", "messages": turns, "max_tokens": 6, "temperature": 0}
+        r = c.post("/v1/chat/completions", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+    import owngpt
+
+    assert r.json()["choices"][0]["message"]["content"] == owngpt.load(tiny_ckpt).chat(
+        turns, max_new_tokens=6, temperature=0
+    )
 
 
 def test_a_terminated_prepare_leaves_no_temporary_dir(tmp_path):
