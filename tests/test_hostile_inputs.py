@@ -103,6 +103,7 @@ CHECKPOINT_CASES = {
     "n_layer 10000": edit_config(n_layer=10000),
     "n_embd not the weights' width": edit_config(n_embd=64),
     "vocab_size not the weights'": edit_config(vocab_size=999),
+    "a config field of the wrong type (layer_norm_epsilon 'x')": edit_config(layer_norm_epsilon="x"),
     "config.json nested 100,000 deep": write_file("config.json", DEEP),
     "config.json not JSON": write_file("config.json", b'{"n_layer": 2,'),
     "owngpt.json nested 100,000 deep": write_file("owngpt.json", DEEP),

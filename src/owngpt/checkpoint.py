@@ -256,10 +256,18 @@ def check_dir(path: str | os.PathLike) -> Path:
 def _auto_config(p: Path, **kwargs):
     from transformers import AutoConfig
 
+    try:  # transformers 5 validates field types through huggingface_hub's strict dataclasses (a plain Exception)
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - an older huggingface_hub
+        StrictDataclassError = ValueError  # noqa: N806
     try:
         return AutoConfig.from_pretrained(p, trust_remote_code=False, **kwargs)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p}/config.json cannot be read by transformers: {e}") from e
+    except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as e:
+        # one line: the strict validator's message spans several
+        raise CheckpointError(
+            f"{p}/config.json cannot be read by transformers: {' '.join(str(e).split())}; restore config.json "
+            "from the run or download that made the weights"
+        ) from e
 
 
 def check_adapter_dir(path: str | os.PathLike) -> Path:
