@@ -221,3 +221,18 @@ def test_context_note_only_when_the_reply_reached_the_context(lm):
         rep = r.turn(text)
         assert rep.completion_tokens == 5 or rep.finish_reason == "stop"
     assert "reached the model's context" not in out.getvalue()
+
+
+def test_chat_command_refuses_a_users_transcript_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from owngpt import generation
+    from owngpt.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the --transcript check")
+
+    monkeypatch.setattr(generation, "load_for_generation", no_load)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n", encoding="utf-8")
+    assert main(["chat", str(tmp_path / "no-such-ckpt"), "--transcript", str(notes)]) == 2
+    assert "is not a chat transcript owngpt wrote" in capsys.readouterr().err
+    assert notes.read_text(encoding="utf-8") == "mine\n"
