@@ -579,3 +579,21 @@ def test_a_masked_lm_without_pooler_still_becomes_a_classifier(tmp_path):
     assert check_dir(tmp_path / "mlm")
     model = load_model(tmp_path / "mlm", task="classify", ignore_mismatched_sizes=True, num_labels=3)
     assert model.config.num_labels == 3 and model.bert.pooler is not None
+
+
+def test_serve_on_a_busy_port_is_an_error_line_before_the_model_loads(tiny_ckpt, capsys, monkeypatch):
+    """uvicorn found the port taken only after loading the model, logged `ERROR: [Errno 98]` and exited 3."""
+    import socket
+
+    import owngpt.serve.app
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(owngpt.serve.app, "create_app", no_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        msg = run_refused(capsys, ["serve", tiny_ckpt, "--port", port, "--api-key", "k" * 12], "--port", [tiny_ckpt])
+    assert "already in use" in msg and f"--port {port + 1}" in msg
