@@ -113,6 +113,8 @@ CHECKPOINT_CASES = {
     "a weight missing": edit_weights(lambda t: t.pop("transformer.ln_f.weight")),
     "an unexpected weight": edit_weights(_extra_tensor),
     "tokenizer.json truncated": truncate("tokenizer.json", 0.5),
+    "tokenizer_config.json not JSON": write_file("tokenizer_config.json", b'{"model_max_length": '),
+    "chat_template.jinja not valid Jinja": write_file("chat_template.jinja", b"{% for m in messages %}{{ m.content "),
     "tokenizer.json of another model (a larger vocabulary)": lambda ckpt: _other_models_tokenizer(ckpt),
 }
 
