@@ -107,6 +107,7 @@ CHECKPOINT_CASES = {
     "config.json nested 100,000 deep": write_file("config.json", DEEP),
     "config.json not JSON": write_file("config.json", b'{"n_layer": 2,'),
     "owngpt.json nested 100,000 deep": write_file("owngpt.json", DEEP),
+    "owngpt.json with an unknown task": lambda ckpt: _edit_meta(ckpt, task="bogus"),
     "model.safetensors truncated": truncate("model.safetensors", 0.5),
     "model.safetensors random bytes": write_file("model.safetensors", bytes(range(256)) * 64),
     "model.safetensors empty": write_file("model.safetensors", b""),
@@ -117,6 +118,13 @@ CHECKPOINT_CASES = {
     "chat_template.jinja not valid Jinja": write_file("chat_template.jinja", b"{% for m in messages %}{{ m.content "),
     "tokenizer.json of another model (a larger vocabulary)": lambda ckpt: _other_models_tokenizer(ckpt),
 }
+
+
+def _edit_meta(ckpt: Path, **fields) -> str:
+    meta = json.loads((ckpt / "owngpt.json").read_text(encoding="utf-8"))
+    meta.update(fields)
+    (ckpt / "owngpt.json").write_text(json.dumps(meta), encoding="utf-8")
+    return "owngpt.json"
 
 
 def _other_models_tokenizer(ckpt: Path) -> str:

@@ -62,6 +62,9 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and any((p / w).exists() for w in WEIGHT_FILES)
 
 
+TASKS = ("lm", "chat", "mmi", "classify")  # what `owngpt train --task` writes into owngpt.json (config.py's choices)
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """owngpt.json of a checkpoint ({} for a plain Hugging Face directory)."""
     f = Path(path) / OWNGPT_META
@@ -70,6 +73,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta = _read_json(f, "the checkpoint may be corrupt: restore it from a copy, or save it again")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{f} holds a JSON {type(meta).__name__}, not an object; restore it from a copy")
+    task = meta.get("task")
+    if task is not None and task not in TASKS:  # an unknown task was read as "lm" and silently used as one
+        raise CheckpointError(
+            f"{f}: task {task!r} is not one owngpt knows ({', '.join(TASKS)}); restore owngpt.json from a copy"
+        )
     return meta
 
 
