@@ -108,6 +108,7 @@ CHECKPOINT_CASES = {
     "config.json not JSON": write_file("config.json", b'{"n_layer": 2,'),
     "owngpt.json nested 100,000 deep": write_file("owngpt.json", DEEP),
     "owngpt.json with an unknown task": lambda ckpt: _edit_meta(ckpt, task="bogus"),
+    "generation_config.json not JSON": write_file("generation_config.json", b'{"eos_token_id": '),
     "model.safetensors truncated": truncate("model.safetensors", 0.5),
     "model.safetensors random bytes": write_file("model.safetensors", bytes(range(256)) * 64),
     "model.safetensors empty": write_file("model.safetensors", b""),

@@ -255,6 +255,8 @@ def check_dir(path: str | os.PathLike) -> Path:
     # config sizes, owngpt.json, and safetensors headers that parse and cover their files exactly.
     read_config_dict(p)
     read_meta(p)
+    if (p / "generation_config.json").is_file():  # damaged, transformers ignored it: other end-of-text ids, silently
+        _read_json(p / "generation_config.json", "restore it from the run or download that made the weights")
     if weight_shapes(p) and not read_meta(p).get("quantization"):
         # the model body against config.json, whatever task head it has (the head is checked when loading)
         check_weights(p, _auto_config(p), task="base")
