@@ -181,3 +181,58 @@ def test_chat_in_a_real_terminal(tiny_ckpt, tmp_path):
     msgs = json.loads(t.read_text(encoding="utf-8"))["messages"]
     assert [m["content"] for m in msgs if m["role"] == "user"] == ["Again"]
     assert [m["role"] for m in msgs] == ["user", "assistant"]
+
+
+def test_save_never_replaces_a_users_file_or_the_checkpoint(lm, tmp_path):
+    """/save into a folder crashed the REPL with IsADirectoryError (the whole conversation lost), and /save onto the
+    checkpoint's config.json or any user file silently replaced it. Now each is refused and the session goes on."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n", encoding="utf-8")
+    config = lm.path / "config.json"
+    before = config.read_bytes()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    r, out = repl(lm, ["Hello", f"/save {folder}", f"/save {config}", f"/save {notes}", "Still here?"])
+    assert f"error: {folder} is a folder" in out
+    assert "lies inside the checkpoint" in out and "is not a chat transcript owngpt wrote" in out
+    assert config.read_bytes() == before and notes.read_text(encoding="utf-8") == "my notes\n"
+    assert list(folder.iterdir()) == []
+    assert [m["role"] for m in r.messages] == ["user", "assistant", "user", "assistant"]
+    saved = tmp_path / "talk.json"
+    repl(lm, ["Hello", f"/save {saved}"])
+    repl(lm, ["Bye", f"/save {saved}"])  # an earlier transcript is replaced, as documented
+    assert json.loads(saved.read_text(encoding="utf-8"))["messages"][0]["content"] == "Bye"
+
+
+def test_transcript_flag_refuses_a_users_file_before_the_first_answer(lm, tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"messages": []}\n', encoding="utf-8")  # a user's data file, not a transcript owngpt wrote
+    with pytest.raises(ConfigError, match="not a chat transcript"):
+        repl(lm, ["Hello"], transcript=str(notes))
+    assert notes.read_text(encoding="utf-8") == '{"messages": []}\n'
+
+
+def test_context_note_only_when_the_reply_reached_the_context(lm):
+    """The REPL said "(the reply reached the model's context ...)" when a reply had used its max_new_tokens but
+    its stripped text re-tokenized shorter; it counts the generated tokens now."""
+    out = io.StringIO()
+    r = ChatREPL(lm, SamplingParams(max_new_tokens=5, seed=0), ChatSettings(use_template=False), out=out, err=out)
+    for text in ["Hello", "and you?", "  ", "What now"]:
+        rep = r.turn(text)
+        assert rep.completion_tokens == 5 or rep.finish_reason == "stop"
+    assert "reached the model's context" not in out.getvalue()
+
+
+def test_chat_command_refuses_a_users_transcript_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from owngpt import generation
+    from owngpt.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the --transcript check")
+
+    monkeypatch.setattr(generation, "load_for_generation", no_load)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n", encoding="utf-8")
+    assert main(["chat", str(tmp_path / "no-such-ckpt"), "--transcript", str(notes)]) == 2
+    assert "is not a chat transcript owngpt wrote" in capsys.readouterr().err
+    assert notes.read_text(encoding="utf-8") == "mine\n"

@@ -60,3 +60,31 @@ def test_one_rule_for_chat_models():
     assert not is_chat_model({"task": "lm"}, tok)
     assert is_chat_model({"task": "chat"}, tok)
     assert is_chat_model({}, tok)  # a Hugging Face dir that brings a template
+
+
+def test_dropping_by_length_first_gives_exactly_the_token_rules_prompt():
+    """The server cuts a long conversation by characters before tokenizing (max_chars); the prompt must be the one
+    the token rule alone builds, for conversations of every length, both modes, a system prompt or none, and a
+    latest turn longer than the context (Chinese: a character is several byte tokens)."""
+    import itertools
+    import random
+
+    from owngpt.serve.limits import prompt_char_limit
+
+    tok = fixtures.char_tokenizer()
+    rng = random.Random(0)
+    words = ["hello", "床前明月光", "x" * 40, "ROMEO:", "a b c", "疑是地上霜。" * 5, "?"]
+    for trial in range(60):
+        n = rng.randrange(0, 30)
+        messages = [SYSTEM] if trial % 3 else []
+        for i in range(n):
+            role = "user" if i % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": " ".join(rng.choices(words, k=rng.randrange(0, 8)))})
+        messages.append({"role": "user", "content": " ".join(rng.choices(words, k=rng.randrange(1, 40)))})
+        budget = rng.choice([8, 24, 60, 200])
+        # the server's bound, and the tightest one that holds here: this char tokenizer has no merges, so every
+        # character is at least one token (the server's bound is 13x looser: its longest token is <|endoftext|>)
+        for chat, max_chars in itertools.product((True, False), (prompt_char_limit(tok, budget), budget)):
+            want = conversation_prompt(tok, messages, chat=chat, max_tokens=budget, eos_ids=[0])
+            got = conversation_prompt(tok, messages, chat=chat, max_tokens=budget, eos_ids=[0], max_chars=max_chars)
+            assert got == want, (trial, chat, budget, max_chars)

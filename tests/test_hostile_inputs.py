@@ -103,16 +103,36 @@ CHECKPOINT_CASES = {
     "n_layer 10000": edit_config(n_layer=10000),
     "n_embd not the weights' width": edit_config(n_embd=64),
     "vocab_size not the weights'": edit_config(vocab_size=999),
+    "a config field of the wrong type (layer_norm_epsilon 'x')": edit_config(layer_norm_epsilon="x"),
     "config.json nested 100,000 deep": write_file("config.json", DEEP),
     "config.json not JSON": write_file("config.json", b'{"n_layer": 2,'),
     "owngpt.json nested 100,000 deep": write_file("owngpt.json", DEEP),
+    "owngpt.json with an unknown task": lambda ckpt: _edit_meta(ckpt, task="bogus"),
+    "generation_config.json not JSON": write_file("generation_config.json", b'{"eos_token_id": '),
     "model.safetensors truncated": truncate("model.safetensors", 0.5),
     "model.safetensors random bytes": write_file("model.safetensors", bytes(range(256)) * 64),
     "model.safetensors empty": write_file("model.safetensors", b""),
     "a weight missing": edit_weights(lambda t: t.pop("transformer.ln_f.weight")),
     "an unexpected weight": edit_weights(_extra_tensor),
     "tokenizer.json truncated": truncate("tokenizer.json", 0.5),
+    "tokenizer_config.json not JSON": write_file("tokenizer_config.json", b'{"model_max_length": '),
+    "chat_template.jinja not valid Jinja": write_file("chat_template.jinja", b"{% for m in messages %}{{ m.content "),
+    "tokenizer.json of another model (a larger vocabulary)": lambda ckpt: _other_models_tokenizer(ckpt),
 }
+
+
+def _edit_meta(ckpt: Path, **fields) -> str:
+    meta = json.loads((ckpt / "owngpt.json").read_text(encoding="utf-8"))
+    meta.update(fields)
+    (ckpt / "owngpt.json").write_text(json.dumps(meta), encoding="utf-8")
+    return "owngpt.json"
+
+
+def _other_models_tokenizer(ckpt: Path) -> str:
+    """A tokenizer.json copied from a model with a larger vocabulary: its ids reach past this model's embedding."""
+    tok = fixtures.char_tokenizer(fixtures.TEXT + "".join(chr(0x4E00 + i) for i in range(400)))
+    tok.backend_tokenizer.save(str(ckpt / "tokenizer.json"))
+    return "tokenizer.json"
 
 
 def _commands(ckpt: Path, data: Path, tmp: Path) -> dict[str, list]:
@@ -445,10 +465,21 @@ def test_the_body_limit_answers_before_reading_the_body():
         mw, _scope("/v1/completions", len(long_prompt)), [{"type": "http.request", "body": long_prompt}]
     )
     assert status == 400 and body["error"]["code"] == "context_length_exceeded" and not reached
-    messages = {"model": "m", "messages": [{"role": "user", "content": "z" * 30}] * 2}
-    ok = json.dumps(messages).encode()
-    status, body, reached = _call(mw, _scope("/v1/chat/completions", len(ok)), [{"type": "http.request", "body": ok}])
-    assert status == 400 and reached is False  # 60 characters of messages in all
+    # a chat's turns are cut to the context by owngpt.conversation (a long conversation is answered from its latest
+    # turns): only its system message must fit whole
+    long_chat = {"model": "m", "messages": [{"role": "user", "content": "z" * 30}] * 3}
+    body = json.dumps(long_chat).encode()
+    status, _, reached = _call(mw, _scope("/v1/chat/completions", len(body)), [{"type": "http.request", "body": body}])
+    assert status == 200 and reached
+    long_system = {
+        "model": "m",
+        "messages": [{"role": "system", "content": "z" * 51}, {"role": "user", "content": "hi"}],
+    }
+    body = json.dumps(long_system).encode()
+    status, body, reached = _call(
+        mw, _scope("/v1/chat/completions", len(body)), [{"type": "http.request", "body": body}]
+    )
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded" and not reached
     fits = json.dumps({"model": "m", "prompt": "y" * 50}).encode()
     status, _, reached = _call(mw, _scope("/v1/completions", len(fits)), [{"type": "http.request", "body": fits}])
     assert status == 200 and reached
@@ -486,6 +517,17 @@ def test_the_server_refuses_a_large_body_and_still_answers_health(tiny_ckpt):
         assert c.get("/health").status_code == 200
         r = c.post("/v1/completions", json={"model": "m", "prompt": "ROMEO:", "max_tokens": 2}, headers=auth)
         assert r.status_code == 200
+        # a long conversation (the chat page after many turns, far past the context in characters) is answered
+        # from its latest turns, as `owngpt chat` answers it; it was refused with 400 context_length_exceeded
+        turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "x" * 300} for i in range(99)]
+        body = {"model": "m", "messages": turns, "max_tokens": 6, "temperature": 0}
+        r = c.post("/v1/chat/completions", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+    import owngpt
+
+    assert r.json()["choices"][0]["message"]["content"] == owngpt.load(tiny_ckpt).chat(
+        turns, max_new_tokens=6, temperature=0
+    )
 
 
 def test_a_terminated_prepare_leaves_no_temporary_dir(tmp_path):
@@ -548,3 +590,21 @@ def test_a_masked_lm_without_pooler_still_becomes_a_classifier(tmp_path):
     assert check_dir(tmp_path / "mlm")
     model = load_model(tmp_path / "mlm", task="classify", ignore_mismatched_sizes=True, num_labels=3)
     assert model.config.num_labels == 3 and model.bert.pooler is not None
+
+
+def test_serve_on_a_busy_port_is_an_error_line_before_the_model_loads(tiny_ckpt, capsys, monkeypatch):
+    """uvicorn found the port taken only after loading the model, logged `ERROR: [Errno 98]` and exited 3."""
+    import socket
+
+    import owngpt.serve.app
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(owngpt.serve.app, "create_app", no_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        msg = run_refused(capsys, ["serve", tiny_ckpt, "--port", port, "--api-key", "k" * 12], "--port", [tiny_ckpt])
+    assert "already in use" in msg and f"--port {port + 1}" in msg

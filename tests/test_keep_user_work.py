@@ -140,6 +140,8 @@ CASES = {
     "tune --out holding the data": ["tune", "--data", "RUN/data", "--model", "CKPT", "--out", "RUN", "--trials", "1"],
     "tune --out a folder that is no study": ["tune", "--data", "data", "--model", "CKPT", "--out", "FOREIGN"],
     "predict --output the --input file": ["predict", "CKPT", "--input", "texts.jsonl", "--output", "texts.jsonl"],
+    "predict --output a file of the user's": ["predict", "CKPT", "--input", "texts.jsonl", "--output", "f.txt"],
+    "predict --output a folder": ["predict", "CKPT", "--input", "texts.jsonl", "--output", "FOREIGN"],
     "eval --out a file": ["eval", "CKPT", "--data", "data", "--out", "f.txt"],
     "train --resume into a folder that is no run": [
         *("train", "--data", "data", "--model", "CKPT", "--out", "FOREIGN", "--resume"),
@@ -408,3 +410,23 @@ def test_an_overwrite_killed_before_a_checkpoint_is_undone_at_the_next_start(tin
     with pytest.raises(ConfigError, match="already holds a run"):
         train(quick_cfg(tiny_lm_data, run, tiny_ckpt, max_steps=2, eval_every=2))
     assert tree(tmp_path) == before
+
+
+def test_predictions_are_recognised_so_a_rerun_may_replace_them(tmp_path):
+    """predict --output replaces only predictions it wrote (a user's file was silently replaced)."""
+    import io
+
+    import numpy as np
+
+    from owngpt.predict import is_predictions_file, write_predictions
+
+    for fmt in ("jsonl", "csv"):
+        buf = io.StringIO()
+        write_predictions(buf, ["a, b", "c"], ["neg", "pos"], np.array([[0.2, 0.8], [0.6, 0.4]]), fmt)
+        f = tmp_path / f"p.{fmt}"
+        f.write_text(buf.getvalue(), encoding="utf-8")
+        assert is_predictions_file(f)
+    for text in ("my thesis\n", "text,label\nhi,1\n", '{"text": "hi", "label": 1}\n', "\x00\xff"):
+        f = tmp_path / "user.txt"
+        f.write_text(text, encoding="utf-8")
+        assert not is_predictions_file(f), text

@@ -519,3 +519,17 @@ def test_near_duplicates_share_one_set_of_permutations_with_the_same_signatures(
         assert np.array_equal(fresh.hashvalues, shared.hashvalues)
     assert nd.check_and_add("床前明月光，疑是地上霜。举头望明月，低头思故乡。", "a:1") is None
     assert nd.check_and_add("床前明月光，疑是地上霜。举头望明月，低头思故乡！", "b:1") is not None  # a near copy
+
+
+def test_a_missing_bundled_sample_says_where_owngpt_ships_it(tmp_path, monkeypatch, capsys):
+    """The README's `owngpt prepare tinyshakespeare.txt ...` run in an empty folder: the error says where the
+    bundled copy is, and the command with that path works."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "tang300.txt", "--out", "poems", "--tokenizer", "char", "--doc-sep", "%", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tang300.txt: no such file or folder; owngpt bundles a copy of tang300.txt: ")
+    bundled = err.strip().rsplit(": ", 1)[1]
+    assert Path(bundled).is_file() and not (tmp_path / "poems").exists()
+    assert main(["prepare", bundled, "--out", "poems", "--tokenizer", "char", "--doc-sep", "%", "--quiet"]) == 0
+    assert main(["prepare", "mine.txt", "--out", "x", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().endswith("mine.txt: no such file or folder")  # no hint for other names

@@ -530,6 +530,45 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
                 timeout=60000,
             )
             assert page.evaluate("localStorage.getItem('owngpt.api-key')") == KEY
+            # a chat reply that ended because the context was full (3 tokens, the limit is 24) says so, not "raise
+            # the limit": the page asks for the usage chunk and reads completion_tokens from it
+            notes = page.locator(".msg.note.cut").count()  # the sampled replies above may have ended either way
+            canned = "".join(
+                "data: " + json.dumps(c) + "\n\n"
+                for c in (
+                    {"choices": [{"index": 0, "delta": {"content": "so"}, "finish_reason": None}]},
+                    {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+                    {"choices": [], "usage": {"prompt_tokens": 61, "completion_tokens": 3, "total_tokens": 64}},
+                )
+            )
+            sent = []
+            page.route(
+                "**/v1/chat/completions",
+                lambda route: (
+                    sent.append(route.request.post_data_json),
+                    route.fulfill(
+                        status=200, headers={"content-type": "text/event-stream"}, body=canned + "data: [DONE]\n\n"
+                    ),
+                ),
+            )
+            page.fill("#input", "Go on")
+            page.press("#input", "Enter")
+            page.wait_for_function(
+                "() => document.querySelectorAll('.msg.assistant').length == 3 && !document.querySelector('.streaming')"
+            )
+            page.unroute("**/v1/chat/completions")
+            assert sent[0]["stream_options"] == {"include_usage": True}
+            assert page.locator(".msg.note.cut").count() == notes + 1
+            assert "context is full" in page.locator(".msg.note.cut").last.inner_text()
+            # Enter that confirms an input method's candidate (typing Chinese) does not send the half-typed text;
+            # sending is synchronous up to the new message, so the count right after the event tells
+            ime = page.evaluate(
+                """() => { const el = document.getElementById('input'); el.value = 'ni hao';
+                  el.dispatchEvent(new KeyboardEvent('keydown',
+                    {key: 'Enter', keyCode: 229, isComposing: true, bubbles: true, cancelable: true}));
+                  return [document.querySelectorAll('.msg.user').length, el.value]; }"""
+            )
+            assert ime == [3, "ni hao"]
             page.click("#reset")
             assert page.locator(".msg").count() == 0
         finally:

@@ -52,6 +52,7 @@ class Reply:
     finish_reason: str
     candidates: list[str] = field(default_factory=list)  # with MMI: every sampled candidate
     scores: list[float] = field(default_factory=list)  # with MMI: backward loss per candidate (lower = chosen)
+    completion_tokens: int = 0  # tokens generated for the reply (the chosen one with MMI)
 
 
 @dataclass
@@ -97,7 +98,7 @@ def reply(
             slide=False,
             lstrip=True,
         )[0]
-        return Reply(text=res.text, finish_reason=res.finish_reason)
+        return Reply(text=res.text, finish_reason=res.finish_reason, completion_tokens=res.completion_tokens)
 
     from owngpt.mmi import history_latest_first, rerank
 
@@ -120,7 +121,13 @@ def reply(
     chosen = results[ranked.best]
     if on_text is not None and ranked.text:
         on_text(ranked.text)
-    return Reply(text=ranked.text, finish_reason=chosen.finish_reason, candidates=candidates, scores=ranked.scores)
+    return Reply(
+        text=ranked.text,
+        finish_reason=chosen.finish_reason,
+        candidates=candidates,
+        scores=ranked.scores,
+        completion_tokens=chosen.completion_tokens,
+    )
 
 
 # --- the REPL ------------------------------------------------------------------------------------------------
@@ -133,6 +140,38 @@ HELP = """commands:
   /set NAME VALUE     change one, e.g. /set temperature 0.7, /set max_new_tokens 64, /set seed none
   /system TEXT        set the system prompt (and reset the conversation)
   /exit               quit (also /quit, Ctrl-D); Ctrl-C stops the current answer"""
+
+
+def is_transcript(path: str | os.PathLike) -> bool:
+    """Whether `path` is a transcript owngpt chat wrote: one JSON object with "messages" and "checkpoint"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.loads(f.read(64 << 20))  # a transcript is small; a huge file is not one
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("messages"), list) and "checkpoint" in obj
+
+
+def check_transcript_path(path: str | os.PathLike, models: Sequence[str | os.PathLike]) -> Path:
+    """Refuse a transcript path that would destroy something: a folder, a file inside a checkpoint being used
+    (`models`), or an existing file that is not an earlier owngpt transcript (which is replaced, as documented).
+    Returns the path (~ expanded)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{path} is a folder: give a file name for the transcript, e.g. {p / 'chat.json'}")
+    real = Path(os.path.realpath(p))
+    for m in models:
+        if os.path.isdir(m) and real.is_relative_to(os.path.realpath(m)):
+            raise ConfigError(
+                f"{path} lies inside the checkpoint {m}: writing there could damage it, so nothing was written; "
+                f"save the transcript outside it, e.g. {p.name if p.suffix == '.json' else 'chat.json'}"
+            )
+    if os.path.lexists(p) and not is_transcript(p):
+        raise ConfigError(
+            f"{path} already exists and is not a chat transcript owngpt wrote: owngpt does not replace your "
+            "files, so nothing was written; choose a new file name"
+        )
+    return p
 
 
 def write_transcript(path: str | os.PathLike, messages: Sequence[Message], extra: dict[str, Any] | None = None) -> None:
@@ -194,12 +233,26 @@ class ChatREPL:
         self.err = err or sys.stderr
         self.messages: list[Message] = []
         self.reset()
+        if transcript:  # before the first answer, not after it
+            check_transcript_path(transcript, self._models())
+
+    def _models(self) -> list[str]:
+        """The checkpoints in use, which a transcript must not be written into."""
+        return [str(m.path) for m in (self.lm, self.settings.mmi) if m is not None and m.path]
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def save(self, path: str | os.PathLike) -> None:
-        write_transcript(path, self.messages, {"checkpoint": str(self.lm.path), "params": self.params.to_dict()})
+        p = check_transcript_path(path, self._models())
+        write_transcript(p, self.messages, {"checkpoint": str(self.lm.path), "params": self.params.to_dict()})
+
+    def _autosave(self) -> None:
+        """Rewrite --transcript; a failure (disk full, folder gone) is reported and the conversation goes on."""
+        try:
+            self.save(self.transcript)
+        except (OwnGPTError, OSError) as e:
+            print(f"error: could not save the transcript: {e}", file=self.err)
 
     def command(self, line: str) -> bool:
         """Run a /command; False means quit."""
@@ -216,8 +269,11 @@ class ChatREPL:
             if not arg:
                 print("usage: /save FILE", file=self.out)
             else:
-                self.save(arg)
-                print(f"(saved {len(self.messages)} messages to {arg})", file=self.out)
+                try:
+                    self.save(arg)
+                    print(f"(saved {len(self.messages)} messages to {arg})", file=self.out)
+                except (OwnGPTError, OSError) as e:  # a bad name must not end the session and lose the chat
+                    print(f"error: {e}", file=self.out)
         elif name == "params":
             for k, v in self.params.to_dict().items():
                 print(f"  {k} = {v!r}", file=self.out)
@@ -276,11 +332,13 @@ class ChatREPL:
                 print(f"[mmi] {mark} {i} loss={s:.4f} {c!r}", file=self.err)
         self.messages.append({"role": "assistant", "content": r.text})
         if self.transcript:
-            self.save(self.transcript)
+            self._autosave()
         return r
 
     def _reached_context(self, r: Reply) -> bool:
-        return len(self.lm.tokenizer(r.text, add_special_tokens=False)["input_ids"]) < self.params.max_new_tokens
+        # the tokens generated, not the reply's text re-tokenized: the text is stripped and may tokenize shorter,
+        # which claimed "reached the context" for a reply that had simply used its --max-new-tokens
+        return r.completion_tokens < self.params.max_new_tokens
 
     def run(self, stdin: TextIO | None = None) -> int:
         interactive = (stdin or sys.stdin).isatty()
@@ -314,7 +372,7 @@ class ChatREPL:
                 self.turn(line)
         finally:
             if self.transcript:
-                self.save(self.transcript)
+                self._autosave()
         return 0
 
 

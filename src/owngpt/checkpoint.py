@@ -62,6 +62,9 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and any((p / w).exists() for w in WEIGHT_FILES)
 
 
+TASKS = ("lm", "chat", "mmi", "classify")  # what `owngpt train --task` writes into owngpt.json (config.py's choices)
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """owngpt.json of a checkpoint ({} for a plain Hugging Face directory)."""
     f = Path(path) / OWNGPT_META
@@ -70,6 +73,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta = _read_json(f, "the checkpoint may be corrupt: restore it from a copy, or save it again")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{f} holds a JSON {type(meta).__name__}, not an object; restore it from a copy")
+    task = meta.get("task")
+    if task is not None and task not in TASKS:  # an unknown task was read as "lm" and silently used as one
+        raise CheckpointError(
+            f"{f}: task {task!r} is not one owngpt knows ({', '.join(TASKS)}); restore owngpt.json from a copy"
+        )
     return meta
 
 
@@ -247,6 +255,8 @@ def check_dir(path: str | os.PathLike) -> Path:
     # config sizes, owngpt.json, and safetensors headers that parse and cover their files exactly.
     read_config_dict(p)
     read_meta(p)
+    if (p / "generation_config.json").is_file():  # damaged, transformers ignored it: other end-of-text ids, silently
+        _read_json(p / "generation_config.json", "restore it from the run or download that made the weights")
     if weight_shapes(p) and not read_meta(p).get("quantization"):
         # the model body against config.json, whatever task head it has (the head is checked when loading)
         check_weights(p, _auto_config(p), task="base")
@@ -256,10 +266,18 @@ def check_dir(path: str | os.PathLike) -> Path:
 def _auto_config(p: Path, **kwargs):
     from transformers import AutoConfig
 
+    try:  # transformers 5 validates field types through huggingface_hub's strict dataclasses (a plain Exception)
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - an older huggingface_hub
+        StrictDataclassError = ValueError  # noqa: N806
     try:
         return AutoConfig.from_pretrained(p, trust_remote_code=False, **kwargs)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p}/config.json cannot be read by transformers: {e}") from e
+    except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as e:
+        # one line: the strict validator's message spans several
+        raise CheckpointError(
+            f"{p}/config.json cannot be read by transformers: {' '.join(str(e).split())}; restore config.json "
+            "from the run or download that made the weights"
+        ) from e
 
 
 def check_adapter_dir(path: str | os.PathLike) -> Path:

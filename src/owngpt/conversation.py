@@ -59,21 +59,52 @@ class Prompt:
     kept_messages: int = 0  # messages that fit (system included)
 
 
+def _drop_by_chars(turns: list[chat_format.Message], budget: int) -> list[chat_format.Message]:
+    """The turns the token rule below would keep at least, found by characters alone.
+
+    Every token covers at most `longest` characters, so turns with more than max_tokens x longest characters of
+    content (the template only adds to it) cannot fit: the loop below would drop them, by the same steps (oldest
+    first, then leading assistant turns), and would cut the latest turn to no more than `budget` characters.
+    """
+    total = sum(len(m["content"]) for m in turns)
+    while total > budget and len(turns) > 1:
+        total -= len(turns[0]["content"])
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] == "assistant":
+            total -= len(turns[0]["content"])
+            turns = turns[1:]
+    if total > budget and turns:
+        text = turns[-1]["content"]
+        turns = [{**turns[-1], "content": text[len(text) - max(budget, 0) :]}]
+    return turns
+
+
 def reply_budget(context: int, max_new_tokens: int) -> int:
     """Tokens the prompt may use: the context minus room for the reply (at most half the context is reserved)."""
     return max(1, context - min(max_new_tokens, context // 2))
 
 
 def conversation_prompt(
-    tokenizer: Any, messages: Sequence[chat_format.Message], *, chat: bool, max_tokens: int, eos_ids: Sequence[int]
+    tokenizer: Any,
+    messages: Sequence[chat_format.Message],
+    *,
+    chat: bool,
+    max_tokens: int,
+    eos_ids: Sequence[int],
+    max_chars: int | None = None,
 ) -> Prompt:
     """Ids asking for the next assistant reply to `messages`, within `max_tokens` (see the module docstring).
 
     `eos_ids`: the model's end-of-text ids (plain mode); the chat mode ends on the template's end-of-turn ids.
+    `max_chars`: a bound no text of `max_tokens` tokens reaches (owngpt.serve.limits.prompt_char_limit); with it,
+    turns that cannot fit are dropped by their length before anything is tokenized (the server's guard against a
+    huge conversation holding the event loop), with exactly the result of the token rule alone.
     """
     messages = list(messages)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
+    if max_chars is not None:
+        turns = _drop_by_chars(turns, max_chars - sum(len(m["content"]) for m in system))
 
     def encode(msgs: list[chat_format.Message]) -> list[int]:
         if chat:

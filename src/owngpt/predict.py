@@ -178,6 +178,40 @@ def read_texts(source: str, text_column: str = "text", fmt: str = "auto", stdin:
     return [line for line in raw.splitlines() if line.strip()]
 
 
+def is_predictions_file(path: str | os.PathLike) -> bool:
+    """Whether `path` holds predictions owngpt wrote: a first line {"text", "label", "probs"} (JSONL) or the CSV
+    header text,label,p_... An empty file counts too (predictions for no texts)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 20).rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not first:
+        return True
+    if first.startswith("{"):
+        try:
+            row = json.loads(first)
+        except ValueError:
+            return False
+        return isinstance(row, dict) and set(row) == {"text", "label", "probs"}
+    cols = first.split(",")
+    return cols[:2] == ["text", "label"] and len(cols) > 2 and all(c.startswith("p_") for c in cols[2:])
+
+
+def check_predictions_output(output: str | os.PathLike) -> None:
+    """Refuse an --output that would replace something that is not owngpt's predictions: a folder (os.replace
+    failed with IsADirectoryError after the whole run) or a file of yours (it was silently replaced)."""
+    if os.path.isdir(output):
+        raise ConfigError(
+            f"--output {output} is a folder: choose a file name, e.g. --output {Path(output) / 'predictions.jsonl'}"
+        )
+    if os.path.lexists(output) and not is_predictions_file(output):
+        raise ConfigError(
+            f"--output {output} already exists and is not a predictions file owngpt wrote: owngpt does not "
+            "replace your files, so nothing was written; choose a new file name"
+        )
+
+
 def write_predictions(
     out: IO[str], texts: Sequence[str], labels: Sequence[str], probs: np.ndarray, fmt: str = "jsonl", digits: int = 6
 ) -> None:

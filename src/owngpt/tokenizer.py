@@ -222,12 +222,77 @@ def load_tokenizer(path: str | os.PathLike):
             f"{p}: a tokenizer file is nested too deeply to be real; copy the directory again"
         ) from None
     except Exception as e:  # tokenizers raises plain Exceptions for a damaged tokenizer.json
-        where = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else p
+        where = _damaged_json(p) or (p / "tokenizer.json" if (p / "tokenizer.json").is_file() else p)
         raise CheckpointError(
             f"{where}: transformers could not load a tokenizer from it ({e}); the file is damaged: copy it again"
         ) from None
     _join_cjk_wordpieces(tok)
+    _check_fits_the_model(tok, p)
+    _check_chat_template(tok, p)
     return tok
+
+
+def _damaged_json(p: Path) -> Path | None:
+    """The tokenizer file that is not valid JSON, to name it (a damaged tokenizer_config.json was reported as a
+    damaged tokenizer.json)."""
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        f = p / name
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, RecursionError):
+            return f
+    return None
+
+
+def _check_chat_template(tok, p: Path) -> None:
+    """Refuse a chat template that does not compile, when loading instead of at the first reply (a damaged
+    chat_template.jinja was a jinja2 TemplateSyntaxError traceback from `owngpt chat` and the server)."""
+    template = getattr(tok, "chat_template", None)
+    if not isinstance(template, str):
+        return
+    from jinja2 import TemplateError
+
+    try:  # transformers' own compiler: its extensions ({% generation %}) and filters, so a valid template passes
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # pragma: no cover - a transformers without it: left to the first reply
+        return
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as e:
+        where = p / "chat_template.jinja" if (p / "chat_template.jinja").is_file() else p / "tokenizer_config.json"
+        raise CheckpointError(
+            f"{where}: the chat template is not valid Jinja ({e}); the file is damaged or was edited: copy it again "
+            "from the run's other checkpoint or the data dir's tokenizer/"
+        ) from None
+
+
+def _check_fits_the_model(tok, p: Path) -> None:
+    """Refuse a checkpoint's tokenizer whose vocabulary is larger than the model's embedding.
+
+    A tokenizer.json copied from another model produced ids past the embedding: an IndexError traceback from
+    torch in generate, chat, eval and serve, and export wrote the broken checkpoint out. The base vocabulary is
+    compared (without added tokens: some Hub models add special tokens past their embedding that text never
+    produces). A config.json that cannot be read is left to owngpt.checkpoint's checks, which name it.
+    """
+    import json
+
+    try:
+        rows = json.loads((p / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+        return
+    n = getattr(tok, "vocab_size", None)
+    if isinstance(n, int) and n > rows:
+        raise CheckpointError(
+            f"{p / 'tokenizer.json' if (p / 'tokenizer.json').is_file() else p}: the tokenizer has {n:,} tokens but "
+            f"config.json's vocab_size is {rows:,}: it belongs to another model; copy this checkpoint's own "
+            "tokenizer files back (from the run's other checkpoint or the data dir's tokenizer/)"
+        )
 
 
 def _join_cjk_wordpieces(tok) -> None:

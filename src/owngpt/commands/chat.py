@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from owngpt.chat import ChatREPL, ChatSettings, is_chat_model
+    from owngpt.chat import ChatREPL, ChatSettings, check_transcript_path, is_chat_model
     from owngpt.device import inference_device
     from owngpt.generation import (
         context_length,
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     params_from_args(args)  # bad flags fail before the model loads
+    if args.transcript:  # and a --transcript that would replace a file of yours (ChatREPL checks again)
+        check_transcript_path(args.transcript, [m for m in (args.checkpoint, args.mmi) if m])
     lm = load_for_generation(args.checkpoint, device=inference_device(args.device))
     params = params_from_args(args, context=context_length(lm.model), default_max_new_tokens=128)
     use_one_thread_for_small_models(lm.model)

@@ -76,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
 
     from owngpt.device import inference_device
     from owngpt.errors import ConfigError
-    from owngpt.predict import ensemble_predict, load_classifier, read_texts, write_predictions
+    from owngpt.predict import (
+        check_predictions_output,
+        ensemble_predict,
+        load_classifier,
+        read_texts,
+        write_predictions,
+    )
 
     ckpts = ([args.checkpoint] if args.checkpoint else []) + list(args.models or [])
     if not ckpts:
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
         inputs = [("input (--input)", args.input)] + [("checkpoint", c) for c in ckpts]
         check_out(args.output, inputs, flag="--output", suggest="predictions")
+        check_predictions_output(args.output)
     texts = read_texts(args.input, args.text_column, args.input_format)
     from transformers.utils import logging as hf_logging
 

@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
 
+    _check_port_free(args.host, args.port)  # before the model loads, and as an error line, not uvicorn's log
     from owngpt.device import inference_device
     from owngpt.serve.app import create_app
 
@@ -158,3 +159,31 @@ def run(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a --port another process listens on. uvicorn found out only after the model had loaded and then
+    logged `ERROR: [Errno 98] ... address already in use` and exited with status 3. (A process that takes the
+    port between this check and uvicorn's bind still meets uvicorn's message.)"""
+    import errno
+    import socket
+
+    from owngpt.errors import ConfigError
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # a host that does not resolve: uvicorn reports it
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"--port {port}: {host}:{port} is already in use (another `owngpt serve`?); stop that process "
+                    f"or choose another --port, e.g. --port {port + 1}"
+                ) from None

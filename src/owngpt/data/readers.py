@@ -172,7 +172,7 @@ def discover(sources: list[str], fmt: str | None = None, any_extension: bool = F
         elif p.is_file():
             paths = [p]
         else:
-            raise DataError(f"{p}: no such file or folder")
+            raise DataError(f"{p}: no such file or folder{_bundled_hint(p)}")
         for f in paths:
             if f.resolve() in seen:
                 continue
@@ -726,3 +726,14 @@ def read_csv(src: SourceFile, cfg: Any, report: Report, task: str) -> Iterator[R
             yield Record(src.name, start, text=row[ti], label=label_name(row[li], label_col))
         except ValueError as e:
             yield Invalid(src.name, start, str(e))
+
+
+def _bundled_hint(p: Path) -> str:
+    """The README's examples name the bundled samples (tinyshakespeare.txt, tang300.txt) as if they were in the
+    current folder; a new user who copies the command gets told where the copy owngpt ships is."""
+    from importlib import resources
+
+    bundled = Path(str(resources.files("owngpt") / "sample_data" / p.name))
+    if p.suffix == ".txt" and bundled.is_file():
+        return f"; owngpt bundles a copy of {p.name}: {bundled}"
+    return ""

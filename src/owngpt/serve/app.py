@@ -140,7 +140,8 @@ def create_app(
     )
     # body size (413) and prompt length (400) are refused before parsing or tokenizing: owngpt.serve.limits
     ctx = engine.context_length if engine is not None else None
-    app.add_middleware(RequestLimits, max_prompt_chars=prompt_char_limit(tok, ctx))
+    max_prompt_chars = prompt_char_limit(tok, ctx)
+    app.add_middleware(RequestLimits, max_prompt_chars=max_prompt_chars)
 
     # --- errors in OpenAI's shape ----------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -264,6 +265,7 @@ def create_app(
             chat=loaded.chat_template,
             max_tokens=conversation.reply_budget(ctx, max_tokens or ctx),
             eos_ids=eos_ids(),
+            max_chars=max_prompt_chars,  # a long conversation is cut by length before the tokenizer sees it
         )
         ids = prompt.ids
         settings = row_settings(req, max_tokens, None, prompt.stop_ids, prompt.stop, slide=False)

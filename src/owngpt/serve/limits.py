@@ -8,7 +8,8 @@ and stalled every other request, `/health` included. Here:
     chunked body is counted while it arrives and cut off with 413 as soon as it passes the limit;
   - a JSON body within the limit is parsed once (milliseconds for 2 MB) and its prompt text measured: text longer
     than `max_prompt_chars` cannot fit the model's context whatever it tokenizes to, so it gets 400 before the
-    tokenizer sees it. The bound is exact, not a guess: no token covers more characters than the vocabulary's
+    tokenizer sees it (a completion prompt, a classification input, a chat's system message; a chat's turns are
+    cut to the latest that fit instead, by length before tokenizing: owngpt.conversation). The bound is exact, not a guess: no token covers more characters than the vocabulary's
     longest token (`prompt_char_limit`), so a text of more than context x longest characters has more tokens
     than the context holds. (For owngpt's tokenizers, which do not normalize text; a Hub tokenizer whose normalizer
     deletes characters could fit a longer prompt made mostly of deleted characters, which is refused here.)
@@ -61,12 +62,15 @@ async def _respond(send: Send, status: int, body: bytes) -> None:
 
 
 def _prompt_chars(payload: Any, field: str) -> int:
-    """Characters of prompt text in a request body: messages' contents, the prompt(s), or the input(s)."""
+    """Characters of prompt text in a request body that must fit whole: the system messages' contents (a chat's
+    other turns are cut to the context by owngpt.conversation, by their length first, so a long conversation is
+    answered from its latest turns, not refused), the prompt(s), or the input(s)."""
     value = payload.get(field) if isinstance(payload, dict) else None
     if field == "messages" and isinstance(value, list):
         total = 0
         for m in value:
-            content = m.get("content") if isinstance(m, dict) else None
+            kept = isinstance(m, dict) and m.get("role") in ("system", "developer")
+            content = m.get("content") if kept else None
             if isinstance(content, str):
                 total += len(content)
             elif isinstance(content, list):

@@ -118,6 +118,7 @@ function requestBody(messages) {
     model: modelId,
     messages,
     stream: true,
+    stream_options: { include_usage: true }, // the last chunk counts the tokens: was the reply cut by the limit?
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
   };
@@ -142,6 +143,7 @@ async function complete(text) {
   controller = new AbortController();
   let out = "";
   let finish = null;
+  let usage = null;
   try {
     const body = requestBody(null);
     delete body.messages;
@@ -161,8 +163,9 @@ async function complete(text) {
         div.scrollIntoView({ block: "end" });
       }
       finish = chunk.choices?.[0]?.finish_reason || finish;
+      usage = chunk.usage || usage;
     }
-    showFinish(div, finish);
+    showFinish(div, finish, usage);
     setStatus("ready");
   } catch (err) {
     if (err.name === "AbortError") setStatus("stopped");
@@ -188,6 +191,7 @@ async function send(text) {
   setStatus("generating…");
   let reply = "";
   let finish = null;
+  let usage = null;
   controller = new AbortController();
   try {
     for (let attempt = 0; ; attempt++) {
@@ -209,6 +213,7 @@ async function send(text) {
           bubble.scrollIntoView({ block: "end" });
         }
         finish = chunk.choices?.[0]?.finish_reason || finish;
+        usage = chunk.usage || usage;
       }
       break;
     }
@@ -217,7 +222,7 @@ async function send(text) {
       bubble.classList.add("empty");
       bubble.textContent = "(no text: the model ended its reply at once)";
     }
-    showFinish(bubble, finish);
+    showFinish(bubble, finish, usage);
     setStatus("ready");
   } catch (err) {
     if (err.name === "AbortError") {
@@ -236,17 +241,18 @@ async function send(text) {
   }
 }
 
-// A reply cut by the token limit looks like one the model ended: say so under it, with the way to get more.
-function showFinish(msg, finish) {
+// A reply cut by the token limit looks like one the model ended: say so under it, with the way to get more. A chat
+// reply also ends ("length") where the model's context is full, before the limit: raising the limit does not help.
+function showFinish(msg, finish, usage) {
   msg.dataset.finish = finish || "";
   if (finish !== "length") return;
   const note = document.createElement("div");
   note.className = "msg note cut";
   const limit = parseInt($("max-tokens").value, 10);
-  note.textContent =
-    limit > 0
-      ? `(cut off at the Max tokens limit, ${limit}: raise it in the settings for longer replies)`
-      : "(cut off: the model's context is full)";
+  const atLimit = limit > 0 && !(usage && usage.completion_tokens < limit);
+  note.textContent = atLimit
+    ? `(cut off at the Max tokens limit, ${limit}: raise it in the settings for longer replies)`
+    : "(cut off: the model's context is full; Reset conversation starts a new one)";
   msg.after(note);
 }
 
@@ -283,6 +289,9 @@ function init() {
     else send(text);
   });
   $("input").addEventListener("keydown", (ev) => {
+    // Enter while an input method composes (Chinese pinyin, Japanese kana) picks a candidate: it must not send
+    // the half-typed message. keyCode 229 is how Safari and older browsers mark that keydown.
+    if (ev.isComposing || ev.keyCode === 229) return;
     if (ev.key === "Enter" && !ev.shiftKey) {
       ev.preventDefault();
       $("composer").requestSubmit();
