@@ -128,6 +128,17 @@ MODULES: dict[str, list[str]] = {
         "tests/test_mutation_kills_data.py",
         "tests/test_privacy.py",
     ],
+    # the engine's one-token decode step over packed (fp32) or int8 projections, and the packing itself
+    "decode_step": [
+        "tests/test_mutation_kills_decode.py",  # the kernel each batch size reads, unfused activations, scaled RoPE
+        "tests/test_decode_kernels.py",
+        "tests/test_engine.py",
+    ],
+    "decode_kernels": [
+        "tests/test_mutation_kills_decode.py",  # the cache-resident bound, frozen biases, models off the CPU
+        "tests/test_decode_kernels.py",
+        "tests/test_engine.py",
+    ],
     "quantize": [
         "tests/test_mutation_kills_quantize.py",
         "tests/test_split_scales_weights.py",
