@@ -176,3 +176,18 @@ def test_a_model_off_the_cpu_is_left_as_it_is(tok):
     before = [type(m) for m in model.modules()]
     assert pack_for_decode(model) == 0
     assert [type(m) for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_rows_decode_as_the_reference_from_a_one_token_prompt(tok, kv_heads):
+    # a row that starts from one token attends over 2, 3, 4, ... cached columns, so every cache length up to the
+    # window is reached, including those equal to the head count (4 query heads here); one row alone goes through
+    # SDPA with grouped heads, rows together too. Oracle: every step's logits against a fresh forward
+    ref = _reference(tok, "llama", num_key_value_heads=kv_heads)
+    fast = _packed(ref)
+    for prompts in (["A"], ["A", "B"]):
+        for r in _decode(fast, tok, prompts):
+            for s, e, logits in r.trace:
+                with torch.no_grad():
+                    want = ref(torch.tensor([r.ids[s:e]])).logits[0, -1]
+                torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
