@@ -191,3 +191,31 @@ def test_grouped_query_rows_decode_as_the_reference_from_a_one_token_prompt(tok,
                 with torch.no_grad():
                     want = ref(torch.tensor([r.ids[s:e]])).logits[0, -1]
                 torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_layers_are_measured_without_the_head_and_the_head_with_everything(tok, monkeypatch):
+    # pack_for_decode's rule: the layers keep an [in, out] copy when the layers' projections (the LM head left out)
+    # fit the cache-resident bound, the head when every projection does. With the bound set between the head's own
+    # bytes and the layers' bytes (the head of this tiny model is the smaller), nothing fits
+    ref = _reference(tok, "gpt2")
+    from transformers.pytorch_utils import Conv1D
+
+    head = ref.get_output_embeddings()
+    head_bytes = head.weight.numel() * 4
+    layer_bytes = sum(m.weight.numel() for m in ref.modules() if isinstance(m, Conv1D)) * 4
+    assert head_bytes < layer_bytes
+    for bound, layers_keep, head_keeps in [
+        (head_bytes, False, False),
+        (layer_bytes, True, False),
+        (layer_bytes + head_bytes, True, True),
+    ]:
+        monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda b=bound: b)
+        fast = _packed(ref)
+        packed_head = fast.get_output_embeddings()
+        kept = {
+            m.weight_io is not None
+            for m in fast.modules()
+            if type(m).__name__ == "PackedLinear" and m is not packed_head
+        }
+        assert kept == {layers_keep}, bound
+        assert (packed_head.weight_io is not None) == head_keeps, bound
