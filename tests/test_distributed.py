@@ -88,6 +88,8 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path,
     second = torchrun(*common, "--max-steps", "4", "--out", str(out), "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step 2" in second.stderr
+    # each rank got its own generators back on resume (dropout 0: nothing drew from them since)
+    assert_each_rank_seeded_its_generators(out / "checkpoints" / "last", seed=9, world=2)
     assert second.stderr.count("done: 4 steps") == 1  # only rank 0 talks
 
     # one process, batch 2 x 2 ranks = 4 rows per micro-batch, the same accumulation
