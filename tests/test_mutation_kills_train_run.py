@@ -108,3 +108,15 @@ def test_a_resume_with_an_intact_best_says_nothing_about_it_and_leaves_it(tmp_pa
     err = capsys.readouterr().err
     assert "checkpoints/best" not in err
     assert _tree(best) == before
+
+
+def test_a_run_says_what_it_trains_before_its_first_step(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
+    # the lines a user reads first: the parameter count (oracle: the saved model's own count), how many are
+    # trained, the block size and the task, then the optimizer and its learning rate
+    from owngpt.checkpoint import load_model
+
+    res = train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, lr=1e-3, max_steps=1, eval_every=1))
+    err = capsys.readouterr().err
+    n = sum(p.numel() for p in load_model(res.last_checkpoint).parameters())
+    assert f"parameters: {n:,} ({n:,} trained); block size 32; task lm" in err
+    assert "optimizer: AdamW (lr 0.001" in err
