@@ -1,5 +1,7 @@
 """Scale-out on this CPU: `torchrun --nproc_per_node 2` (gloo) equals one process with the same global batch,
-and a 2-process run resumes. Chat data, so the loss normalisation over masked tokens across ranks is exercised."""
+and a 2-process run resumes, with DDP and with FSDP (the FSDP run is stopped after one step and resumed: its
+optimizer state goes through torch's full state dict and back into the shards). Each rank seeds its generators as
+written by hand. Chat data, so the loss normalisation over masked tokens across ranks is exercised."""
 
 from __future__ import annotations
 
@@ -25,6 +27,30 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def assert_each_rank_seeded_its_generators(ckpt, seed: int, world: int) -> None:
+    """Each rank's saved generators are, by hand, python's and numpy's seeded with `seed` and torch's with
+    `seed + rank` (dropout masks differ per rank, as in one big batch), untouched by a run without dropout."""
+    import json
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt / "trainer" / "state.json").read_text())
+    tensors = load_file(ckpt / "trainer" / "tensors.safetensors")
+    assert meta["world_size"] == world and len(meta["rng"]) == world
+    random.seed(seed)
+    python = json.loads(json.dumps(random.getstate()))
+    np.random.seed(seed)
+    numpy_key = np.random.get_state()[1].tolist()
+    for rank in range(world):
+        assert meta["rng"][rank]["python"] == python
+        assert meta["rng"][rank]["numpy"][1] == numpy_key
+        expected = torch.Generator().manual_seed(seed + rank).get_state()
+        assert torch.equal(tensors[f"rng/{rank}/torch"], expected), f"rank {rank}'s torch generator"
 
 
 def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path, tiny_ckpt):
@@ -58,9 +84,12 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path,
     out = tmp_path / "ddp"
     first = torchrun(*common, "--max-steps", "2", "--out", str(out))
     assert first.returncode == 0, first.stderr[-3000:]
+    assert_each_rank_seeded_its_generators(out / "checkpoints" / "last", seed=9, world=2)
     second = torchrun(*common, "--max-steps", "4", "--out", str(out), "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step 2" in second.stderr
+    # each rank got its own generators back on resume (dropout 0: nothing drew from them since)
+    assert_each_rank_seeded_its_generators(out / "checkpoints" / "last", seed=9, world=2)
     assert second.stderr.count("done: 4 steps") == 1  # only rank 0 talks
 
     # one process, batch 2 x 2 ranks = 4 rows per micro-batch, the same accumulation
@@ -89,7 +118,9 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path,
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_fsdp_two_processes_equal_one(tmp_path, tiny_ckpt, tiny_lm_data):
+def test_fsdp_two_processes_equal_one_and_resume(tmp_path, tiny_ckpt, tiny_lm_data):
+    # stopped after one step and resumed: the optimizer state saved in full and loaded back into the shards
+    # (catches a sharded or otherwise wrong state-dict option on either side: the second step would differ)
     common = [
         "--data",
         str(tiny_lm_data),
@@ -101,8 +132,6 @@ def test_fsdp_two_processes_equal_one(tmp_path, tiny_ckpt, tiny_lm_data):
         "2",
         "--seed",
         "5",
-        "--max-steps",
-        "2",
         "warmup_steps=0",
         "schedule=constant",
         "eval_batches=1",
@@ -112,8 +141,11 @@ def test_fsdp_two_processes_equal_one(tmp_path, tiny_ckpt, tiny_lm_data):
         "--device",
         "cpu",
     ]
-    run = torchrun(*common, "--batch-size", "2", "--out", str(tmp_path / "fsdp"))
+    first = torchrun(*common, "--batch-size", "2", "--max-steps", "1", "--out", str(tmp_path / "fsdp"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = torchrun(*common, "--batch-size", "2", "--max-steps", "2", "--out", str(tmp_path / "fsdp"), "--resume")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming from step 1" in run.stderr
     one = train(
         quick_cfg(
             tiny_lm_data,

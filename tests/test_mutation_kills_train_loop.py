@@ -72,6 +72,19 @@ def test_resume_restores_the_cuda_generator_when_the_state_has_one(monkeypatch):
     assert restored == [[7, 8, 9]]
 
 
+def test_ddp_is_given_this_ranks_gpu_and_no_device_on_the_cpu():
+    # DDP's contract (torch docs): a single-device CUDA module gets device_ids=[its GPU], so each rank's replica and
+    # its gradient buckets stay on that rank's device; a CPU module must get None (DDP raises on device ids there).
+    # A GPU is not needed to build the devices; this machine has none, so the CUDA half is checked here only
+    import torch
+
+    from owngpt.train import _ddp_device_ids
+
+    assert _ddp_device_ids(torch.device("cuda", 1)) == [1]
+    assert _ddp_device_ids(torch.device("cuda", 0)) == [0]
+    assert _ddp_device_ids(torch.device("cpu")) is None
+
+
 def test_improvement_is_strict_and_follows_the_metric_direction():
     import math
 

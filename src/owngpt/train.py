@@ -555,6 +555,12 @@ def _metric_direction(task: Any, metric: str) -> bool:
     return not (metric in LOSS_METRICS or metric.endswith("loss"))
 
 
+def _ddp_device_ids(device: Any) -> list[int] | None:
+    """DDP's `device_ids` for a module on `device`: a CUDA module's one GPU (this rank's), None on the CPU (DDP
+    refuses device ids for CPU modules and, given none on a GPU, would not know which device the module is on)."""
+    return [device.index] if device.type == "cuda" else None
+
+
 def _improves(new: float | None, best: float | None, higher: bool) -> bool:
     if new is None or math.isnan(new):
         return False
@@ -705,7 +711,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            fwd = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+            fwd = DDP(raw, device_ids=_ddp_device_ids(device))
     if cfg.compile and dist.world > 1:
         fwd = torch.compile(fwd)  # DDP/FSDP: compile the wrapped module (torch splits its graph at gradient buckets)
     # forward + loss, the part of the step that repeats: compiled as one function when alone (see train_step)

@@ -1,0 +1,122 @@
+"""What a training run checks, says and writes, written against the mutants of train's loop that survived its fifth
+fresh sample (#25): an --out that is or holds the run's inputs, an interrupted --overwrite put back, a NaN first
+evaluation and the patience counter, the merged checkpoint only when asked for. Oracles: the file tree before and
+after (hashes of every file), the note the user is given, the evaluations replayed from metrics.jsonl."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from train_helpers import quick_cfg
+
+from owngpt.errors import ConfigError
+from owngpt.train import train
+
+
+def _tree(root: Path) -> dict[str, str]:
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(d) / name
+            out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("where", ["the data", "the model", "holds the data", "holds the model", "inside the data"])
+def test_an_out_that_is_or_holds_or_lies_in_an_input_is_refused_and_nothing_is_written(
+    tmp_path, tiny_lm_data, tiny_ckpt, where
+):
+    # copies: a run that got past the check would write into (or replace) them
+    data = shutil.copytree(tiny_lm_data, tmp_path / "holder" / "data")
+    model = shutil.copytree(tiny_ckpt, tmp_path / "holder2" / "model")
+    out = {
+        "the data": data,
+        "the model": model,
+        "holds the data": data.parent,
+        "holds the model": model.parent,
+        "inside the data": data / "run",
+    }[where]
+    before = _tree(tmp_path)
+    flag = "--model" if "model" in where else "--data"
+    with pytest.raises(ConfigError, match="nothing was written") as e:
+        train(quick_cfg(data, out, model, overwrite=True))
+    assert "nothing was written" in str(e.value) and flag in str(e.value)
+    assert _tree(tmp_path) == before
+
+
+def test_an_interrupted_overwrite_put_back_is_announced(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
+    # what a kill during an --overwrite's first steps leaves: the old run aside (`.run.replaced-PID` of a dead
+    # process), the new one without a checkpoint. The next start puts the old run back and says so
+    run = tmp_path / "run"
+    train(quick_cfg(tiny_lm_data, run, tiny_ckpt, max_steps=2, eval_every=2))
+    run.rename(tmp_path / ".run.replaced-999999")
+    run.mkdir()
+    shutil.copy(tmp_path / ".run.replaced-999999/config.yaml", run / "config.yaml")
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(quick_cfg(tiny_lm_data, run, tiny_ckpt, max_steps=2, eval_every=2))
+    err = capsys.readouterr().err
+    assert f"{run}: an earlier --overwrite was interrupted before its first checkpoint; the old run is back" in err
+    assert (run / "checkpoints" / "last").is_dir()
+
+
+def test_a_nan_first_evaluation_counts_as_one_evaluation_without_improvement(
+    tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch
+):
+    # the patience counter starts at 0: a first evaluation that is NaN (not an improvement) makes it 1, so with
+    # patience 2 the run goes on, and the next (finite) evaluation is the first best. Replayed on metrics.jsonl
+    import json
+    import math
+
+    from owngpt.tasks.lm import LMTask
+
+    original, calls = LMTask.evaluate, []
+
+    def first_is_nan(self, *args, **kwargs):
+        metrics = original(self, *args, **kwargs)
+        calls.append(1)
+        return {k: math.nan for k in metrics} if len(calls) == 1 else metrics
+
+    monkeypatch.setattr(LMTask, "evaluate", first_is_nan)
+    res = train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, lr=1e-3, max_steps=3, eval_every=1, patience=2))
+    evals = [r for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3] and math.isnan(evals[0]["val_loss"])
+    assert not res.stopped_early and res.steps == 3
+    assert res.best_metric == min(r["val_loss"] for r in evals[1:])  # NaN is never the best
+
+
+def test_a_lora_run_writes_a_merged_checkpoint_only_when_asked(tmp_path, tiny_lm_data, tiny_ckpt):
+    # checkpoints/merged is written for LoRA runs with merge_lora (the layout in owngpt.train's docstring), never
+    # for a LoRA run without it (the adapter checkpoints are what it asked for)
+    train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, lora=True, max_steps=2, eval_every=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best", "last"]
+
+
+def test_a_resume_with_an_intact_best_says_nothing_about_it_and_leaves_it(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
+    # checkpoints/best holds the best step the trainer state names: the resume keeps it as it is (no copy from
+    # last, no warning); only a best that is behind or missing is repaired or reported (owngpt.train._reconcile_best)
+    run = tmp_path / "run"
+    train(quick_cfg(tiny_lm_data, run, tiny_ckpt, lr=1e-3, max_steps=2, eval_every=1))
+    best = run / "checkpoints" / "best"
+    before = _tree(best)
+    capsys.readouterr()
+    train(quick_cfg(tiny_lm_data, run, tiny_ckpt, lr=1e-3, max_steps=2, eval_every=1, resume=True))
+    err = capsys.readouterr().err
+    assert "checkpoints/best" not in err
+    assert _tree(best) == before
+
+
+def test_a_run_says_what_it_trains_before_its_first_step(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
+    # the lines a user reads first: the parameter count (oracle: the saved model's own count), how many are
+    # trained, the block size and the task, then the optimizer and its learning rate
+    from owngpt.checkpoint import load_model
+
+    res = train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, lr=1e-3, max_steps=1, eval_every=1))
+    err = capsys.readouterr().err
+    n = sum(p.numel() for p in load_model(res.last_checkpoint).parameters())
+    assert f"parameters: {n:,} ({n:,} trained); block size 32; task lm" in err
+    assert "optimizer: AdamW (lr 0.001" in err
