@@ -69,6 +69,8 @@ def test_one_row_reads_the_cache_resident_copy_and_several_rows_the_packed_weigh
     # packed weight, for the layers and the LM head alike. Seen by zeroing the copies in place after the step was
     # built: the one-row step then changes, the several-row step does not. Oracle: a one-token forward of the
     # unpacked model (the step over an empty cache computes exactly that)
+    # torch's kernels only: where owngpt's native one-row kernel builds, it takes the copies' place (test_native_kernels)
+    monkeypatch.setenv("OWNGPT_NATIVE_KERNELS", "0")
     monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda: 1 << 40)
     ref = _reference(tok, arch)
     ids = [5, 9]
@@ -197,6 +199,7 @@ def test_the_layers_are_measured_without_the_head_and_the_head_with_everything(t
     # pack_for_decode's rule: the layers keep an [in, out] copy when the layers' projections (the LM head left out)
     # fit the cache-resident bound, the head when every projection does. With the bound set between the head's own
     # bytes and the layers' bytes (the head of this tiny model is the smaller), nothing fits
+    monkeypatch.setenv("OWNGPT_NATIVE_KERNELS", "0")  # the copies are kept only on torch's kernels
     ref = _reference(tok, "gpt2")
     from transformers.pytorch_utils import Conv1D
 
