@@ -152,26 +152,14 @@ def is_transcript(path: str | os.PathLike) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("messages"), list) and "checkpoint" in obj
 
 
-def check_transcript_path(path: str | os.PathLike, models: Sequence[str | os.PathLike]) -> Path:
-    """Refuse a transcript path that would destroy something: a folder, a file inside a checkpoint being used
+def check_transcript_path(path: str | os.PathLike, models: Sequence[str | os.PathLike], flag: str = "") -> Path:
+    """Refuse a transcript path that would destroy something: a folder, a path inside a checkpoint being used
     (`models`), or an existing file that is not an earlier owngpt transcript (which is replaced, as documented).
-    Returns the path (~ expanded)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise ConfigError(f"{path} is a folder: give a file name for the transcript, e.g. {p / 'chat.json'}")
-    real = Path(os.path.realpath(p))
-    for m in models:
-        if os.path.isdir(m) and real.is_relative_to(os.path.realpath(m)):
-            raise ConfigError(
-                f"{path} lies inside the checkpoint {m}: writing there could damage it, so nothing was written; "
-                f"save the transcript outside it, e.g. {p.name if p.suffix == '.json' else 'chat.json'}"
-            )
-    if os.path.lexists(p) and not is_transcript(p):
-        raise ConfigError(
-            f"{path} already exists and is not a chat transcript owngpt wrote: owngpt does not replace your "
-            "files, so nothing was written; choose a new file name"
-        )
-    return p
+    Returns the path (~ expanded). The rules are owngpt.outdir's, for every output that is one file."""
+    from owngpt.outdir import check_out_file
+
+    inputs = [("checkpoint", m) for m in models]
+    return check_out_file(path, inputs, ours=is_transcript, what="a chat transcript", example="chat.json", flag=flag)
 
 
 def write_transcript(path: str | os.PathLike, messages: Sequence[Message], extra: dict[str, Any] | None = None) -> None:
@@ -234,7 +222,7 @@ class ChatREPL:
         self.messages: list[Message] = []
         self.reset()
         if transcript:  # before the first answer, not after it
-            check_transcript_path(transcript, self._models())
+            check_transcript_path(transcript, self._models(), flag="--transcript")
 
     def _models(self) -> list[str]:
         """The checkpoints in use, which a transcript must not be written into."""

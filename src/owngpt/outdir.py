@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from owngpt.errors import ConfigError
@@ -106,15 +106,41 @@ def check_out(out: str | os.PathLike, inputs: Inputs, *, flag: str = "--out", su
         else:
             continue
         raise ConfigError(
-            f"{flag} {out} {problem}: writing there could replace or delete it, so nothing was written; "
-            f"{_fix(o, inputs, flag, suggest)}"
+            f"{f'{flag} {out}'.strip()} {problem}: writing there could replace or delete it, so nothing was "
+            f"written; {_fix(o, inputs, flag, suggest)}"
         )
     return o
+
+
+def check_out_file(
+    path: str | os.PathLike,
+    inputs: Inputs,
+    *,
+    ours: Callable[[Path], bool],
+    what: str,
+    example: str,
+    flag: str = "",
+) -> Path:
+    """The rules above for an output that is one file (a chat transcript, predictions): refuse a folder, a path
+    that is, holds or lies inside one of `inputs` (check_out), and an existing file `ours` does not recognise as
+    owngpt's own `what` (an earlier one is replaced, which the commands document). Returns the path, ~ expanded."""
+    p = Path(path).expanduser()
+    label = f"{flag} {path}".strip()
+    check_out(p, inputs, flag=flag, suggest=example)  # e.g. notes-chat.json next to the input
+    if p.is_dir():
+        raise ConfigError(f"{label} is a folder: choose a file name, e.g. {f'{flag} {p / example}'.strip()}")
+    if os.path.lexists(p) and not ours(p):
+        raise ConfigError(
+            f"{label} already exists and is not {what} owngpt wrote: owngpt does not replace your files, so "
+            "nothing was written; choose a new file name"
+        )
+    return p
 
 
 def _fix(o: Path, inputs: Inputs, flag: str, suggest: str) -> str:
     """The fix for check_out's message: a concrete --out that passes the check, when one is easy to find."""
     paths = [_real(p) for _, p in inputs if p is not None and os.path.lexists(Path(p).expanduser())]
+    name = f"an {flag}" if flag else "a path"
     anchors = [o] + [p for p in paths if _inside(o, p)]  # next to out, or next to the input that holds it
     for a in reversed(anchors):
         for n in range(1, 100):
@@ -122,8 +148,8 @@ def _fix(o: Path, inputs: Inputs, flag: str, suggest: str) -> str:
             if cand.exists():
                 continue
             if not any(cand == p or _inside(p, cand) or _inside(cand, p) for p in paths):
-                return f"choose an {flag} outside your inputs, e.g. {flag} {_short(cand)}"
-    return f"choose an {flag} outside your inputs"
+                return f"choose {name} outside your inputs, e.g. {f'{flag} {_short(cand)}'.strip()}"
+    return f"choose {name} outside your inputs"
 
 
 def _short(p: Path) -> str:

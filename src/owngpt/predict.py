@@ -198,18 +198,20 @@ def is_predictions_file(path: str | os.PathLike) -> bool:
     return cols[:2] == ["text", "label"] and len(cols) > 2 and all(c.startswith("p_") for c in cols[2:])
 
 
-def check_predictions_output(output: str | os.PathLike) -> None:
+def check_predictions_output(output: str | os.PathLike, inputs: Sequence[tuple[str, Any]] = ()) -> None:
     """Refuse an --output that would replace something that is not owngpt's predictions: a folder (os.replace
-    failed with IsADirectoryError after the whole run) or a file of yours (it was silently replaced)."""
-    if os.path.isdir(output):
-        raise ConfigError(
-            f"--output {output} is a folder: choose a file name, e.g. --output {Path(output) / 'predictions.jsonl'}"
-        )
-    if os.path.lexists(output) and not is_predictions_file(output):
-        raise ConfigError(
-            f"--output {output} already exists and is not a predictions file owngpt wrote: owngpt does not "
-            "replace your files, so nothing was written; choose a new file name"
-        )
+    failed with IsADirectoryError after the whole run), an input (`inputs`: the texts, the checkpoints) or a file of
+    yours (it was silently replaced). The rules are owngpt.outdir's, for every output that is one file."""
+    from owngpt.outdir import check_out_file
+
+    check_out_file(
+        output,
+        inputs,
+        ours=is_predictions_file,
+        what="a predictions file",
+        example="predictions.jsonl",
+        flag="--output",
+    )
 
 
 def write_predictions(

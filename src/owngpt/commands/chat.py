@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     params_from_args(args)  # bad flags fail before the model loads
     if args.transcript:  # and a --transcript that would replace a file of yours (ChatREPL checks again)
-        check_transcript_path(args.transcript, [m for m in (args.checkpoint, args.mmi) if m])
+        check_transcript_path(args.transcript, [m for m in (args.checkpoint, args.mmi) if m], flag="--transcript")
     lm = load_for_generation(args.checkpoint, device=inference_device(args.device))
     params = params_from_args(args, context=context_length(lm.model), default_max_new_tokens=128)
     use_one_thread_for_small_models(lm.model)

@@ -89,12 +89,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("pass a checkpoint (owngpt predict CKPT --input F) or --models CKPT1 CKPT2 ...")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.output is not None:  # before any work: --output must not replace the texts or a model
-        from owngpt.outdir import check_out
-
+    if args.output is not None:  # before any work: --output must not replace the texts, a model or your file
         inputs = [("input (--input)", args.input)] + [("checkpoint", c) for c in ckpts]
-        check_out(args.output, inputs, flag="--output", suggest="predictions")
-        check_predictions_output(args.output)
+        check_predictions_output(args.output, inputs)
     texts = read_texts(args.input, args.text_column, args.input_format)
     from transformers.utils import logging as hf_logging
 
