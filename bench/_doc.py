@@ -29,3 +29,27 @@ def write_section(name: str, body: str, doc: Path = DOC, title: str = "# Benchma
     tmp = doc.with_name(doc.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, doc)
+
+
+def cpu_model() -> str:
+    """The CPU's name and its widest vector instructions, e.g. "AMD EPYC (avx2)": the machines that run these
+    benchmarks differ from one day to the next (AVX-512 or not), which moves CPU decode numbers more than any change."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if name and flags:
+                    break
+    except OSError:  # not Linux: the platform's name is what there is
+        return name
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags] or [
+        f for f in ("avx2",) if f in flags
+    ]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"

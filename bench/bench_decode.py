@@ -402,7 +402,7 @@ def render(
     lines += [
         "",
         (llama_note + " " if llama_note else "")
-        + f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.processor() or platform.machine()}, "
+        + f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_doc.cpu_model()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, transformers {transformers.__version__}"
         + (f", llama-cpp-python {llama_version}" if llama_version else "")
         + f", Python {platform.python_version()}. Load average before the run {before:.1f}, at the end {load:.1f}"
