@@ -1,8 +1,8 @@
 """The optimizer of a training run: AdamW alone, or Muon on the hidden matrices with AdamW on everything else.
 
     optimizer=adamw  torch's AdamW (fused kernel), weight decay on 2-D weights only (nanoGPT's groups).
-    optimizer=muon   torch.optim.Muon on the 2-D matrices inside the transformer blocks (attention and MLP
-                     projections), at `muon_lr`; AdamW at `lr` on the embeddings, the LM/classifier head, norms and
+    optimizer=muon   torch.optim.Muon (owngpt.muon: its Newton-Schulz iteration in fp32 on the CPU) on the 2-D
+                     matrices inside the transformer blocks (attention and MLP projections), at `muon_lr`; AdamW at `lr` on the embeddings, the LM/classifier head, norms and
                      biases. Muon orthogonalises each matrix's momentum (Newton-Schulz), which is defined for whole
                      hidden-layer matrices only; torch's Muon refuses anything not 2-D, and embeddings and heads are
                      better served by AdamW (Keller Jordan's Muon post; modded-nanogpt).
@@ -169,8 +169,15 @@ def build_optimizer(model: Any, cfg: Any, device_type: str, sharded: bool) -> tu
         if n in hidden:
             by_factor.setdefault(muon_shape_correction(model, n), []).append((n, p))
     m_groups = [{"params": [p for _, p in group]} for group in by_factor.values()]
-    muon = torch.optim.Muon(
-        m_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, nesterov=True
+    from owngpt.muon import Muon, ns_dtype_for
+
+    muon = Muon(
+        m_groups,
+        lr=cfg.muon_lr,
+        momentum=cfg.muon_momentum,
+        weight_decay=cfg.muon_weight_decay,
+        nesterov=True,
+        ns_dtype=ns_dtype_for(device_type),  # fp32 on the CPU: faster there and exact across processes (muon.py)
     )
     names = a_names + [n for group in by_factor.values() for n, _ in group]
     scales = [1.0] * len(a_groups) + [cfg.muon_lr / cfg.lr * f for f in by_factor]
@@ -186,12 +193,15 @@ FSDP_REFUSAL = (
 
 def describe(cfg: Any, optimizer: Any) -> str:
     """One log line: which optimizer trains how many tensors at which peak lr."""
+    import torch
+
     if isinstance(optimizer, HybridOptimizer):
         n_muon = sum(len(g["params"]) for g in optimizer.muon.param_groups)
         n_adamw = sum(len(g["params"]) for g in optimizer.adamw.param_groups)
         return (
             f"optimizer: Muon (lr {cfg.muon_lr:g}) on {n_muon} block matrices, AdamW (lr {cfg.lr:g}) on the "
-            f"{n_adamw} other tensors (embeddings, head, norms, biases)"
+            f"{n_adamw} other tensors (embeddings, head, norms, biases); Newton-Schulz in "
+            f"{'fp32' if optimizer.muon.ns_dtype == torch.float32 else 'bf16'}"
         )
     return f"optimizer: AdamW (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g} on matrices and embeddings)"
 
