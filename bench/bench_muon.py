@@ -51,7 +51,9 @@ def main() -> None:
     import torch
 
     from owngpt.models import PRESETS
-    from owngpt.muon import BF16, FP32, Muon, newton_schulz
+    from owngpt.muon import Muon, newton_schulz
+
+    BF16, FP32 = torch.bfloat16, torch.float32
 
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats

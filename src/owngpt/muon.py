@@ -21,23 +21,22 @@ lr scaled by sqrt(max(1, rows/cols))) because torch offers no hook for the itera
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
-import torch
 
-BF16, FP32 = torch.bfloat16, torch.float32
-
-
-def ns_dtype_for(device_type: str) -> torch.dtype:
+def ns_dtype_for(device_type: str) -> Any:
     """The Newton-Schulz precision for a run on `device_type`: fp32 on the CPU, bf16 on accelerators."""
-    return FP32 if device_type == "cpu" else BF16
+    import torch
+
+    return torch.float32 if device_type == "cpu" else torch.bfloat16
 
 
-def newton_schulz(
-    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
-) -> torch.Tensor:
+def newton_schulz(g: Any, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: Any) -> Any:
     """The quintic Newton-Schulz iteration of torch's Muon (an approximate U V^T of g = U S V^T), in `dtype`."""
+    import torch
+
     a, b, c = coefficients
     x = g.to(dtype)
     if g.size(0) > g.size(1):  # iterate on the wide orientation: the Gram matrix is the smaller one
@@ -49,36 +48,49 @@ def newton_schulz(
     return x.T if g.size(0) > g.size(1) else x
 
 
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon whose Newton-Schulz iteration runs in `ns_dtype` (torch's own step when it is bf16)."""
+def Muon(params: Any, *, ns_dtype: Any = None, **kwargs: Any) -> Any:  # noqa: N802 (reads as the class it builds)
+    """torch.optim.Muon whose Newton-Schulz iteration runs in `ns_dtype` (default bf16: torch's own step)."""
+    return muon_class()(params, ns_dtype=ns_dtype, **kwargs)
 
-    def __init__(self, params: Any, *, ns_dtype: torch.dtype = BF16, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        self.ns_dtype = ns_dtype
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        if self.ns_dtype == BF16:
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            bufs: list[torch.Tensor] = []
-            self._init_group(group, params, grads, bufs)  # torch's: skips params without grad, makes the buffers
-            if group["adjust_lr_fn"] not in (None, "original"):
-                raise ValueError(
-                    f"owngpt's fp32 Muon step supports adjust_lr_fn='original' only, not {group['adjust_lr_fn']!r}"
-                )
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p, grad, buf in zip(params, grads, bufs, strict=True):
-                buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-                rows, cols = p.shape[:2]
-                p.mul_(1 - lr * decay)
-                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1, rows / cols)))
-        return loss
+@functools.cache  # one class, so that isinstance works; built on first use so that importing owngpt needs no torch
+def muon_class() -> Any:
+    import torch
+
+    class OwnMuon(torch.optim.Muon):
+        """torch.optim.Muon whose Newton-Schulz iteration runs in `ns_dtype` (torch's own step when it is bf16)."""
+
+        def __init__(self, params: Any, *, ns_dtype: Any = None, **kwargs: Any) -> None:
+            super().__init__(params, **kwargs)
+            self.ns_dtype = torch.bfloat16 if ns_dtype is None else ns_dtype
+
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> Any:
+            if self.ns_dtype == torch.bfloat16:
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                params: list[Any] = []
+                grads: list[Any] = []
+                bufs: list[Any] = []
+                self._init_group(group, params, grads, bufs)  # torch's: skips params without grad, makes buffers
+                if group["adjust_lr_fn"] not in (None, "original"):
+                    raise ValueError(
+                        f"owngpt's fp32 Muon step supports adjust_lr_fn='original' only, not {group['adjust_lr_fn']!r}"
+                    )
+                lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+                for p, grad, buf in zip(params, grads, bufs, strict=True):
+                    buf.lerp_(grad, 1 - momentum)
+                    update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                    update = newton_schulz(
+                        update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                    )
+                    rows, cols = p.shape[:2]
+                    p.mul_(1 - lr * decay)
+                    p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1, rows / cols)))
+            return loss
+
+    return OwnMuon
