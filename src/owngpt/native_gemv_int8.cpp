@@ -6,7 +6,11 @@
 // (fbgemm's quantized::linear_dynamic) pays per call to quantize the activation in torch, to compute its
 // per-tensor zero point and to requantize the output, around a kernel written for batches. This one does what
 // llama.cpp's q8_0 dot product does, with owngpt's weight format: one sequential stream of weights, x quantized once
-// per call, integer products summed in int32 per block of 32 columns, 8 output rows per pass.
+// per call, integer products summed in int32 per block of 32 columns, 8 output rows per pass. Measured on the 2-core
+// AVX2 EPYC (gpt2 size, bench/bench_decode_step.py --int8, medians of 9 paired ratios of runs timed next to each
+// other, on a machine shared with other work: load average ~8): the 49 products 1.21x fbgemm's speed on one thread
+// and 1.98x on two (fbgemm's one-row product barely uses the second thread), the whole int8 decode step 1.11x and
+// 1.12x; that step went from 0.78x to 0.88x llama.cpp q8_0's step on one thread in the same run.
 //
 // Activations: quantized per call, symmetric, one fp32 scale per block of 32 columns (llama.cpp's q8_0 activation
 // format): d = max|x_block| / 127, q = round_half_even(x / d) computed as x * (1 / d) (d = 0: q = 0). Why blocks and
