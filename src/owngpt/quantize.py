@@ -172,6 +172,8 @@ def _int8_linear_class():
         activations; fbgemm's one scale per call is coarser where a few channels are outliers). Measured against
         fbgemm's op at one row (gpt2 size, bench/bench_decode_step.py --int8, paired ratios on a shared 2-core AVX2
         machine): the 49 products 1.21x as fast on one thread, 1.98x on two; the whole decode step 1.11x / 1.12x.
+        Perplexity on the bundled Tiny Shakespeare's validation split (8192 tokens; the `tiny` shape trained 300
+        steps, char vocabulary), every row of every projection through the kernel: +0.002% from fp32, as fbgemm's.
         Everything else (the module's forward: prompts, batches, evaluation and perplexity; a machine without the
         kernel, OWNGPT_NATIVE_KERNELS=0) keeps fbgemm's op, so evaluation numbers do not depend on the kernel."""
 
