@@ -20,6 +20,12 @@ random GPT-2 of an owngpt preset's shape (`--preset`, default `gpt2`: 124M):
   through bench_decode.py's C-API driver; skipped when llama-cpp-python is missing or `--vocab` is not GPT-2's.
 The kernels' row is a floor for any Python-side decode step built on them: it says how close to llama.cpp one can get
 without another kernel.
+
+    python bench/bench_decode_step.py --int8 --main   # the int8 model: owngpt's int8 kernel vs fbgemm's, one row
+
+With --int8 the model is owngpt's int8 copy of the same weights (owngpt.quantize): the 49 products through
+`Int8Linear.kernel(one_row=True)` (owngpt's int8 kernel, native_gemv_int8.cpp) and through fbgemm's op (what the
+module's forward calls), the whole int8 step (owngpt.decode_step) with each at one row, and llama.cpp q8_0's step.
 """
 
 from __future__ import annotations
@@ -154,7 +160,62 @@ def owngpt_steps(cfg: Any, batch: int) -> tuple[dict[str, Callable[[], Any]], An
     return {**steps, "owngpt step (transformers forward)": hf}, ref
 
 
-def llama_step(ref: Any, batch: int, threads: int, work: Path) -> Callable[[int], None] | None:
+def int8_steps(cfg: Any, batch: int) -> tuple[dict[str, Callable[[], Any]], Any]:
+    """The int8 rows (see the module doc): products alone and whole steps, owngpt's int8 kernel vs fbgemm's op."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from owngpt.decode_step import decode_step_for
+    from owngpt.engine import _SlotCache
+    from owngpt.quantize import quantize_model
+
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model = quantize_model(ref).eval()
+    lins = [m for m in model.modules() if type(m).__name__ == "Int8Linear"]
+    n = 64
+    with torch.no_grad():
+        out = model(torch.randint(0, cfg.vocab_size, (batch, n)), use_cache=True)
+    cache = _SlotCache(cfg.n_positions)
+    for g in range(batch):
+        cache.append([(layer.keys[g : g + 1], layer.values[g : g + 1]) for layer in out.past_key_values.layers])
+    ids = torch.randint(0, cfg.vocab_size, (batch,))
+    pos = torch.full((batch,), n)
+    xs = {k: torch.randn(batch, k) for k in {m.in_features for m in lins}}
+    fns: dict[str, Callable[[], Any]] = {}
+
+    def products(ks: list[Any]) -> Callable[[], None]:
+        def run() -> None:
+            for m, k in zip(lins, ks, strict=True):
+                k(xs[m.in_features])
+
+        return run
+
+    native = lins[0].native
+    if native is not None:
+        fns[f"kernels: owngpt native int8 ({native.isa_int8})"] = products([m.kernel(True) for m in lins])
+    fns["kernels: fbgemm int8 (linear_dynamic)"] = products([m.kernel(False) for m in lins])
+
+    def timed(step: Any) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                step(ids, pos, cache.k, cache.v, batch, n, None)
+
+        return run
+
+    if native is not None:
+        fns["owngpt int8 step, native kernel"] = timed(decode_step_for(model))
+    kept = [m.native_packed for m in lins]
+    for m in lins:  # the same model with fbgemm at one row (as with OWNGPT_NATIVE_KERNELS=0)
+        m.native_packed = None
+    fns["owngpt int8 step, fbgemm"] = timed(decode_step_for(model))
+    for m, k in zip(lins, kept, strict=True):
+        m.native_packed = k
+    return fns, ref
+
+
+def llama_step(ref: Any, batch: int, threads: int, work: Path, kind: str = "f32") -> Callable[[int], None] | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -165,7 +226,7 @@ def llama_step(ref: Any, batch: int, threads: int, work: Path) -> Callable[[int]
     from owngpt.tokenizer import gpt2_tokenizer
 
     files = gguf_files(ref, gpt2_tokenizer(), work, threads)
-    lc = LlamaCpp(files["f32"], threads, batch, 32 + 64 + 16)
+    lc = LlamaCpp(files[kind], threads, batch, 32 + 64 + 16)
     prompts = [list(range(100 + s, 132 + s)) for s in range(batch)]
 
     def run(th: int) -> float:
@@ -197,7 +258,10 @@ def main() -> int:
         help="only the rows that decide owngpt's kernel choice (oneDNN, owngpt's native kernel, the step on each, "
         "llama.cpp): a shorter run",
     )
-    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md (decode-step)")
+    ap.add_argument("--int8", action="store_true", help="the int8 model: owngpt's int8 kernel vs fbgemm's op")
+    ap.add_argument(
+        "--write", action="store_true", help="write the table into docs/benchmarks.md (decode-step, decode-step-int8)"
+    )
     args = ap.parse_args()
     import bench_decode
 
@@ -214,17 +278,24 @@ def main() -> int:
 
     hf_logging.set_verbosity_error()
     cfg = GPT2Config(**PRESETS[args.preset], vocab_size=args.vocab)
-    fns = kernels(cfg, args.batch)
-    steps, ref = owngpt_steps(cfg, args.batch)
-    fns.update(steps)
+    if args.int8:
+        fns, ref = int8_steps(cfg, args.batch)
+    else:
+        fns = kernels(cfg, args.batch)
+        steps, ref = owngpt_steps(cfg, args.batch)
+        fns.update(steps)
     if args.main:
-        fns = {k: f for k, f in fns.items() if "oneDNN packed" in k and "LM head" not in k or "owngpt" in k}
+        fns = {
+            k: f for k, f in fns.items() if "oneDNN packed" in k and "LM head" not in k or "owngpt" in k or "int8" in k
+        }
         fns.pop("owngpt step (transformers forward)", None)
-    weight_bytes = bench_decode.decode_weight_bytes(ref, 4)
+    weight_bytes = bench_decode.decode_weight_bytes(ref, 1 if args.int8 else 4)
+    kind = "q8_0" if args.int8 else "f32"
     bandwidth = bench_decode.copy_bandwidth()  # the memory-rate limit, measured between the repeats
     work = tempfile.TemporaryDirectory(prefix="bench_decode_step_")
     # llama.cpp reads the GGUF's tokenizer (GPT-2's) for its vocabulary size: only with GPT-2's vocabulary
-    llama = llama_step(ref, args.batch, max(args.threads), Path(work.name)) if args.vocab == 50257 else None
+    llama = llama_step(ref, args.batch, max(args.threads), Path(work.name), kind) if args.vocab == 50257 else None
+    llama_row = f"llama.cpp {kind} step"
     results: list[tuple[int, str, float, float, float | None]] = []  # threads, row, median, min, llama / this
     copy_rate: dict[int, float] = {}
     paired: list[tuple[int, str, float]] = []  # threads, "A vs B", median of B's time / A's over the repeats
@@ -232,7 +303,7 @@ def main() -> int:
         torch.set_num_threads(th)
         times: dict[str, list[float]] = {k: [] for k in fns}
         if llama is not None:
-            times["llama.cpp f32 step"] = []
+            times[llama_row] = []
         for f in fns.values():
             f()
         order = list(times)
@@ -252,15 +323,20 @@ def main() -> int:
         # On a shared machine the medians above drift with the other work; the ratio of two rows timed next to each
         # other in the same repeat sees the same load: its median says which kernel is faster more robustly.
         native_row = next((k for k in times if k.startswith("kernels: owngpt native")), None)
+        native8_row = next((k for k in times if k.startswith("kernels: owngpt native int8")), None)
         for fast, slow in (
             (native_row, "kernels: oneDNN packed"),
             ("owngpt step (decode_step)", "owngpt step, torch kernels only"),
+            (native8_row, "kernels: fbgemm int8 (linear_dynamic)"),
+            ("owngpt int8 step, native kernel", "owngpt int8 step, fbgemm"),
+            ("owngpt int8 step, native kernel", llama_row),
+            ("owngpt int8 step, fbgemm", llama_row),
         ):
             if fast in times and slow in times:
                 ratio = statistics.median(a / b for a, b in zip(times[slow], times[fast], strict=True))
                 paired.append((th, f"{fast} vs {slow}", ratio))
                 print(f"{args.preset} threads {th}: {fast} is {ratio:.3f}x as fast as {slow} (median of paired ratios)")
-        base = statistics.median(times["llama.cpp f32 step"]) if llama is not None else None
+        base = statistics.median(times[llama_row]) if llama is not None else None
         for k, v in times.items():
             m = statistics.median(v)
             results.append((th, k, m, min(v), base / m if base else None))
@@ -289,7 +365,29 @@ def write_doc(
     from _doc import write_section
 
     cmd = " ".join(["python bench/bench_decode_step.py", *sys.argv[1:]])
-    lines = [
+    bandwidth_note = (
+        "*GB/s* is weight bytes / time, to set against the copy bandwidth (bytes read + written of a 512 MiB tensor "
+        "copy, same run: "
+        + ", ".join(f"{v:.1f} GB/s on {k} thread(s)" for k, v in copy_rate.items())
+        + "; a kernel that only reads can go above it)."
+    )
+    if args.int8:
+        lines = [
+            "## Int8 decode step at batch 1: owngpt's int8 kernel vs fbgemm's, alone and in the step, vs llama.cpp",
+            "",
+            f"One decode step of owngpt's int8 copy (owngpt.quantize) of a random GPT-2 of the `{args.preset}` "
+            f"preset's shape ({weight_bytes / 1e6:.0f} MB of int8 weights read per step, the LM head included), "
+            f"{args.batch} row(s), a 64-token cache, milliseconds per step, median (and minimum) of {args.repeats} "
+            "interleaved repeats. *kernels* rows: the 49 products alone through owngpt's int8 kernel "
+            "(`src/owngpt/native_gemv_int8.cpp`: activations quantized per block of 32) and through fbgemm's "
+            "`quantized::linear_dynamic` (one activation scale per call). *owngpt int8 step*: the whole hand-written "
+            "step (owngpt.decode_step) with each at one row. *llama.cpp q8_0 step*: its decode step on the same "
+            "weights (owngpt's GGUF q8_0 export). " + bandwidth_note,
+            "",
+            "| threads | row | ms (median) | ms (min) | GB/s of weights | llama.cpp step / this |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+    lines_fp32 = [
         "## Decode step at batch 1: the matrix kernels alone vs owngpt's step vs llama.cpp's step",
         "",
         f"One decode step of a random GPT-2 of the `{args.preset}` preset's shape ({weight_bytes / 1e6:.0f} MB of "
@@ -299,14 +397,13 @@ def write_doc(
         "owngpt's own kernel (`src/owngpt/native_gemv.cpp`, owngpt.native_kernels). *owngpt step*: the whole "
         "hand-written step (owngpt.decode_step) with the native kernel at one row, and with torch's kernels only "
         "(`OWNGPT_NATIVE_KERNELS=0`). *llama.cpp f32 step*: its decode step on the same weights (owngpt's GGUF "
-        "export, its C API). *GB/s* is weight bytes / time, to set against the copy bandwidth (bytes read + "
-        "written of a 512 MiB tensor copy, same run: "
-        + ", ".join(f"{v:.1f} GB/s on {k} thread(s)" for k, v in copy_rate.items())
-        + "; a kernel that only reads can go above it).",
+        "export, its C API). " + bandwidth_note,
         "",
         "| threads | row | ms (median) | ms (min) | GB/s of weights | llama.cpp step / this |",
         "|---:|---|---:|---:|---:|---:|",
     ]
+    if not args.int8:
+        lines = lines_fp32
     for th, name, med, best, rel in results:
         rel_s = f"{rel:.2f}x" if rel is not None else ""
         lines.append(
@@ -333,7 +430,7 @@ def write_doc(
         "",
         f"Reproduce: `{cmd}`",
     ]
-    write_section("decode-step", "\n".join(lines))
+    write_section("decode-step-int8" if args.int8 else "decode-step", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ uses as a reference. Each kernel is a plain callable x -> x @ (q * scale).T + bi
 absolute difference from that product computed in float64, relative to the product's largest value. Medians of
 interleaved repeats (A B C ... then reversed); prints only (the numbers inform owngpt.quantize's docstring).
 
+    python bench/bench_int8_kernels.py --ppl CKPT DATA_DIR   # int8 perplexity: fbgemm vs owngpt's one-row kernel
+
     python bench/bench_int8_kernels.py --decode        # where batch-1 int8 decode time goes, end to end
 
 With --decode it instead decodes greedily (32-token random prompt, --new-tokens, batch --batch-sizes) with the int8
@@ -27,6 +29,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]  # (out, in), the head last
@@ -82,6 +85,13 @@ def kernels(q: Any, s: Any, b: Any) -> dict[str, Callable[[Any], Any]]:
         )
 
     out["onednn.qlinear_pointwise (uint8 x)"] = onednn_q
+    from owngpt.native_kernels import native_gemv
+
+    native = native_gemv()
+    if native is not None and native.int8_level > 0:  # owngpt's own int8 kernel (one row at a time; blocks of 32)
+        out[f"owngpt native int8 ({native.isa_int8})"] = native.kernel_int8(
+            native.pack_int8(q), s, q.shape[0], q.shape[1], b, ("none", "")
+        )
     q64 = q.contiguous().view(torch.int64)  # not a kernel: one read of the int8 weight, the bandwidth ceiling
     out["(read the int8 weight once: the ceiling)"] = lambda x: q64.sum().float().expand(x.shape[0], q.shape[0])
     w32 = (q.float() * s[:, None]).contiguous()
@@ -93,7 +103,6 @@ def kernels(q: Any, s: Any, b: Any) -> dict[str, Callable[[Any], Any]]:
 def decode_ab(threads: int, batch: int, new_tokens: int, repeats: int) -> None:
     """int8 decode three ways, interleaved (see the module doc): tokens/s and the ratio to llama.cpp q8_0."""
     import tempfile
-    from pathlib import Path
 
     import bench_decode
     import torch
@@ -179,6 +188,35 @@ def decode_ab(threads: int, batch: int, new_tokens: int, repeats: int) -> None:
         print(f"threads {threads} batch {B}: {k:32s} {v:7.1f} tokens/s  {v / tps['llama.cpp q8_0']:.2f}x of llama.cpp")
 
 
+def ppl_ab(ckpt: str, data: str, block_size: int, max_tokens: int) -> None:
+    """Perplexity of a trained checkpoint on DATA's validation split: fp32, int8 through fbgemm (the module's forward,
+    what `owngpt eval` measures) and int8 with every row of every projection through owngpt's one-row int8 kernel (what
+    batch-1 decoding computes): the issue's bound is int8 within +2% of fp32."""
+    import torch
+
+    from owngpt.export import eval_tokens, load_fp32, perplexity
+    from owngpt.quantize import _int8_linear_class, quantize_model
+
+    model, tok, _, _ = load_fp32(Path(ckpt))
+    tokens, _ = eval_tokens(tok, data, None, max_tokens, Path(ckpt))
+    int8 = quantize_model(model).eval()
+    got = {"fp32": perplexity(model, tokens, block_size), "int8 fbgemm": perplexity(int8, tokens, block_size)}
+    cls = _int8_linear_class()
+    forward = cls.forward
+
+    def row_by_row(self: Any, x: Any) -> Any:
+        k, flat = self.kernel(True), x.reshape(-1, self.in_features)
+        return torch.cat([k(flat[i : i + 1]) for i in range(len(flat))]).view(*x.shape[:-1], self.out_features)
+
+    cls.forward = row_by_row
+    try:
+        got["int8 owngpt kernel (row by row)"] = perplexity(int8, tokens, block_size)
+    finally:
+        cls.forward = forward
+    for k, v in got.items():
+        print(f"perplexity {k:34s} {v:8.4f}  {100 * (v / got['fp32'] - 1):+.3f}% vs fp32")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -187,7 +225,13 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="substrings of kernel names to keep")
     ap.add_argument("--decode", action="store_true", help="time whole int8 decodes instead (see above)")
     ap.add_argument("--new-tokens", type=int, default=48, help="with --decode: tokens generated per row")
+    ap.add_argument("--ppl", nargs=2, metavar=("CKPT", "DATA_DIR"), help="perplexity instead (see ppl_ab)")
+    ap.add_argument("--block-size", type=int, default=64, help="with --ppl: the window the model was trained with")
+    ap.add_argument("--eval-tokens", type=int, default=20000, help="with --ppl: validation tokens")
     args = ap.parse_args()
+    if args.ppl:
+        ppl_ab(*args.ppl, args.block_size, args.eval_tokens)
+        return 0
     if args.decode:
         for b in args.batch_sizes:
             decode_ab(args.threads, b, args.new_tokens, args.repeats)

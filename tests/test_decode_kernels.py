@@ -56,7 +56,7 @@ def kernels(request, weights_size, monkeypatch):
 
 
 def native_in_use(model):
-    """Whether the model's packed layers carry owngpt's native kernel."""
+    """Whether the model's packed (or int8) layers carry owngpt's native kernel."""
     return any(getattr(m, "native_packed", None) is not None for m in model.modules())
 
 
@@ -216,15 +216,19 @@ def test_llama_positions_past_the_rope_table_use_the_models_rotary_module(tok):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_int8_models_decode_through_the_step_as_through_their_forward(tok, arch):
+def test_int8_models_decode_through_the_step_as_through_their_forward(tok, arch, monkeypatch):
     """An int8 model (owngpt.quantize's Int8Linear projections, int8 embedding looked up by its module) takes the
     hand-written step; oracle: the same int8 model decoding through transformers' forward (the step disabled), whose
-    per-step logits it must equal (the same int8 op on the same rows) and so its greedy and sampled tokens."""
+    per-step logits it must equal (the same int8 op on the same rows) and so its greedy and sampled tokens. Here on
+    fbgemm's op at every batch size (owngpt's one-row int8 kernel off: it rounds activations differently, see the
+    next test)."""
     from owngpt.decode_kernels import parameter_count
     from owngpt.quantize import quantize_model
 
+    monkeypatch.setenv(native_kernels.ENV, "0")
     ref, _fast, _ = models(tok, arch)
     int8 = quantize_model(copy.deepcopy(ref)).eval()
+    assert not native_in_use(int8)
     assert abs(parameter_count(int8) - parameter_count(ref)) < 0.02 * parameter_count(ref)  # weights, not biases
 
     def run(step_on, prompts, **settings):
@@ -266,3 +270,103 @@ def test_a_failed_kernel_build_falls_back_to_torchs_kernels(tok, monkeypatch, tm
     ref, fast, n = models(tok, "gpt2")
     assert n > 0 and not native_in_use(fast)
     assert [r.token_ids for r in greedy(fast, tok, PROMPTS[:2])] == [r.token_ids for r in greedy(ref, tok, PROMPTS[:2])]
+
+
+def _int8_native_models(tok, arch):
+    from owngpt.quantize import quantize_model
+
+    native = native_kernels.native_gemv()
+    if native is None or native.int8_level == 0:
+        pytest.skip("owngpt's native int8 kernel is not available here")
+    ref, _fast, _ = models(tok, arch)
+    int8 = quantize_model(copy.deepcopy(ref)).eval()
+    assert native_in_use(int8) and all(m.native is native for m in int8.modules() if type(m).__name__ == "Int8Linear")
+    return ref, int8
+
+
+# owngpt's one-row int8 kernel against fbgemm's op, both on the same int8 weights: the two quantize each activation
+# differently (one scale per block of 32 columns vs one per call, 7 or 8 bits), so their logits differ by about the
+# two rounding errors together. Measured on these models over the four prompts (largest difference / largest |logit|):
+# kernel vs fp32 1.3-2.9%, fbgemm vs fp32 1.3-2.9%, kernel vs fbgemm 1.6-2.4%. Stated bounds: each within int8's 5% of
+# fp32 (tests/test_quantize.py, docs/deploy.md), the kernel no further from fp32 than 1.5x fbgemm's distance, and the
+# two within 5% of each other; a wrong weight, scale or lane moves logits by tens of %.
+INT8_KERNEL_VS_FBGEMM = 0.05
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_one_row_kernel_logits_stay_within_rounding_of_fbgemms_and_of_fp32(tok, arch):
+    """Batch-1 decode of an int8 model goes through owngpt's int8 kernel (owngpt.native_kernels). Oracles, at every
+    step of a greedy decode whose window moves: the fp32 model's forward and the same int8 model's forward (fbgemm)
+    over the same window (bounds above). Tokens are not compared with fbgemm's: a different rounding may pick another
+    near-tie."""
+    ref, int8 = _int8_native_models(tok, arch)
+    row = Row(tok.encode(PROMPTS[1]), RowSettings(max_tokens=40, temperature=0))
+    row.trace = []
+    decoder = Decoder(int8, tok, 24, shift=5)
+    assert decoder._fast_step is not None
+    run_to_end(decoder, [row])
+    assert len({s for s, _e, _lg in row.trace}) >= 3
+    kernel_fp32 = fbgemm_fp32 = kernel_fbgemm = 0.0
+    for s, e, logits in row.trace:
+        with torch.no_grad():
+            fbgemm = int8(torch.tensor([row.ids[s:e]])).logits[0, -1]
+            fp32 = ref(torch.tensor([row.ids[s:e]])).logits[0, -1]
+        top = float(fp32.abs().max())
+        kernel_fp32 = max(kernel_fp32, float((logits - fp32).abs().max()) / top)
+        fbgemm_fp32 = max(fbgemm_fp32, float((fbgemm - fp32).abs().max()) / top)
+        kernel_fbgemm = max(kernel_fbgemm, float((logits - fbgemm).abs().max() / fbgemm.abs().max()))
+    assert kernel_fp32 <= 0.05 and kernel_fp32 <= 1.5 * fbgemm_fp32
+    assert 0 < kernel_fbgemm <= INT8_KERNEL_VS_FBGEMM  # > 0: the kernel really ran (fbgemm's rounding would give 0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_one_row_kernel_keeps_perplexity_within_the_int8_bound(tok, arch, monkeypatch):
+    """Every projection of every position through the one-row kernel (as batch-1 decoding sees them): perplexity on
+    the fixture text within 1% of fp32's (test_quantize's bound for fbgemm's int8 on these models; the issue's is 2%)
+    and of fbgemm's int8."""
+    from owngpt.quantize import _int8_linear_class
+
+    ref, int8 = _int8_native_models(tok, arch)
+    ids = torch.tensor([tok.encode(fixtures.TEXT)[:64]])  # the models' whole context
+
+    def ppl(model):
+        with torch.no_grad():
+            logits = model(ids).logits
+        return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
+
+    fp32, fbgemm = ppl(ref), ppl(int8)
+
+    def row_by_row(self, x):
+        k, flat = self.kernel(True), x.reshape(-1, self.in_features)
+        return torch.cat([k(flat[i : i + 1]) for i in range(len(flat))]).view(*x.shape[:-1], self.out_features)
+
+    monkeypatch.setattr(_int8_linear_class(), "forward", row_by_row)
+    native = ppl(int8)
+    assert native != fbgemm  # the kernel ran
+    assert abs(native / fp32 - 1) < 0.01 and abs(native / fbgemm - 1) < 0.01
+
+
+def test_int8_models_keep_fbgemm_when_the_kernel_build_fails(tok, monkeypatch, tmp_path):
+    """No usable compiler: Int8Linear has no native copy, and batch-1 int8 decoding equals its forward exactly."""
+    from owngpt.quantize import quantize_model
+
+    monkeypatch.setattr(native_kernels, "_loaded", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    ref, _fast, _ = models(tok, "gpt2")
+    int8 = quantize_model(copy.deepcopy(ref)).eval()
+    assert not native_in_use(int8)
+
+    def run(step_on):
+        row = Row(tok.encode(PROMPTS[0]), RowSettings(max_tokens=12, temperature=0))
+        row.trace = []
+        decoder = Decoder(int8, tok, 24, shift=5)
+        if not step_on:  # transformers' forward, one row a call like the step: fbgemm's op on the same rows
+            decoder._fast_step = None
+        run_to_end(decoder, [row])
+        return row
+
+    a, b = run(True), run(False)
+    assert a.token_ids == b.token_ids and len(a.trace) == len(b.trace)
+    for (_, _, la), (_, _, lb) in zip(a.trace, b.trace):
+        torch.testing.assert_close(la, lb, rtol=0, atol=1e-6)

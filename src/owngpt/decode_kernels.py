@@ -55,7 +55,8 @@ a forward compiled by inductor with freezing): 38 s before the first token, then
 (24), so the engine does not compile. Inductor's freezing does this very reorder internally, which is why these ops
 are the ones chosen.
 
-What is not touched: int8 models (their projections are already torch's dynamic int8 kernels, owngpt.quantize),
+What is not touched: int8 models (their projections are owngpt.quantize's Int8Linear: fbgemm's dynamic int8 op, and
+at one row owngpt's int8 kernel from owngpt.native_kernels),
 non-fp32 weights, other devices, and architectures whose oracle test has not run here (only GPT-2 and LLaMA-style
 models are packed: some transformers models read a projection's `.weight` directly, which a packed module no longer
 has). The packed model is for inference only: no gradients flow through the reordered weights.

@@ -23,7 +23,8 @@ runs, medians; one thread):
 int8 models (owngpt.quantize's `Int8Linear`) go through the same step: their projections offer the same `.kernel()`
 callable, and the int8 embedding is looked up through its module. At gpt2 size, one thread, shared machine: 6.4 vs
 9.1 ms a step at batch 1 against transformers' forward over the same int8 modules (bench/bench_int8_kernels.py
---decode); one row's logits equal that forward's exactly (tests/test_decode_kernels.py).
+--decode); one row's logits equal that forward's exactly on fbgemm's op, and within a rounding step where the step
+calls owngpt's one-row int8 kernel (owngpt.native_kernels; tests/test_decode_kernels.py bounds both).
 What did not pay and is not here: torch.compile of the step (see owngpt.decode_kernels: 38 s to the first token, no
 gain).
 

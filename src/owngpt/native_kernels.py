@@ -1,4 +1,5 @@
-"""owngpt's own CPU kernel for one-row decoding (native_gemv.cpp), built on first use, with torch's kernels as fallback.
+"""owngpt's own CPU kernels for one-row decoding (native_gemv.cpp: fp32; native_gemv_int8.cpp: int8), built on first
+use, with torch's kernels as fallback.
 
 What it is for: at batch 1 a decode step is a chain of matrix-vector products whose speed is how fast the weights
 stream from memory. torch's best kernel for that (oneDNN's inner product on weights packed once, what
@@ -12,10 +13,16 @@ into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_exten
 and source version; one line on stderr says so. Builds of several processes at once wait on a file lock; the library
 is written aside and renamed, so a half-written file is never loaded. It is loaded with ctypes (plain C functions).
 
+The int8 kernel (native_gemv_int8.cpp: int8 weights with per-output-channel scales, activations quantized per call
+in blocks of 32 columns, int32 sums; why and how: the comment at its top) serves owngpt.quantize's `Int8Linear` at one
+row, where fbgemm's `quantized::linear_dynamic` serves batches. Both live in one library, built and loaded together.
+
 When torch's kernels are used instead, silently except for one logged line saying why: `OWNGPT_NATIVE_KERNELS=0` in
 the environment (read at each model load), no compiler, a failed build, a CPU without AVX-512F or AVX2+FMA, a
 platform other than x86-64 Linux. The arithmetic is the same up to the order of the sums (fp32 accumulation):
-tests/test_decode_kernels.py checks greedy tokens and logits with the kernel on and off.
+tests/test_decode_kernels.py checks greedy tokens and logits with the kernel on and off. The int8 kernel rounds
+activations differently from fbgemm (per block of 32 vs per tensor), so int8 logits move by about a rounding step
+(the same test file bounds it, and the perplexity).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ log = logging.getLogger("owngpt.native_kernels")
 
 ENV = "OWNGPT_NATIVE_KERNELS"  # "0" turns the kernel off
 SOURCE = Path(__file__).with_name("native_gemv.cpp")
+SOURCES = [SOURCE, SOURCE.with_name("native_gemv_int8.cpp")]  # compiled into one library
 # -O3 without -march: the AVX-512 and AVX2 functions carry their own target attributes and are chosen at run time
 # from the CPU's flags, so the library runs on any x86-64 CPU (owngpt_isa() says 0 where neither set exists)
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
@@ -48,17 +56,28 @@ class NativeGemv:
     """The loaded library: `pack` a weight once, then `kernel` gives the y = act(x W^T + b) callable."""
 
     def __init__(self, lib: Any, path: Path, isa: int) -> None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.owngpt_packed_size.argtypes, lib.owngpt_packed_size.restype = [i64, i64], i64
         lib.owngpt_pack.argtypes, lib.owngpt_pack.restype = [ptr, ptr, i64, i64], None
-        lib.owngpt_gemv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+        lib.owngpt_gemv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, c_int, c_int]
         lib.owngpt_gemv.restype = None
+        lib.owngpt_int8_packed_size.argtypes, lib.owngpt_int8_packed_size.restype = [i64, i64], i64
+        lib.owngpt_int8_pack.argtypes, lib.owngpt_int8_pack.restype = [ptr, ptr, i64, i64], None
+        lib.owngpt_int8_quantize.argtypes, lib.owngpt_int8_quantize.restype = [ptr, i64, i64, ptr, ptr], None
+        lib.owngpt_int8_gemv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, c_int, c_int]
+        lib.owngpt_int8_gemv.restype = None
         self.lib, self.path = lib, path
         self.level = isa  # 2: AVX-512F, 1: AVX2 + FMA (tests lower it to check the AVX2 code)
+        # the int8 kernel's: 3 AVX512-VNNI, 2 AVX512BW, 1 AVX2 + FMA, 0 none (then Int8Linear keeps fbgemm)
+        self.int8_level = lib.owngpt_isa_int8()
 
     @property
     def isa(self) -> str:
         return {2: "avx512", 1: "avx2"}[self.level]
+
+    @property
+    def isa_int8(self) -> str:
+        return {3: "avx512vnni", 2: "avx512bw", 1: "avx2", 0: "none"}[self.int8_level]
 
     def pack(self, weight: Any) -> Any:
         """weight [out, in] fp32 -> the kernel's blocked layout (a 1-D tensor; see native_gemv.cpp)."""
@@ -76,7 +95,6 @@ class NativeGemv:
     def kernel(self, packed: Any, out: int, in_: int, bias: Any, post: tuple[str, str]) -> Any:
         """A callable x (B, in) fp32 -> post(x W^T + b) (B, out) over `packed` (from `pack`) and `bias` (or None)."""
         import torch
-        import torch.nn.functional as F
 
         gemv, wp, level = self.lib.owngpt_gemv, packed.data_ptr(), self.level
         bp = None if bias is None else bias.data_ptr()
@@ -92,20 +110,78 @@ class NativeGemv:
             return y
 
         linear.keep_alive = (packed, bias)  # the raw pointers above are only valid while these tensors live
+        return _then_in_place(linear, post)
 
-        # the activation in place on the fresh output (torch's own elementwise kernels: ~2 us, and the same function
-        # as oneDNN's fused post-ops and the model's modules up to ~1e-7)
-        gelu_ = torch.ops.aten.gelu_
-        acts = {
-            ("none", ""): None,
-            ("gelu", "tanh"): lambda y: gelu_(y, approximate="tanh"),
-            ("gelu", "none"): lambda y: gelu_(y),
-            ("swish", ""): lambda y: F.silu(y, inplace=True),
-        }
-        act = acts[post]
-        if act is None:
-            return linear
-        return lambda x: act(linear(x))
+    def pack_int8(self, q: Any) -> Any:
+        """q [out, in] int8 -> the int8 kernel's blocked layout (a 1-D int8 tensor; see native_gemv_int8.cpp)."""
+        import torch
+
+        w = q.detach().to(torch.int8).contiguous()
+        out, in_ = w.shape
+        packed = torch.zeros(self.lib.owngpt_int8_packed_size(out, in_), dtype=torch.int8)
+        if packed.data_ptr() % 64:  # the kernel's aligned loads (see pack)
+            raise RuntimeError("torch's allocation is not 64-byte aligned")
+        self.lib.owngpt_int8_pack(w.data_ptr(), packed.data_ptr(), out, in_)
+        return packed
+
+    def quantize_int8(self, x: Any) -> tuple[Any, Any]:
+        """x (rows, in) fp32 -> (q (rows, in padded to 32) int8, d (rows, blocks) fp32) as the int8 kernel quantizes
+        its input: one symmetric scale per block of 32 columns (for tests and benchmarks; the kernel does it itself)."""
+        import torch
+
+        x = x.detach().float().contiguous()
+        rows, in_ = x.shape
+        nb = (in_ + 31) // 32
+        q, d = torch.empty(rows, nb * 32, dtype=torch.int8), torch.empty(rows, nb, dtype=torch.float32)
+        self.lib.owngpt_int8_quantize(x.data_ptr(), rows, in_, q.data_ptr(), d.data_ptr())
+        return q, d
+
+    def kernel_int8(self, packed: Any, scale: Any, out: int, in_: int, bias: Any, post: tuple[str, str]) -> Any:
+        """A callable x (B, in) fp32 -> post((x W^T) * scale + b) (B, out) over `packed` (from `pack_int8`), the
+        per-output-channel fp32 `scale` and `bias` (or None); x is quantized per call (native_gemv_int8.cpp)."""
+        import torch
+
+        if self.int8_level <= 0:
+            raise RuntimeError("this CPU has no instruction set the int8 kernel is written for")
+        scale = scale.detach().float().contiguous()
+        bias = None if bias is None else bias.detach().float().contiguous()
+        if scale.shape != (out,) or (bias is not None and bias.shape != (out,)):
+            raise ValueError(f"native int8 kernel: scale and bias must have {out} values")
+        gemv, wp, sp, level = self.lib.owngpt_int8_gemv, packed.data_ptr(), scale.data_ptr(), self.int8_level
+        bp = None if bias is None else bias.data_ptr()
+        threads = torch.get_num_threads
+        empty, f32 = torch.empty, torch.float32
+
+        def linear(x: Any) -> Any:
+            x = x.contiguous()
+            if x.dtype != f32 or x.shape[-1] != in_:
+                raise ValueError(f"native int8 kernel: expected (rows, {in_}) fp32, got {tuple(x.shape)} {x.dtype}")
+            y = empty(x.shape[0], out, dtype=f32)
+            gemv(x.data_ptr(), x.shape[0], wp, sp, bp, y.data_ptr(), out, in_, threads(), level)
+            return y
+
+        linear.keep_alive = (packed, scale, bias)  # the raw pointers above are only valid while these tensors live
+        return _then_in_place(linear, post)
+
+
+def _then_in_place(linear: Any, post: tuple[str, str]) -> Any:
+    """linear followed by the activation `post` (oneDNN's post-op names), applied in place on its fresh output."""
+    import torch
+    import torch.nn.functional as F
+
+    # torch's own elementwise kernels: ~2 us, and the same function as oneDNN's fused post-ops and the model's
+    # modules up to ~1e-7
+    gelu_ = torch.ops.aten.gelu_
+    acts = {
+        ("none", ""): None,
+        ("gelu", "tanh"): lambda y: gelu_(y, approximate="tanh"),
+        ("gelu", "none"): lambda y: gelu_(y),
+        ("swish", ""): lambda y: F.silu(y, inplace=True),
+    }
+    act = acts[post]
+    if act is None:
+        return linear
+    return lambda x: act(linear(x))
 
 
 def enabled_by_user() -> bool:
@@ -158,7 +234,7 @@ def _load() -> NativeGemv:
     cxx = _compiler()
     if cxx is None:
         raise _NotHere("no C++ compiler found (set CXX, or install g++)")
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(source + cxx.encode() + " ".join(FLAGS + OPENMP).encode()).hexdigest()[:16]
     lib_path = build_dir() / f"native_gemv_{key}.so"
     if not lib_path.exists():
@@ -183,7 +259,7 @@ def _build(cxx: str, lib_path: Path) -> None:
         t = time.perf_counter()
         errors = []
         for extra in (OPENMP, []):  # with threads, else (a compiler without OpenMP) on one thread
-            cmd = [cxx, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)]
+            cmd = [cxx, *FLAGS, *extra, *map(str, SOURCES), "-o", str(tmp)]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(tmp, lib_path)

@@ -159,11 +159,23 @@ def _int8_linear_class():
     import torch
 
     class Int8Linear(torch.nn.Module):
-        """y = x @ (q * scale).T + bias through torch's dynamic int8 linear op, called directly (see module doc).
+        """y = x @ (q * scale).T + bias through torch's dynamic int8 linear op, called directly (see module doc), and
+        at one row of a decode step through owngpt's own int8 kernel where it builds.
 
         The weights live packed for fbgemm in `packed` (torch's LinearPackedParams object, a plain attribute: not a
         parameter or buffer, so state_dict() and .to() never see it; int8 models are for inference). `kernel()` gives
-        the bare op as a plain callable, for a hand-written decode step."""
+        the bare op as a plain callable, for a hand-written decode step.
+
+        One row (`kernel(one_row=True)` called with one row: owngpt.decode_step at batch 1): owngpt's int8
+        matrix-vector kernel (owngpt.native_kernels, native_gemv_int8.cpp) on its own blocked copy of q (+1 byte a
+        weight, +124 MB at gpt2 size), with the activation quantized per block of 32 columns (llama.cpp's q8_0
+        activations; fbgemm's one scale per call is coarser where a few channels are outliers). Measured against
+        fbgemm's op at one row (gpt2 size, bench/bench_decode_step.py --int8, paired ratios on a shared 2-core AVX2
+        machine): the 49 products 1.21x as fast on one thread, 1.98x on two; the whole decode step 1.11x / 1.12x.
+        Perplexity on the bundled Tiny Shakespeare's validation split (8192 tokens; the `tiny` shape trained 300
+        steps, char vocabulary), every row of every projection through the kernel: +0.002% from fp32, as fbgemm's.
+        Everything else (the module's forward: prompts, batches, evaluation and perplexity; a machine without the
+        kernel, OWNGPT_NATIVE_KERNELS=0) keeps fbgemm's op, so evaluation numbers do not depend on the kernel."""
 
         def __init__(self, q: Any, scale: Any, bias: Any) -> None:
             super().__init__()
@@ -173,6 +185,12 @@ def _int8_linear_class():
             self.weight_numel = q.numel()
             self.packed = _prepack(q, scale, bias)
             self.reduce_range = _reduce_range()
+            # owngpt's one-row int8 kernel with its copies (plain attributes, as `packed`), or None where it is off
+            native = _native_int8()
+            self.native = native
+            self.native_packed = native.pack_int8(q) if native is not None else None
+            self.native_scale = scale.detach().float().contiguous() if native is not None else None
+            self.native_bias = None if native is None or bias is None else bias.detach().float().contiguous()
 
         def forward(self, x: Any) -> Any:  # (..., in) -> (..., out)
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
@@ -180,21 +198,38 @@ def _int8_linear_class():
         def kernel(self, one_row: bool = False, post: tuple[str, str] = ("none", "")) -> Any:
             """A callable (B, in) -> (B, out) computing post(x @ (q * scale).T + b), for a hand-written decode step:
             the same contract as owngpt.decode_kernels' PackedLinear.kernel (post is a oneDNN post-op name: none,
-            gelu with "tanh" or "none", swish). One int8 kernel serves every batch size, so `one_row` is unused."""
+            gelu with "tanh" or "none", swish). With `one_row` and owngpt's int8 kernel available, a call with one
+            row goes through that kernel, one with several through fbgemm's op (the module's forward)."""
             op, packed, rr = torch.ops.quantized.linear_dynamic, self.packed, self.reduce_range
             act = _post_op(post)
             if act is None:
-                return lambda x: op(x, packed, rr)
-            return lambda x: act(op(x, packed, rr))
+                batch = lambda x: op(x, packed, rr)  # noqa: E731
+            else:
+                batch = lambda x: act(op(x, packed, rr))  # noqa: E731
+            if not one_row or self.native_packed is None:
+                return batch
+            row = self.native.kernel_int8(
+                self.native_packed, self.native_scale, self.out_features, self.in_features, self.native_bias, post
+            )
+            return lambda x: row(x) if x.shape[0] == 1 else batch(x)
 
         def weight(self) -> Any:
             """The int8 weight as a quantized per-channel tensor [out, in] (what DynamicLinear.weight() gives)."""
             return self.packed.unpack()[0]
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, int8 (fbgemm, dynamic)"
+            native = f", owngpt's {self.native.isa_int8} kernel at one row" if self.native is not None else ""
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 (fbgemm, dynamic){native}"
 
     return Int8Linear
+
+
+def _native_int8() -> Any:
+    """owngpt's native kernels (owngpt.native_kernels) where their int8 product runs on this CPU, else None."""
+    from owngpt.native_kernels import native_gemv
+
+    native = native_gemv()
+    return native if native is not None and native.int8_level > 0 else None
 
 
 def _post_op(post: tuple[str, str]) -> Any:
