@@ -131,7 +131,7 @@ def gguf_files(model: Any, tok: Any, work: Path, threads: int) -> dict[str, Path
     """f32 GGUF of `model` through owngpt's own exporter, and q8_0 of it through llama.cpp's quantizer."""
     import llama_cpp.llama_cpp as L
 
-    from owngpt.export import export_gguf
+    from owngpt.export.gguf import export_gguf
 
     f32 = Path(export_gguf(model, tok, work / "f32", dtype="f32"))
     f32 = f32 if f32.suffix == ".gguf" else f32 / "model.gguf"

@@ -142,7 +142,7 @@ def main() -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from owngpt.export import eval_tokens, hf_decode_fn, interleaved, load_fp32, perplexity, weight_bytes
+    from owngpt.measure import eval_tokens, hf_decode_fn, interleaved, load_fp32, perplexity, weight_bytes
 
     hf_logging.set_verbosity_error()
     if args.threads:

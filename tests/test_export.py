@@ -11,7 +11,9 @@ import torch
 import fixtures
 from owngpt.checkpoint import load_model
 from owngpt.errors import CheckpointError
-from owngpt.export import ONNX_TOLERANCE, export, weight_bytes
+from owngpt.export import export
+from owngpt.export.onnx import ONNX_TOLERANCE
+from owngpt.measure import weight_bytes
 
 
 def _ids(n=24):
@@ -95,7 +97,7 @@ def test_onnx_prompt_then_decode_step_match_pytorch(tiny_ckpt, onnx_dir):
 
 
 def test_onnx_greedy_generation_matches_transformers(tiny_ckpt, onnx_dir):
-    from owngpt.export import OnnxLM
+    from owngpt.export.onnx import OnnxLM
 
     m = load_model(tiny_ckpt).eval()
     onx = OnnxLM(onnx_dir / "model.onnx", m.config)
@@ -118,7 +120,8 @@ def test_gguf_round_trips_through_reader(tiny_ckpt, tmp_path, dtype):
     from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
     from gguf.quants import dequantize
 
-    from owngpt.export import export_gguf, load_fp32
+    from owngpt.export.gguf import export_gguf
+    from owngpt.measure import load_fp32
 
     m, tok, _, _ = load_fp32(tiny_ckpt)
     path = export_gguf(m, tok, tmp_path / "g", dtype=dtype)
@@ -175,7 +178,7 @@ def test_gguf_char_vocab_tokenizes_like_owngpt():
     written out here over the GGUF fields, gives owngpt's ids (tests/test_gguf_llamacpp.py runs llama.cpp itself)."""
     from gguf import TokenType
 
-    from owngpt.export import gguf_tokenizer_fields
+    from owngpt.export.gguf import gguf_tokenizer_fields
 
     tok = fixtures.char_tokenizer()
     f = gguf_tokenizer_fields(tok, len(tok) + 2)
@@ -261,7 +264,8 @@ def test_gguf_states_the_trained_context_not_the_position_table(tiny_ckpt, tmp_p
 
     from gguf import GGUFReader
 
-    from owngpt.export import export_gguf, load_fp32
+    from owngpt.export.gguf import export_gguf
+    from owngpt.measure import load_fp32
 
     ck = tmp_path / "ck"
     shutil.copytree(tiny_ckpt, ck)

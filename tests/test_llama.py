@@ -170,7 +170,7 @@ def test_structured_mlp_pruning_of_llama_equals_zeroing_the_removed_neurons(tiny
 
 
 def test_onnx_export_of_llama_decodes_like_transformers(tiny_llama_ckpt, tmp_path):
-    from owngpt.export import OnnxLM
+    from owngpt.export.onnx import OnnxLM
 
     out = tmp_path / "onnx"
     export(tiny_llama_ckpt, out, "onnx", measure_result=False)  # checks |logits - PyTorch| itself

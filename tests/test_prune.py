@@ -10,7 +10,7 @@ import torch
 import fixtures
 from owngpt.checkpoint import load_model
 from owngpt.errors import ConfigError
-from owngpt.export import weight_bytes
+from owngpt.measure import weight_bytes
 from owngpt.prune import magnitude_prune, prunable, prune, prune_mlp, sparsity
 
 

@@ -127,12 +127,12 @@ class TrainConfig:
         return self
 
 
-def _field_types(cls) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -141,7 +141,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         errors = []
         for a in args:
             try:
-                return _coerce(key, value, a, source)
+                return coerce(key, value, a, source)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
@@ -200,7 +200,7 @@ def load_config(
     import yaml
 
     values: dict[str, Any] = {}
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     if config_file:
         p = Path(config_file)
         try:
@@ -215,18 +215,18 @@ def load_config(
             raise ConfigError(f"{p}: a config file must be a mapping of setting: value")
         for k, v in loaded.items():
             _check_key(cls, k, str(p))
-            values[k] = _coerce(k, v, types_[k], str(p))
+            values[k] = coerce(k, v, types_[k], str(p))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. lr=3e-4)")
         k, v = item.split("=", 1)
         k = k.strip().replace("-", "_")
         _check_key(cls, k, "override")
-        values[k] = _coerce(k, yaml.safe_load(v) if v else v, types_[k], "override")
+        values[k] = coerce(k, yaml.safe_load(v) if v else v, types_[k], "override")
     for k, v in (flags or {}).items():
         if v is not None:
             _check_key(cls, k, "flag")
-            values[k] = _coerce(k, v, types_[k], f"--{k.replace('_', '-')}")
+            values[k] = coerce(k, v, types_[k], f"--{k.replace('_', '-')}")
     cfg = cls(**values)
     return cfg.validate() if hasattr(cfg, "validate") else cfg
 

@@ -192,7 +192,7 @@ def prune(
     """Prune `ckpt` into `out` (a checkpoint dir that loads and generates); returns (and writes) the report.
 
     Built beside `out` and swapped in at the end, under owngpt.outdir's rules (see export.export)."""
-    from owngpt.export import output_inputs
+    from owngpt.measure import output_inputs
 
     if not 0 < amount < 1:
         raise ConfigError(f"--sparsity {amount}: must be between 0 and 1 (e.g. 0.5 removes half)")
@@ -244,7 +244,8 @@ def _prune(
 ) -> dict[str, Any]:
     """prune()'s work, written into `stage` (the new `out` until it is swapped in)."""
     from owngpt.checkpoint import load_model, save_checkpoint
-    from owngpt.export import _quiet, _say, eval_tokens, load_fp32, measure, write_report
+    from owngpt.console import quiet, say
+    from owngpt.measure import eval_tokens, load_fp32, measure, write_report
 
     original, tok, meta, src = load_fp32(ckpt)
     check_out(out, [("checkpoint", src)], suggest="pruned")  # a run dir given as CKPT resolves to one inside
@@ -271,7 +272,7 @@ def _prune(
         masks = None if structured else {n: (m.weight == 0) for n, m in prunable(model)}
         with tempfile.TemporaryDirectory(prefix=".prune-ft-", dir=stage.parent) as work:
             pruned = save_checkpoint(Path(work) / "pruned", model, tok, new_meta)
-            _say(f"recovery fine-tune: {finetune_steps} steps on {data}")
+            say(f"recovery fine-tune: {finetune_steps} steps on {data}")
             model = load_model(
                 _finetune(pruned, data, finetune_steps, finetune_lr, Path(work), finetune_block_size)
             ).eval()
@@ -291,8 +292,8 @@ def _prune(
         notes.append("unstructured zeros keep the dense shape: size on disk and dense decode speed do not change")
     save_checkpoint(stage, model, tok, new_meta)
     if measure_result:
-        _say("measuring size, decode speed and perplexity against the original...")
-        with _quiet():
+        say("measuring size, decode speed and perplexity against the original...")
+        with quiet():
             result = load_model(stage).eval()  # what the user will load
             rep = measure(
                 original,

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from owngpt.errors import ConfigError
-    from owngpt.export import export, format_report
+    from owngpt.export import export
+    from owngpt.measure import format_report
 
     if args.eval_tokens < 2 or args.decode_tokens < 0:
         raise ConfigError("--eval-tokens must be at least 2 and --decode-tokens at least 0")

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from owngpt.errors import ConfigError
-    from owngpt.export import format_report
+    from owngpt.measure import format_report
     from owngpt.prune import prune
 
     if args.eval_tokens < 2 or args.decode_tokens < 0:
