@@ -367,7 +367,7 @@ def test_trained_context_rules(tmp_path):
     from types import SimpleNamespace
 
     from owngpt.generation import trained_context
-    from owngpt.train import _trained_context
+    from owngpt.model_init import trained_context_after
 
     cfg = SimpleNamespace(n_positions=256)
     assert trained_context({"trained_context": 64, "block_size": 64}, cfg) == 64
@@ -377,9 +377,10 @@ def test_trained_context_rules(tmp_path):
     assert trained_context({"trained_context": 4096}, cfg) == 256  # never more than the table
     # training: this run's block, or more when the checkpoint it starts from was trained on longer blocks
     ck = fixtures.save_tiny_checkpoint(tmp_path / "ck", n_positions=128)  # no trained_context: its whole table
-    assert _trained_context(SimpleNamespace(kind="preset", path=None), 64) == 64
-    assert _trained_context(SimpleNamespace(kind="checkpoint", path=ck), 32) == 128
+    assert trained_context_after(SimpleNamespace(kind="preset", path=None), 64) == 64
+    assert trained_context_after(SimpleNamespace(kind="checkpoint", path=ck), 32) == 128
     meta = (ck / "owngpt.json").read_text()
     (ck / "owngpt.json").write_text(meta.replace('"task"', '"trained_context": 48, "task"'))
-    assert _trained_context(SimpleNamespace(kind="checkpoint", path=ck), 32) == 48
-    assert _trained_context(SimpleNamespace(kind="checkpoint", path=ck), 100) == 100  # continued with longer blocks
+    assert trained_context_after(SimpleNamespace(kind="checkpoint", path=ck), 32) == 48
+    # continued with longer blocks
+    assert trained_context_after(SimpleNamespace(kind="checkpoint", path=ck), 100) == 100

@@ -240,16 +240,6 @@ def test_chat_batch_units_are_the_trained_tokens(tmp_path):
     assert task.batch_units(task.collate([0, 1, 2])) == want > 0
 
 
-def test_better_follows_the_metric_direction_and_skips_nan():
-    from owngpt.tasks.base import better
-
-    lm, cls = get_task("lm"), get_task("classify")
-    assert better(lm, 1.0, None) and better(lm, 1.0, 2.0) and not better(lm, 2.0, 1.0) and not better(lm, 1.0, 1.0)
-    assert better(cls, 0.9, 0.8) and not better(cls, 0.8, 0.9) and not better(cls, 0.8, 0.8)
-    assert not better(lm, float("nan"), None) and better(lm, 3.0, float("nan"))
-    assert not better(lm, float("nan"), 1.0)
-
-
 def test_pad_examples_written_out():
     # tasks/base pad_examples by hand: right-padded inputs, labels shifted by one where the mask trains the next
     # token, -100 elsewhere; a one-token example still attends to one position
@@ -296,15 +286,14 @@ def test_lm_generation_ends_at_the_tokenizers_end_of_text(tmp_path):
     assert get_task("lm")(data, tok, TrainConfig(task="lm"), 16).generation_eos_ids() == [tok.eos_token_id]
 
 
-def test_eval_loss_reads_the_batches_evaluate_reads(tmp_path):
-    # eval_loss is evaluate's val_loss with the same defaults (batch_size 8): with max_batches=1 both read 8 windows
+def test_an_evaluation_batch_is_eight_rows_by_default(tmp_path):
+    # evaluate's default batch_size is 8: with max_batches=1 it reads 8 windows
     import fixtures
 
     data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
     task = get_task("lm")(data, data.load_tokenizer(), TrainConfig(task="lm"), 4)
     model = fixtures.tiny_gpt2(task.tokenizer)
     assert len(task.eval_rows("val", 0)) > 9
-    assert task.eval_loss(model, "val", max_batches=1) == task.evaluate(model, max_batches=1)["val_loss"]
     assert task.evaluate(model, max_batches=1)["val_tokens"] == 8 * 4
 
 
@@ -336,8 +325,8 @@ def test_freeze_body_freezes_everything_but_the_head(tmp_path):
 
 
 def test_an_evaluation_without_a_batch_limit_reads_every_row(tmp_path):
-    # evaluate() and eval_loss() default to max_batches=0: every evaluation row of the split, each block_size tokens
-    # (oracle: eval_rows' own count). Kills both defaults 0 -> 1 (one batch read as the whole split).
+    # evaluate() defaults to max_batches=0: every evaluation row of the split, each block_size tokens
+    # (oracle: eval_rows' own count). Kills the default 0 -> 1 (one batch read as the whole split).
     import fixtures
 
     data = open_data_dir(fixtures.write_lm_data_dir(tmp_path / "lm"))
@@ -347,4 +336,4 @@ def test_an_evaluation_without_a_batch_limit_reads_every_row(tmp_path):
     assert n_rows > 8
     every = task.evaluate(model)
     assert every["val_tokens"] == n_rows * 4
-    assert task.eval_loss(model) == every["val_loss"] != task.evaluate(model, max_batches=1)["val_loss"]
+    assert every["val_loss"] != task.evaluate(model, max_batches=1)["val_loss"]

@@ -22,9 +22,9 @@ from owngpt.train import train
 
 def test_the_saved_rng_state_replays_every_generator_after_a_json_round_trip():
     # resume restores Python's, numpy's and torch's global generators from trainer/state.json; numpy's state includes
-    # a cached second Gaussian (after an odd number of normal draws). Kills train _set_rng_state reading the cached
+    # a cached second Gaussian (after an odd number of normal draws). Kills trainer_state set_rng_state reading the cached
     # Gaussian as the has-Gaussian flag (n[3] -> n[4]).
-    from owngpt.train import _rng_state, _set_rng_state
+    from owngpt.trainer_state import rng_state, set_rng_state
 
     def draws():
         return [random.random(), *np.random.randn(3).tolist(), *torch.rand(2).tolist()]
@@ -33,10 +33,10 @@ def test_the_saved_rng_state_replays_every_generator_after_a_json_round_trip():
     np.random.seed(1)
     torch.manual_seed(1)
     np.random.randn(1)  # one Gaussian drawn: numpy holds the second of its pair
-    saved = json.loads(json.dumps({k: (v.tolist() if k == "torch" else v) for k, v in _rng_state().items()}))
+    saved = json.loads(json.dumps({k: (v.tolist() if k == "torch" else v) for k, v in rng_state().items()}))
     saved["torch"] = torch.tensor(saved["torch"], dtype=torch.uint8)
     want = draws()
-    _set_rng_state(saved)
+    set_rng_state(saved)
     assert draws() == want
 
 
@@ -83,7 +83,7 @@ class _Stop(Exception):
 def test_a_save_cut_between_its_two_renames_is_put_back_and_resumed_from(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
     # save_checkpoint moves the old `last` aside, then renames the new one in; a kill in between leaves only
     # `.last.old-PID`. Resume must put it back and continue from its step, not start over (which would end with the
-    # same weights, so test_resume's check cannot tell). Kills train's `_recover_interrupted_save(...)` dropped.
+    # same weights, so test_resume's check cannot tell). Kills train's `recover_interrupted_save(...)` dropped.
     # The resumed run changes lr: it must say so.
     def stop_at_2(step, metrics):
         if step == 2:

@@ -57,18 +57,18 @@ def test_resume_restores_the_cuda_generator_when_the_state_has_one(monkeypatch):
     # state saved without one restores the rest (this machine has no GPU: torch.cuda's two calls are stood in for)
     import torch
 
-    from owngpt.train import _rng_state, _set_rng_state
+    from owngpt.trainer_state import rng_state, set_rng_state
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7, 8, 9], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s.tolist()))
-    state = _rng_state()
+    state = rng_state()
     assert state["cuda"].tolist() == [7, 8, 9]
-    _set_rng_state(state)
+    set_rng_state(state)
     assert restored == [[7, 8, 9]]
     del state["cuda"]  # saved on a machine without CUDA
-    _set_rng_state(state)
+    set_rng_state(state)
     assert restored == [[7, 8, 9]]
 
 
@@ -78,11 +78,11 @@ def test_ddp_is_given_this_ranks_gpu_and_no_device_on_the_cpu():
     # A GPU is not needed to build the devices; this machine has none, so the CUDA half is checked here only
     import torch
 
-    from owngpt.train import _ddp_device_ids
+    from owngpt.distributed import ddp_device_ids
 
-    assert _ddp_device_ids(torch.device("cuda", 1)) == [1]
-    assert _ddp_device_ids(torch.device("cuda", 0)) == [0]
-    assert _ddp_device_ids(torch.device("cpu")) is None
+    assert ddp_device_ids(torch.device("cuda", 1)) == [1]
+    assert ddp_device_ids(torch.device("cuda", 0)) == [0]
+    assert ddp_device_ids(torch.device("cpu")) is None
 
 
 def test_improvement_is_strict_and_follows_the_metric_direction():

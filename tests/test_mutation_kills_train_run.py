@@ -98,7 +98,7 @@ def test_a_lora_run_writes_a_merged_checkpoint_only_when_asked(tmp_path, tiny_lm
 
 def test_a_resume_with_an_intact_best_says_nothing_about_it_and_leaves_it(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
     # checkpoints/best holds the best step the trainer state names: the resume keeps it as it is (no copy from
-    # last, no warning); only a best that is behind or missing is repaired or reported (owngpt.train._reconcile_best)
+    # last, no warning); only a best that is behind or missing is repaired or reported (owngpt.run_dir.reconcile_best)
     run = tmp_path / "run"
     train(quick_cfg(tiny_lm_data, run, tiny_ckpt, lr=1e-3, max_steps=2, eval_every=1))
     best = run / "checkpoints" / "best"

@@ -56,6 +56,22 @@ MODULES: dict[str, list[str]] = {
         # the whole selection took 33 s unmutated on a quiet moment of 12-01, 274 s under load 9
         "tests/test_distributed.py",
     ],
+    # the modules split out of train.py: the same tests see them (through the loop, and their own helpers)
+    "distributed": ["tests/test_mutation_kills_train_loop.py", "tests/test_distributed.py"],
+    "trainer_state": [
+        "tests/test_mutation_kills_train.py",  # the RNG state's JSON round trip, corrupt or missing state
+        "tests/test_mutation_kills_train_loop.py",
+        "tests/test_resume.py::test_stopped_and_resumed_equals_uninterrupted",
+        "tests/test_optim.py::test_muon_run_stopped_and_resumed_is_bitwise_equal",
+        "tests/test_distributed.py",
+    ],
+    "run_dir": [
+        "tests/test_mutation_kills_train_run.py",
+        "tests/test_mutation_kills_train_loop.py",
+        "tests/test_mutation_kills_train.py",
+        "tests/test_keep_user_work.py",
+    ],
+    "run_log": ["tests/test_mutation_kills_train_loop.py", "tests/test_train.py::test_overfits_and_writes_the_run_dir"],
     "tasks/lm": [
         "tests/test_mutation_kills.py",
         "tests/test_train_oracles.py",

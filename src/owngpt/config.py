@@ -16,75 +16,111 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owngpt.device import check_spec
+from owngpt.device import DEVICE_HELP, check_spec
 from owngpt.errors import ConfigError
 from owngpt.optim import FSDP_REFUSAL
 
 
+def setting(default: Any, help: str) -> Any:
+    """A settings field and its help, the one place a setting is documented: `owngpt train --help` and its flags are
+    generated from it (owngpt.commands.train).
+
+    The help lives in the field's metadata, as transformers' HfArgumentParser keeps it (`field(metadata={"help":
+    ...})`), rather than in comments or a docstring parsed from the source (litgpt's jsonargparse reads docstrings):
+    metadata is plain data that `dataclasses.fields` returns in any install, with no source to find and no parser
+    that could silently drop a line.
+    """
+    if isinstance(default, (list, dict)):  # a mutable default: a fresh copy per instance
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Field docs are shown by `owngpt train --help`."""
+    """Everything a training run needs. Each field's help is shown by `owngpt train --help` (see `setting`)."""
 
     # what and where
-    task: str = "lm"  # lm | chat | mmi | classify
-    data: str | None = None  # a data dir made by `owngpt prepare`
-    out: str | None = None  # the run dir (checkpoints, metrics, plots, config)
-    model: str = "tiny"  # a from-scratch preset (tiny, small, scratch:gpt2, ...) or a local Hugging Face dir
+    task: str = setting("lm", "what is trained: lm | chat | mmi | classify (owngpt train's default: the data dir's)")
+    data: str | None = setting(None, "a data dir made by `owngpt prepare`")
+    out: str | None = setting(None, "the run dir (checkpoints, metrics, plots, config)")
+    model: str = setting(
+        "tiny",
+        "a from-scratch preset (tiny, mini, small, scratch:gpt2..., llama-tiny, llama-mini...) or a local Hugging "
+        "Face checkpoint dir",
+    )
     # length of training (max_steps wins when both are given)
-    max_steps: int | None = None
-    epochs: float | None = None
+    max_steps: int | None = setting(None, "optimizer steps to train (wins over epochs)")
+    epochs: float | None = setting(None, "passes over the train split (default 1 when max_steps is not set)")
     # batch
-    batch_size: int = 8  # sequences per optimizer step per process, before gradient accumulation
-    grad_accum: int = 1  # micro-batches accumulated per optimizer step
-    block_size: int | None = None  # tokens per sequence; default min(model context, 256)
+    batch_size: int = setting(8, "sequences per micro-batch per process, before gradient accumulation")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step")
+    block_size: int | None = setting(None, "tokens per sequence; default min(model context, 256)")
     # optimizer and schedule
-    optimizer: str = "auto"  # auto (muon from scratch, adamw for a pretrained model) | adamw | muon
-    lr: float = 1e-3  # AdamW's peak lr (with optimizer=muon: for embeddings, head, norms and biases)
-    min_lr: float | None = None  # floor of the cosine/linear decay; default lr / 10
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on 2-D weights (matmuls, embeddings) only; not on biases or norms (nanoGPT)
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    muon_lr: float = 0.02  # optimizer=muon: peak lr of the hidden matrices, same schedule shape as lr
-    muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum of Muon
-    muon_weight_decay: float = 0.0  # optimizer=muon: decoupled decay of the hidden matrices (x muon_lr per step)
-    dropout: float = 0.0
-    seed: int = 1337
+    optimizer: str = setting("auto", "auto (muon from scratch, adamw for a pretrained model) | adamw | muon")
+    lr: float = setting(
+        1e-3,
+        "peak learning rate, reached after warmup; with optimizer=muon, that of embeddings, head, norms and biases "
+        "(muon_lr is the hidden matrices')",
+    )
+    min_lr: float | None = setting(None, "floor of the cosine/linear decay; default lr / 10")
+    schedule: str = setting("cosine", "cosine | linear | constant")
+    warmup_steps: int = setting(100, "steps of linear warmup from ~0 to lr")
+    weight_decay: float = setting(0.1, "on 2-D weights (matmuls, embeddings) only; not on biases or norms (nanoGPT)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.99, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping")
+    muon_lr: float = setting(0.02, "optimizer=muon: peak lr of the hidden matrices, same schedule shape as lr")
+    muon_momentum: float = setting(0.95, "optimizer=muon: Nesterov momentum of Muon")
+    muon_weight_decay: float = setting(
+        0.0, "optimizer=muon: decoupled decay of the hidden matrices (x muon_lr per step)"
+    )
+    dropout: float = setting(0.0, "dropout probability of a from-scratch model, or overriding a checkpoint's")
+    seed: int = setting(1337, "random seed: initial weights, batches, dropout")
     # evaluation, checkpoints, early stopping
-    eval_every: int = 200  # steps between evaluations (and checkpoints)
-    eval_batches: int = 20  # batches per evaluation (0 = the whole validation split)
-    log_every: int = 10
-    patience: int | None = None  # evaluations without improvement before stopping early
-    metric: str | None = None  # early-stopping metric: val_loss (lm, chat, mmi) or accuracy / macro_f1 (classify)
+    eval_every: int = setting(200, "steps between evaluations, each followed by a checkpoint save")
+    eval_batches: int = setting(20, "batches per evaluation (0 = the whole validation split)")
+    log_every: int = setting(10, "steps between train-loss lines in metrics.jsonl")
+    patience: int | None = setting(None, "evaluations without improvement before stopping early")
+    metric: str | None = setting(
+        None,
+        "what decides checkpoints/best and early stopping: val_loss (lm, chat, mmi) or accuracy / macro_f1 "
+        "(classify); default the task's",
+    )
     # speed and memory
-    compile: bool = False  # torch.compile the model
-    gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto (bf16 autocast where the hardware has it, else fp32) | fp32 | bf16
-    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
+    compile: bool = setting(False, "torch.compile the model (slow start, faster steps)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, about 30% slower")
+    precision: str = setting("auto", "auto (bf16 autocast where the hardware has it, else fp32) | fp32 | bf16")
+    device: str = setting("auto", DEVICE_HELP)
+    fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP")
     # what is trained
-    freeze_embeddings: bool = False
-    freeze_layers: int = 0  # freeze the first N transformer blocks
-    freeze_body: bool = False  # classify: train the head only
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # module names; default: the attention and MLP projections
-    merge_lora: bool = False  # also save the merged model
+    freeze_embeddings: bool = setting(False, "do not train the token and position embeddings")
+    freeze_layers: int = setting(0, "freeze the first N transformer blocks")
+    freeze_body: bool = setting(False, "classify: train the head only")
+    lora: bool = setting(False, "train a LoRA adapter (peft) instead of all weights")
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: int = setting(16, "LoRA scaling numerator (the delta is scaled by alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] | None = setting(
+        None, "LoRA: module names to adapt; default: the attention and MLP projections"
+    )
+    merge_lora: bool = setting(False, "LoRA: also write checkpoints/merged (the merged model alone)")
     # chat
-    train_on_prompt: bool = False  # chat: train on every token, not only the assistant's
+    train_on_prompt: bool = setting(
+        False, "chat: train on every token, not only the assistant's; mmi: on the reply too, not only the history"
+    )
     # classify
-    class_weights: str | None = None  # None | balanced
-    augment: float = 0.0  # classify: probability that a training example is augmented
-    cv: int = 0  # classify: K-fold cross-validation of the train split (stratified, seeded); 0 = one run
+    class_weights: str | None = setting(
+        None, "classify: None, or balanced: each class's loss weighted by n_examples / (n_classes x its count)"
+    )
+    augment: float = setting(0.0, "classify: probability that a training example is augmented")
+    cv: int = setting(0, "classify: K-fold cross-validation of the train split (stratified, seeded); 0 = one run")
     # run control
-    resume: bool = False
-    overwrite: bool = False
-    report: bool = True  # write report.html and report.md into the run dir at the end (owngpt report)
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run (e.g. tune trial)
+    resume: bool = setting(False, "continue the run in out (--out) from checkpoints/last")
+    overwrite: bool = setting(
+        False, "replace the owngpt run in out (--out); it is kept until the new run has a checkpoint"
+    )
+    report: bool = setting(True, "write report.html and report.md into the run dir at the end (owngpt report)")
+    extra: dict[str, Any] = setting({}, "free-form notes saved with the run (e.g. tune trial)")
 
     def validate(self) -> TrainConfig:
         choices = {

@@ -20,7 +20,7 @@ set once by `configure_matmul`. MPS follows the cuda code path except where torc
 float64 (so nothing here puts float64 on mps), no pinned memory, no NCCL (one process only).
 
 This module decides; it moves nothing. Callers do `model.to(placement.device)` and wrap steps in
-`placement.autocast()`. It is not the distributed setup (owngpt.train.Dist), which asks it for the device of a rank.
+`placement.autocast()`. It is not the distributed setup (owngpt.distributed.Dist), which asks it for the device of a rank.
 """
 
 from __future__ import annotations

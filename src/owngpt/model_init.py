@@ -45,6 +45,38 @@ def check_block_size(block_size: int, context: int | None, source: ModelSource) 
         )
 
 
+def resolve_block_size(requested: int | None, source: ModelSource) -> int:
+    """The run's block size: `requested` (--block-size), checked against the model's context, or by default
+    min(context, 256)."""
+    from owngpt.checkpoint import load_config
+
+    context = source.preset["n_positions"] if source.kind == "preset" else model_context(load_config(source.path))
+    block = requested or min(context or 256, 256)
+    check_block_size(block, context, source)
+    return block
+
+
+def trained_context_after(source: ModelSource, block_size: int) -> int:
+    """The longest window the model has been trained on once this run is done: this run's block, or more if it
+    started from a checkpoint trained on longer ones (fine-tuning GPT-2 on blocks of 256 keeps its 1024 trained
+    positions)."""
+    if source.kind == "preset":
+        return block_size
+    from owngpt.checkpoint import load_config, read_meta
+    from owngpt.generation import trained_context
+
+    return max(block_size, trained_context(read_meta(source.path), load_config(source.path)))
+
+
+def model_vocab(source: ModelSource, tokenizer: Any) -> int:
+    """How many token ids the model embeds: a preset is built for `tokenizer`; a checkpoint says in its config."""
+    from owngpt.checkpoint import load_config
+
+    if source.kind == "preset":
+        return len(tokenizer)
+    return int(getattr(load_config(source.path), "vocab_size", 0) or 0) or len(tokenizer)
+
+
 def check_tokenizer(data_tokenizer: Any, data_path: Path, source: ModelSource, model_vocab: int) -> None:
     """Refuse a data dir whose tokenizer is not the model's: the ids would mean other text to the model.
 

@@ -16,7 +16,7 @@ function of (seed, step, n): the rows of the whole global batch of optimizer ste
 list per rank and per micro-batch, so the data position needs no state besides the step.
 
 Tasks are built by `owngpt.tasks.get_task(name)(data, tokenizer, cfg, block_size)`; other commands (eval, bench)
-reuse them, e.g. `LMTask(data, tok, cfg, block_size).eval_loss(model, "val")`.
+reuse them, e.g. `LMTask(data, tok, cfg, block_size).evaluate(model, split="val")["val_loss"]`.
 """
 
 from __future__ import annotations
@@ -169,10 +169,6 @@ class CausalLMTask(Task):
         loss = total / units if units else float("nan")
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": units}
 
-    def eval_loss(self, model: Any, split: str = "val", max_batches: int = 0, batch_size: int = 8) -> float:
-        """Mean per-token loss of `model` on `split` (a convenience for eval and benchmarks)."""
-        return self.evaluate(model, max_batches, batch_size, split)["val_loss"]
-
 
 def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
     """Right-padded (input_ids, attention_mask, labels) from (ids, mask) pairs; labels are shifted by one.
@@ -197,13 +193,6 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
         attention[b, :t] = 1
         labels[b, :t] = torch.where(mask_t[1:], ids_t[1:], torch.tensor(-100))
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def better(task: type[Task] | Task, new: float, best: float | None) -> bool:
-    """Whether `new` improves on `best` for the task's metric direction."""
-    if best is None or (isinstance(best, float) and math.isnan(best)):
-        return not math.isnan(new)
-    return new > best if task.greater_is_better else new < best
 
 
 def get_task(name: str) -> type[Task]:
