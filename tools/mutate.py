@@ -110,6 +110,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_serve.py",
         "tests/test_frontends.py",
     ],
+    # the request-to-engine bridge of the server (prompts, settings, chunks, usage); test_serve.py drives it over HTTP
+    "serve/bridge": [
+        "tests/test_serve_bridge.py",
+        "tests/test_frontends.py",
+        "tests/test_serve.py",
+    ],
     "data/prepare": [
         "tests/test_mutation_kills_prepare.py",  # the contract: bounds, report and meta counts, refusals, progress
         "tests/test_mutation_kills_data.py",
