@@ -116,6 +116,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_frontends.py",
         "tests/test_serve.py",
     ],
+    # the sampling flags of generate and chat (moved out of generation.py)
+    "commands/flags": [
+        "tests/test_mutation_kills_generation_contract.py",  # every flag and its default, unescape
+        "tests/test_mutation_kills_generation.py",
+        "tests/test_generate.py",
+    ],
     "data/prepare": [
         "tests/test_mutation_kills_prepare.py",  # the contract: bounds, report and meta counts, refusals, progress
         "tests/test_mutation_kills_data.py",
