@@ -116,7 +116,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_frontends.py",
         "tests/test_serve.py",
     ],
-    # the sampling flags of generate and chat (moved out of generation.py)
+    # the sampling and device flags of the commands (moved out of generation.py and device.py)
     "commands/flags": [
         "tests/test_mutation_kills_generation_contract.py",  # every flag and its default, unescape
         "tests/test_mutation_kills_generation.py",

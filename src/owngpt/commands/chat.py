@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
+from owngpt.commands.flags import add_device_argument
 from owngpt.decode_kernels import prefer_huge_pages
-from owngpt.device import add_device_argument
 
 HELP = "talk to a checkpoint in the terminal"
 DESCRIPTION = """Talk to a checkpoint in the terminal. Type a message and press Enter; answers stream as they are generated.

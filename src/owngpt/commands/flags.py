@@ -4,7 +4,9 @@ Library modules take plain arguments (`owngpt.generation.SamplingParams`, a devi
 live here, with the commands:
 
 - `add_sampling_arguments(parser, defaults)` / `params_from_args(args, ...)`: one flag per SamplingParams field
-  (`owngpt generate`, `owngpt chat`), and `unescape` for the backslash escapes a value such as `--stop "\\n"` holds.
+  (`owngpt generate`, `owngpt chat`), and `unescape` for the backslash escapes a value such as `--stop "\\n"` holds;
+- `add_device_argument(parser)`: `--device`, the same in every command that runs a model (owngpt.device decides
+  what it means).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from owngpt.device import DEVICE_HELP
 from owngpt.generation import SamplingParams, fit_max_new_tokens
 
 
@@ -123,3 +126,8 @@ def params_from_args(
         **overrides,
     )
     return p.validate(context)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """The --device flag, the same in every command (train, eval, generate, chat, serve, predict, export)."""
+    parser.add_argument("--device", default=default, metavar="DEVICE", help=DEVICE_HELP)

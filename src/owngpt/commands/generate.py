@@ -7,8 +7,8 @@ import logging
 import sys
 import time
 
+from owngpt.commands.flags import add_device_argument
 from owngpt.decode_kernels import prefer_huge_pages
-from owngpt.device import add_device_argument
 
 HELP = "generate text from a checkpoint"
 DESCRIPTION = """Generate text from a checkpoint (a dir with config.json + model.safetensors, e.g. RUN/checkpoints/last).
