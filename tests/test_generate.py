@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fixtures
+from owngpt.commands.flags import unescape
 from owngpt.errors import CheckpointError, ConfigError
 from owngpt.generation import (
     IncrementalDecoder,
@@ -13,7 +14,6 @@ from owngpt.generation import (
     encode_prompt,
     generate_batch,
     load_for_generation,
-    unescape,
 )
 
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we", "A"]

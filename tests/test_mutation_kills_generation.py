@@ -105,7 +105,7 @@ def test_a_prompt_is_encoded_without_the_tokenizers_own_special_tokens():
 
 def test_unescape_keeps_a_trailing_backslash_and_unknown_escapes():
     # kills unescape's `i + 1 < len(text)` -> `<=` (a backslash at the very end read past the string)
-    from owngpt.generation import unescape
+    from owngpt.commands.flags import unescape
 
     assert unescape("stop\\") == "stop\\"
     assert unescape("\\") == "\\"
@@ -159,7 +159,7 @@ def test_sampling_flags_without_defaults_are_the_sampling_defaults():
     # kills add_sampling_arguments' `defaults or SamplingParams()` -> `and`
     import argparse
 
-    from owngpt.generation import add_sampling_arguments, params_from_args
+    from owngpt.commands.flags import add_sampling_arguments, params_from_args
 
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)

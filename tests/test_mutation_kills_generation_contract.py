@@ -12,15 +12,9 @@ import re
 import pytest
 import torch
 
+from owngpt.commands.flags import add_sampling_arguments, params_from_args, unescape
 from owngpt.errors import ConfigError
-from owngpt.generation import (
-    SamplingParams,
-    add_sampling_arguments,
-    fit_max_new_tokens,
-    params_from_args,
-    unescape,
-    use_one_thread_for_small_models,
-)
+from owngpt.generation import SamplingParams, fit_max_new_tokens, use_one_thread_for_small_models
 
 NAN, INF = float("nan"), float("inf")
 

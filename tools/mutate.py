@@ -126,6 +126,18 @@ MODULES: dict[str, list[str]] = {
         "tests/test_serve.py",
         "tests/test_frontends.py",
     ],
+    # the request-to-engine bridge of the server (prompts, settings, chunks, usage); test_serve.py drives it over HTTP
+    "serve/bridge": [
+        "tests/test_serve_bridge.py",
+        "tests/test_frontends.py",
+        "tests/test_serve.py",
+    ],
+    # the sampling and device flags of the commands (moved out of generation.py and device.py)
+    "commands/flags": [
+        "tests/test_mutation_kills_generation_contract.py",  # every flag and its default, unescape
+        "tests/test_mutation_kills_generation.py",
+        "tests/test_generate.py",
+    ],
     "data/prepare": [
         "tests/test_mutation_kills_prepare.py",  # the contract: bounds, report and meta counts, refusals, progress
         "tests/test_mutation_kills_data.py",

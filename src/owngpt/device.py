@@ -25,7 +25,6 @@ This module decides; it moves nothing. Callers do `model.to(placement.device)` a
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -44,11 +43,6 @@ DEVICE_HELP = (
 )
 ENV = "OWNGPT_DEVICE"  # what `auto` means when set
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def add_device_argument(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    """The --device flag, the same in every command (train, eval, generate, chat, serve, predict, export)."""
-    parser.add_argument("--device", default=default, metavar="DEVICE", help=DEVICE_HELP)
 
 
 def check_spec(spec: str) -> str:

@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
+from owngpt.commands.flags import add_device_argument
 from owngpt.decode_kernels import prefer_huge_pages
-from owngpt.device import add_device_argument
 
 HELP = "talk to a checkpoint in the terminal"
 DESCRIPTION = """Talk to a checkpoint in the terminal. Type a message and press Enter; answers stream as they are generated.
@@ -34,7 +34,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from owngpt.generation import SamplingParams, add_sampling_arguments
+    from owngpt.commands.flags import add_sampling_arguments
+    from owngpt.generation import SamplingParams
 
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (or a cached Hub id)")
     parser.add_argument("--system", metavar="TEXT", help="system prompt, kept when old turns are dropped")
@@ -72,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from owngpt.chat import ChatREPL, ChatSettings, check_transcript_path, is_chat_model
+    from owngpt.commands.flags import params_from_args
     from owngpt.device import inference_device
     from owngpt.generation import (
         context_length,
         load_for_generation,
-        params_from_args,
         use_one_thread_for_small_models,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from owngpt.device import add_device_argument
+from owngpt.commands.flags import add_device_argument
 
 HELP = "loss/perplexity/bits-per-byte, or accuracy/F1, of a checkpoint"
 DESCRIPTION = """Evaluate a checkpoint on held-out data. What is reported depends on the data:

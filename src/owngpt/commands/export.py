@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from owngpt.device import add_device_argument
+from owngpt.commands.flags import add_device_argument
 
 HELP = "export a checkpoint: hf, int8, onnx, gguf"
 DESCRIPTION = """Export a checkpoint for deployment, then measure the result against the original.

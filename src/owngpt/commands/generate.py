@@ -7,8 +7,8 @@ import logging
 import sys
 import time
 
+from owngpt.commands.flags import add_device_argument
 from owngpt.decode_kernels import prefer_huge_pages
-from owngpt.device import add_device_argument
 
 HELP = "generate text from a checkpoint"
 DESCRIPTION = """Generate text from a checkpoint (a dir with config.json + model.safetensors, e.g. RUN/checkpoints/last).
@@ -28,7 +28,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from owngpt.generation import SamplingParams, add_sampling_arguments
+    from owngpt.commands.flags import add_sampling_arguments
+    from owngpt.generation import SamplingParams
 
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (or a cached Hub id)")
     src = parser.add_argument_group("prompts")
@@ -90,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    from owngpt.commands.flags import params_from_args
     from owngpt.device import inference_device
     from owngpt.generation import (
         encode_prompt,
         generate_batch,
         load_for_generation,
-        params_from_args,
         use_one_thread_for_small_models,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from owngpt.device import add_device_argument
+from owngpt.commands.flags import add_device_argument
 
 HELP = "classify texts with one checkpoint or an ensemble"
 DESCRIPTION = """Classify texts with a checkpoint trained by `owngpt train --task classify` (or any Hugging Face

@@ -7,8 +7,8 @@ import ipaddress
 import os
 import sys
 
+from owngpt.commands.flags import add_device_argument
 from owngpt.decode_kernels import prefer_huge_pages
-from owngpt.device import add_device_argument
 
 HELP = "OpenAI-compatible HTTP server with a web chat page"
 DESCRIPTION = """\
