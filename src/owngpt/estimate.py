@@ -60,12 +60,9 @@ def _shape(spec: str, vocab_size: int | None) -> tuple[str, dict[str, int], int 
         shape = dict(PRESETS[name])
         shape["vocab_size"] = vocab_size or 50257
         return "preset", shape, preset_parameters(shape, shape["vocab_size"])
-    from owngpt.models import resolve_checkpoint
+    from owngpt.checkpoint import open_checkpoint
 
-    path = resolve_checkpoint(spec)
-    from owngpt.checkpoint import load_config
-
-    cfg = load_config(path)
+    cfg = open_checkpoint(spec).config
     get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa: E731
     shape = {
         "n_layer": int(get("n_layer", "num_hidden_layers")),

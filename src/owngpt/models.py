@@ -146,7 +146,7 @@ def resolve_model_source(spec: str) -> ModelSource:
     """Resolve a `--model` value for training (a preset is allowed)."""
     p = Path(os.path.expanduser(spec))
     if p.exists():
-        from owngpt.checkpoint import check_dir
+        from owngpt.checkpoint_files import check_dir
 
         return ModelSource("local", spec, check_dir(p))
     missing = missing_local_path(spec)
@@ -167,7 +167,7 @@ def resolve_checkpoint(spec: str) -> Path:
     """Resolve a checkpoint argument (generate, chat, serve, export, eval, predict): a local dir or a Hub id."""
     p = Path(os.path.expanduser(spec))
     if p.exists():
-        from owngpt.checkpoint import check_dir
+        from owngpt.checkpoint_files import check_dir
 
         return check_dir(p)
     missing = missing_local_path(spec)
@@ -232,7 +232,7 @@ def list_checkpoints(roots: list[Path], max_depth: int = 5) -> list[dict[str, An
     """Checkpoint dirs (config.json + safetensors) under `roots`, newest first, with size, task and step."""
     import json
 
-    from owngpt.checkpoint import is_checkpoint, read_meta
+    from owngpt.checkpoint_files import is_checkpoint, read_meta
 
     found: list[dict[str, Any]] = []
     seen: set[Path] = set()
