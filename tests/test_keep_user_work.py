@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from train_helpers import quick_cfg, weights
 
+from owngpt import atomic, outdir
 from owngpt import checkpoint as ckpt_mod
-from owngpt import outdir
 from owngpt.checkpoint import read_meta
 from owngpt.cli import main
 from owngpt.errors import ConfigError
@@ -196,7 +196,7 @@ def test_a_failure_while_building_leaves_the_old_output_whole(ws, monkeypatch):
 def test_swap_is_atomic_and_falls_back_to_two_renames(tmp_path, monkeypatch):
     for exchange_works in (True, False):
         if not exchange_works:
-            monkeypatch.setattr(outdir, "exchange", lambda a, b: False)
+            monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # swap_in moved to owngpt.atomic
         out, new = tmp_path / "out", tmp_path / ".out.new"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()

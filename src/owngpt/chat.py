@@ -15,14 +15,13 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from owngpt import conversation
+from owngpt import atomic, conversation
 from owngpt.chat_format import Message, validate_messages
 from owngpt.conversation import PLAIN_BOT, PLAIN_STOPS, PLAIN_USER, plain_transcript  # noqa: F401  (re-exported)
 from owngpt.errors import ConfigError, OwnGPTError
@@ -166,16 +165,8 @@ def write_transcript(path: str | os.PathLike, messages: Sequence[Message], extra
     """Write {"messages": [...]} atomically (a temp file in the same dir, then rename)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    data = {"messages": list(messages), **(extra or {})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # mode 0o600: a conversation is private (transcripts have always been readable by their owner only)
+    atomic.write_json(p, {"messages": list(messages), **(extra or {})}, mode=0o600)
 
 
 def _parse_value(name: str, raw: str, current: Any) -> Any:

@@ -1,344 +1,229 @@
-"""The checkpoint directory: the one format every command writes and reads.
+"""The checkpoint: one object (`Checkpoint`) for every command that opens one, and saving one atomically.
 
-A checkpoint is a Hugging Face model directory that `transformers` loads with no owngpt installed:
+    ckpt = open_checkpoint("runs/x/checkpoints/last")   # a dir, a Hub id, a peft adapter dir, an int8 export
+    ckpt.task, ckpt.labels, ckpt.trained_context        # what owngpt.json and config.json say, read once
+    tok = ckpt.tokenizer()                              # with a pad token (batches are padded)
+    model = ckpt.model(device="cpu")                    # safetensors only; int8 exports rebuilt; adapters merged
 
-    CKPT/
-      config.json  model.safetensors  generation_config.json
-      tokenizer.json  tokenizer_config.json  [chat_template.jinja]     (the tokenizer, with the chat template)
-      owngpt.json      what owngpt knows besides: task, how it was made (preset or source model), step, labels
-      [adapter/adapter_config.json adapter/adapter_model.safetensors]  (LoRA runs: the adapter on its own, in a
-                                                                       subdir: beside config.json transformers
-                                                                       would apply it again on the merged weights)
+`Checkpoint` is the sibling of owngpt.data.datadir.DataDir: one reader of the format, so the rules hold for every
+command (generate, chat, serve, eval, predict, export, prune, estimate, explain). The files themselves (checks,
+owngpt.json, the trained-context rule) are owngpt.checkpoint_files', re-exported here.
 
-Security: weights load from safetensors only (`use_safetensors=True`), never with `trust_remote_code`.
-Every load is checked first (`check_weights`), so a damaged or mismatched directory is one CheckpointError naming the
-file and the fix, for every command: config.json's sizes must be positive integers; the safetensors headers must
-parse (a truncated or random file is refused); the weights must hold every parameter the config asks for, in the
-config's shapes, before anything is allocated (a config with 10000 layers over 4 layers of weights is refused in
-milliseconds, not after minutes of allocating); and after loading, transformers' own report of missing or
-unexpected weights must be empty (a new task head is the one allowed exception, when fine-tuning into a new task).
-Saving writes into a sibling temporary dir and renames it into place, so a kill during a save never leaves a
-corrupt or missing checkpoint.
+Security: weights load from safetensors only (`use_safetensors=True`), never with `trust_remote_code`; a peft
+adapter is loaded only from adapter_model.safetensors. Saving (`save_checkpoint`) builds the directory aside and
+swaps it in (owngpt.atomic.directory), so a kill during a save never leaves a corrupt or missing checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
-import re
-import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owngpt.errors import CheckpointError
-from owngpt.outdir import swap_in
-
-OWNGPT_META = "owngpt.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-# config.json fields that size a model: each must be a positive integer when present (a negative or zero layer
-# count builds a model with no blocks that still "evaluates"; a string or float breaks deep inside transformers).
-SIZE_FIELDS = (
-    "n_layer",
-    "num_hidden_layers",
-    "n_head",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "n_embd",
-    "hidden_size",
-    "n_inner",
-    "intermediate_size",
-    "vocab_size",
-    "n_positions",
-    "max_position_embeddings",
-    "num_labels",
+from owngpt import atomic
+from owngpt.checkpoint_files import (  # noqa: F401  (the checkpoint format's API, importable from here)
+    DEFAULT_CONTEXT,
+    OWNGPT_META,
+    SIZE_FIELDS,
+    TASKS,
+    WEIGHT_FILES,
+    _auto_config,
+    _read_json,
+    check_adapter_dir,
+    check_dir,
+    check_weights,
+    context_length,
+    is_checkpoint,
+    load_config,
+    position_table,
+    read_config_dict,
+    read_meta,
+    run_relative,
+    trained_context,
+    weight_shapes,
+    weights_name,
+    write_meta,
 )
-# The index of a transformer block in a weight name: GPT-2 `transformer.h.3.`, Llama `model.layers.3.`.
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.")
+from owngpt.errors import CheckpointError
+
+CAUSAL_TASKS = ("lm", "chat", "mmi")  # tasks whose model is a causal LM (transformers' *ForCausalLM)
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and any((p / w).exists() for w in WEIGHT_FILES)
+@dataclass(eq=False)
+class Checkpoint:
+    """An opened checkpoint: its path, owngpt.json (`meta`, {} for a plain Hugging Face dir) and what follows from
+    them. Made by `open_checkpoint`; config.json is read once, when first needed, and kept."""
+
+    path: Path
+    meta: dict[str, Any]
+    adapter: dict[str, Any] | None = None  # adapter_config.json of a peft adapter dir (it has no config.json)
+    _config: Any = field(default=None, repr=False)
+    _base_ckpt: Checkpoint | None = field(default=None, repr=False)
+
+    # --- what the files say ---------------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """config.json as transformers reads it (a PretrainedConfig), read once. A copy goes to each model."""
+        if self._config is None:
+            self._config = self._base().config if self.adapter is not None else _auto_config(self.path)
+        return self._config
+
+    @property
+    def task(self) -> str:
+        """What the checkpoint does: lm, chat, mmi or classify. The one rule: owngpt.json's `task`; for a directory
+        owngpt did not train (no task recorded), `classify` when config.json's architectures are a sequence
+        classifier (`...ForSequenceClassification`), else `lm`."""
+        task = self.meta.get("task")
+        if task:
+            return task
+        if self.adapter is None:
+            archs = getattr(self.config, "architectures", None) or []
+            if any("SequenceClassification" in a for a in archs):
+                return "classify"
+        return "lm"
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """owngpt.json `quantization` of an `owngpt export --to int8` dir (method, scales...), else None."""
+        return self.meta.get("quantization") or None
+
+    @property
+    def labels(self) -> list[str]:
+        """A classifier's label names in id order (config.json id2label); [] for other tasks."""
+        if self.task != "classify":
+            return []
+        cfg = self.config
+        return [str(cfg.id2label.get(i, f"LABEL_{i}")) for i in range(cfg.num_labels)]
+
+    @property
+    def trained_context(self) -> int:
+        """How many tokens the model was trained to read (owngpt.checkpoint_files.trained_context: the one rule)."""
+        return trained_context(self.meta, self.config)
+
+    def context(self, block_size: int | None = None) -> int:
+        """The window to read text in: `block_size` when given, else the trained context; never more than the
+        position table (evaluation's windows)."""
+        table = position_table(self.config)
+        ctx = block_size or self.trained_context
+        return min(ctx, table) if table else ctx
+
+    # --- loading ----------------------------------------------------------------------------------------------------
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (an adapter dir without one: its base's), with a pad token.
+
+        The one place that gives a tokenizer without a pad token (GPT-2's) one: the end-of-text token, as training
+        did (owngpt.tasks.classify). Batches are padded, left for generation and right for classification; the pad
+        positions are masked out, so any id works, and the vocabulary does not change.
+        """
+        from owngpt.tokenizer import load_tokenizer
+
+        where = self.path
+        if self.adapter is not None and not (self.path / "tokenizer_config.json").exists():
+            where = self._base().path
+        tok = load_tokenizer(where)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def model(
+        self,
+        task: str | None = None,
+        *,
+        dtype: Any = None,
+        device: Any = None,
+        int8: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The weights as a transformers model: a causal LM (lm, chat, mmi) or a sequence classifier (classify).
+
+        `task`: how to load it (default: the checkpoint's task; an lm checkpoint loaded as `classify` gets a new
+        head, for fine-tuning). `dtype`: default float32. `device`: moved there (default: where it was loaded, the
+        CPU). `int8`: None loads what is stored (an int8 export as int8); True quantizes an fp32 checkpoint in
+        memory (owngpt.quantize); False refuses an int8 export (exporting or pruning needs the fp32 weights).
+        Other keyword arguments go to `from_pretrained` (config fields such as num_labels go into the config).
+        The model carries `owngpt_context`, the trained context, which every decoder reads (context_length).
+        """
+        task = task or self.task
+        quant = self.quantization
+        if quant:  # an `owngpt export --to int8` dir: int8 weights + scales, rebuilt by owngpt.quantize
+            if int8 is False:
+                raise CheckpointError(
+                    f"{self.path} is already quantized ({quant.get('method')}); export or prune the fp32 "
+                    "checkpoint it came from"
+                )
+            from owngpt.quantize import load_quantized
+
+            model = load_quantized(self.path, quant, task=task, config=copy.deepcopy(self.config))
+        elif self.adapter is not None:
+            model = self._merged_adapter(task)
+        else:
+            config = kwargs.pop("config", None)
+            if config is None and kwargs:  # config fields among kwargs (num_labels, id2label...) go into the config
+                config, kwargs = _auto_config(self.path, return_unused_kwargs=True, **kwargs)
+            elif config is None:
+                config = self.config  # from_pretrained gives the model its own copy
+            model = _load_weights(self.path, config, task, self.meta.get("task"), dtype, kwargs)
+        if int8 and not quant:
+            from owngpt.quantize import quantize_model
+
+            model = quantize_model(model)
+        model.owngpt_context = self.trained_context
+        if device is not None:
+            model = model.to(device)
+        return model
+
+    def _base(self) -> Checkpoint:
+        """The checkpoint a peft adapter dir was trained on (adapter_config.json base_model_name_or_path)."""
+        if self._base_ckpt is None:
+            base = (self.adapter or {}).get("base_model_name_or_path")
+            if not base:
+                raise CheckpointError(
+                    f"{self.path}/adapter_config.json has no base_model_name_or_path: cannot merge the LoRA"
+                )
+            self._base_ckpt = open_checkpoint(base)
+        return self._base_ckpt
+
+    def _merged_adapter(self, task: str) -> Any:
+        from peft import PeftModel
+
+        base = self._base().model(task)
+        return PeftModel.from_pretrained(base, str(self.path)).merge_and_unload()
 
 
-TASKS = ("lm", "chat", "mmi", "classify")  # what `owngpt train --task` writes into owngpt.json (config.py's choices)
+def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint: a local dir (checked: owngpt.checkpoint_files.check_dir), a Hub id (cached, or fetched
+    once: owngpt.models.resolve_checkpoint), or a peft adapter dir (adapter_config.json, no config.json; merged
+    onto its base when loaded). Errors are CheckpointErrors that name the file and the fix, e.g. a run dir is
+    answered with its checkpoints/last."""
+    given = Path(spec)
+    if (given / "adapter_config.json").is_file() and not (given / "config.json").is_file():
+        meta = read_meta(given)
+        check_adapter_dir(given)  # peft would torch.load an adapter_model.bin: refused here
+        return Checkpoint(given, meta, adapter=_read_json(given / "adapter_config.json", "save the adapter again"))
+    from owngpt.models import resolve_checkpoint
+
+    path = resolve_checkpoint(str(spec))
+    return Checkpoint(path, read_meta(path))
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """owngpt.json of a checkpoint ({} for a plain Hugging Face directory)."""
-    f = Path(path) / OWNGPT_META
-    if not f.exists():
-        return {}
-    meta = _read_json(f, "the checkpoint may be corrupt: restore it from a copy, or save it again")
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{f} holds a JSON {type(meta).__name__}, not an object; restore it from a copy")
-    task = meta.get("task")
-    if task is not None and task not in TASKS:  # an unknown task was read as "lm" and silently used as one
-        raise CheckpointError(
-            f"{f}: task {task!r} is not one owngpt knows ({', '.join(TASKS)}); restore owngpt.json from a copy"
-        )
-    return meta
-
-
-def _read_json(f: Path, fix: str) -> Any:
-    """JSON from a checkpoint file; damaged, undecodable or absurdly nested JSON is a CheckpointError."""
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except RecursionError:  # json.loads recurses once per nesting level: 100,000 '[' exhaust the stack
-        raise CheckpointError(f"{f} is nested too deeply to be a real config; {fix}") from None
-    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{f} is not valid JSON ({e}); {fix}") from None
-
-
-def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """config.json as a dict, with its size fields checked (positive integers); CheckpointError otherwise."""
-    f = Path(path) / "config.json"
-    fix = "restore config.json from the run or download that made the weights"
-    cfg = _read_json(f, fix)
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{f} holds a JSON {type(cfg).__name__}, not an object; {fix}")
-    for key in SIZE_FIELDS:
-        v = cfg.get(key)
-        if v is None:  # absent, or null where the architecture derives it (GPT-2's n_inner)
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise CheckpointError(f"{f}: {key} = {json.dumps(v)} is not a positive integer; {fix}")
-    return cfg
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def weights_name(path: str | os.PathLike) -> str:
-    """The file that lists a checkpoint's weights: model.safetensors, or the index of a sharded one."""
-    p = Path(path)
-    return "model.safetensors.index.json" if (p / "model.safetensors.index.json").is_file() else "model.safetensors"
-
-
-def weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """{weight name: shape} from the safetensors headers of a checkpoint (nothing is read into memory).
-
-    A truncated, random or otherwise damaged file is a CheckpointError naming it: safetensors checks that the header
-    parses and that its offsets cover the file exactly. {} when the dir has no full model weights (an adapter dir).
-    """
-    from safetensors import SafetensorError, safe_open
-
-    p = Path(path)
-    files: list[Path] = []
-    if (p / "model.safetensors").is_file():
-        files = [p / "model.safetensors"]
-    elif (p / "model.safetensors.index.json").is_file():
-        index = _read_json(p / "model.safetensors.index.json", "download or save the checkpoint again")
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{p / 'model.safetensors.index.json'} has no weight_map; save the checkpoint again")
-        files = [p / str(name) for name in sorted(set(weight_map.values()))]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing (listed in the index): the checkpoint is incomplete; copy it again")
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    shapes[k] = tuple(st.get_slice(k).get_shape())
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"{f} is damaged or not a safetensors file ({e}): the copy is truncated or corrupt; copy or "
-                "download the checkpoint again, or use the run's other checkpoint (checkpoints/last or best)"
-            ) from None
-    return shapes
-
-
-def check_weights(path: str | os.PathLike, config: Any, task: str = "lm", new_head: bool = False) -> None:
-    """Refuse weights that do not fit `config` before any of them is allocated.
-
-    Compares the safetensors headers with the parameters a model built from `config` on the meta device (no
-    memory) would have: every parameter must be there in the config's shape. `task`: lm, chat, mmi (a causal LM),
-    classify (a sequence classifier) or base (the model body alone, any head). `new_head`: the task head (the
-    classifier `score`) may be absent or of another shape, because fine-tuning into a new task initialises it.
-    Unexpected extra weights are caught after loading, from transformers' own loading report (it knows which
-    buffers old files carry and may be ignored).
-    """
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    p = Path(path)
-    shapes = weight_shapes(p)
-    if not shapes:
-        return
-    fix = "the config.json and the weights come from different models; put back the matching config.json"
-    wfile, cfile = p / weights_name(p), p / "config.json"
-    n_layer = getattr(config, "num_hidden_layers", None)
-    layers = {int(m.group(1)) for k in shapes for m in [_LAYER_INDEX.search(k)] if m}
-    # Checked first because it is cheap: building a 10000-layer model even on the meta device takes seconds.
-    if layers and isinstance(n_layer, int) and n_layer != max(layers) + 1:
-        raise CheckpointError(
-            f"{cfile} asks for {_n(n_layer, 'transformer block')} (n_layer / num_hidden_layers) but {wfile} "
-            f"holds {max(layers) + 1}; {fix}"
-        )
-    base = task == "base"
-    cls = AutoModel if base else AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
-    try:
-        with torch.device("meta"):
-            model = cls.from_config(config, trust_remote_code=False)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, IndexError) as e:
-        raise CheckpointError(f"{cfile} describes no model transformers can build ({e}); {fix}") from None
-    prefix = getattr(model, "base_model_prefix", "") + "."
-
-    def strip(name: str) -> str:
-        return name[len(prefix) :] if prefix != "." and name.startswith(prefix) else name
-
-    have = {strip(k): v for k, v in shapes.items()}
-    missing, wrong = [], []
-    for name, param in model.named_parameters():  # tied weights (lm_head = wte) appear once
-        key = strip(name)
-        is_head = not base and not name.startswith(prefix)
-        # A pooler is absent from masked-LM checkpoints (BERT, RoBERTa) and made fresh when one is fine-tuned
-        # into a classifier, which is the usual way to start one: transformers initialises it, as it does a head.
-        fresh_ok = (new_head or base) and key.startswith("pooler.")
-        if key not in have:
-            if not (new_head and is_head) and not fresh_ok:
-                missing.append(key)
-        elif tuple(param.shape) != have[key] and not (new_head and is_head):
-            wrong.append(f"{key} {list(have[key])} where the config needs {list(param.shape)}")
-    # weights no parameter or buffer takes (tied aliases count; so do buffers that are no longer saved, such as
-    # BERT's position_ids, and the keys transformers lists as ignorable in old files)
-    known = {strip(k) for k in model.state_dict()} | {strip(k) for k, _ in model.named_buffers()}
-    ignorable = [re.compile(r) for r in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
-    extra = [
-        strip(k)
-        for k in shapes
-        if strip(k) not in known
-        and not any(r.search(k) for r in ignorable)
-        and not ((base or new_head) and prefix != "." and not k.startswith(prefix))  # another task's head
-    ]
-    if extra:
-        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-        raise CheckpointError(
-            f"{wfile} holds {_n(len(extra), 'weight')} that {cfile} has no place for ({shown}); {fix}"
-        )
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise CheckpointError(f"{wfile} lacks {_n(len(missing), 'weight')} that {cfile} needs ({shown}); {fix}")
-    if wrong:
-        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
-        raise CheckpointError(f"{wfile} and {cfile} disagree on shapes: {shown}; {fix}")
-
-
-def check_dir(path: str | os.PathLike) -> Path:
-    """Raise a clear CheckpointError unless `path` is a loadable model directory."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(
-            f"{p}: no such checkpoint directory (pass a dir with config.json and *.safetensors, "
-            "e.g. RUN_DIR/checkpoints/last)"
-        )
-    if p.is_dir() and not (p / "config.json").exists():
-        for sub in ("checkpoints/last", "last", "checkpoints/best", "best"):
-            if is_checkpoint(p / sub):
-                raise CheckpointError(f"{p} is a run dir, not a checkpoint: pass {p / sub}")
-        raise CheckpointError(f"{p} has no config.json: it is not a Hugging Face model directory")
-    if not any((p / w).exists() for w in WEIGHT_FILES):
-        pickled = (
-            [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")] + [f.name for f in p.glob("*.pth")]
-        )
-        if pickled:
-            raise CheckpointError(
-                f"{p} has only pickled weights ({', '.join(pickled)}); owngpt loads safetensors only because a "
-                "pickle can run code. Convert once in a trusted environment: "
-                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
-            )
-        raise CheckpointError(f"{p} has config.json but no model.safetensors: the checkpoint is incomplete")
-    # Cheap checks every loader gets before it reads anything else (a tokenizer load reads config.json too):
-    # config sizes, owngpt.json, and safetensors headers that parse and cover their files exactly.
-    read_config_dict(p)
-    read_meta(p)
-    if (p / "generation_config.json").is_file():  # damaged, transformers ignored it: other end-of-text ids, silently
-        _read_json(p / "generation_config.json", "restore it from the run or download that made the weights")
-    if weight_shapes(p) and not read_meta(p).get("quantization"):
-        # the model body against config.json, whatever task head it has (the head is checked when loading)
-        check_weights(p, _auto_config(p), task="base")
-    return p
-
-
-def _auto_config(p: Path, **kwargs):
-    from transformers import AutoConfig
-
-    try:  # transformers 5 validates field types through huggingface_hub's strict dataclasses (a plain Exception)
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:  # pragma: no cover - an older huggingface_hub
-        StrictDataclassError = ValueError  # noqa: N806
-    try:
-        return AutoConfig.from_pretrained(p, trust_remote_code=False, **kwargs)
-    except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as e:
-        # one line: the strict validator's message spans several
-        raise CheckpointError(
-            f"{p}/config.json cannot be read by transformers: {' '.join(str(e).split())}; restore config.json "
-            "from the run or download that made the weights"
-        ) from e
-
-
-def check_adapter_dir(path: str | os.PathLike) -> Path:
-    """A peft (LoRA) adapter dir that peft may load: weights in adapter_model.safetensors, never a pickle.
-
-    peft falls back to `torch.load` on adapter_model.bin when no safetensors file is there; a pickle can run code.
-    """
-    p = Path(path)
-    st = p / "adapter_model.safetensors"
-    if not st.is_file():
-        pickled = [f.name for f in p.glob("adapter_model.*") if f.suffix in (".bin", ".pt", ".pth")]
-        if pickled:
-            raise CheckpointError(
-                f"{p / pickled[0]} is a pickled adapter; owngpt loads safetensors only because a pickle can run "
-                "code. Convert once in a trusted environment: PeftModel.from_pretrained(base, dir)"
-                ".save_pretrained(dir, safe_serialization=True)"
-            )
-        raise CheckpointError(
-            f"{p} has adapter_config.json but no adapter_model.safetensors: the adapter is incomplete"
-        )
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(st), framework="pt") as handle:
-            list(handle.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{st} is damaged or not a safetensors file ({e}): copy the adapter again") from None
-    _read_json(p / "adapter_config.json", "restore adapter_config.json from the run that made the adapter")
-    return p
-
-
-def load_config(path: str | os.PathLike):
-    from transformers import AutoConfig
-
+def load_model(path: str | os.PathLike, task: str = "lm", dtype: Any = None, **kwargs: Any) -> Any:
+    """Load weights (safetensors only) as a causal LM (`lm`, `chat`, `mmi`) or a sequence classifier: a checked
+    local dir's `Checkpoint.model`."""
     p = check_dir(path)
-    read_config_dict(p)
-    try:
-        return AutoConfig.from_pretrained(p, trust_remote_code=False)
-    except (ValueError, OSError, KeyError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{p}/config.json cannot be read by transformers: {e}") from e
+    return Checkpoint(p, read_meta(p)).model(task, dtype=dtype, **kwargs)
 
 
-def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
-    """Load weights (safetensors only) as a causal LM (`lm`, `chat`, `mmi`) or a sequence classifier."""
+def _load_weights(p: Path, config: Any, task: str, stored_task: str | None, dtype: Any, kwargs: dict[str, Any]):
+    """from_pretrained, with the checks: weights against `config` before, transformers' loading report after."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    p = check_dir(path)
-    quant = read_meta(p).get("quantization")
-    if quant:  # an `owngpt export --to int8` dir: int8 weights + scales, rebuilt by owngpt.quantize
-        from owngpt.quantize import load_quantized
-
-        return load_quantized(p, quant, task=task)
     cls = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
-    config = kwargs.pop("config", None)
-    if config is None:  # config fields among kwargs (num_labels, id2label...) go into the config, as in from_pretrained
-        config, kwargs = _auto_config(p, return_unused_kwargs=True, **kwargs)
-    # A new classification head is expected when an lm checkpoint is fine-tuned into a classifier.
-    new_head = bool(kwargs.get("ignore_mismatched_sizes")) or (
-        task == "classify" and read_meta(p).get("task") != "classify"
-    )
+    # A new classification head is expected when a checkpoint owngpt did not train as a classifier (an lm, a
+    # Hugging Face dir) is fine-tuned into one.
+    new_head = bool(kwargs.get("ignore_mismatched_sizes")) or (task == "classify" and stored_task != "classify")
     check_weights(p, config, task, new_head=new_head)
     if (p / "adapter_config.json").is_file():  # transformers would apply it through peft, which may torch.load
         check_adapter_dir(p)
@@ -375,62 +260,56 @@ def load_model(path: str | os.PathLike, task: str = "lm", dtype=None, **kwargs):
 
 def save_checkpoint(
     out_dir: str | os.PathLike,
-    model,
-    tokenizer=None,
+    model: Any,
+    tokenizer: Any = None,
     meta: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save a Hugging Face directory atomically: write aside, then rename over any previous one."""
+    """Save a Hugging Face directory atomically: write aside, then swap it in over any previous one."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        # Small files first and the weights last: the window between the first weights file appearing and the
-        # rename that publishes the checkpoint stays as short as it can be.
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if meta is not None:
-            (tmp / OWNGPT_META).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        for name, data in (extra_files or {}).items():  # names may hold a subdir: "trainer/state.json"
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
-        model.save_pretrained(tmp, safe_serialization=True)
-        _fsync_dir(tmp)
-        swap_in(tmp, out)  # one atomic exchange where the OS has it: never a moment without a whole checkpoint
+        # mode 0o700: checkpoints have always been private to their owner (the temporary dir they were built in)
+        with atomic.directory(out, fsync=True, mode=0o700) as tmp:
+            # Small files first and the weights last: the window between the first weights file appearing and the
+            # swap that publishes the checkpoint stays as short as it can be.
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if meta is not None:
+                write_meta(tmp, meta)
+            for name, data in (extra_files or {}).items():  # names may hold a subdir: "trainer/state.json"
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
+            model.save_pretrained(tmp, safe_serialization=True)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"could not save the checkpoint to {out}: {e.strerror or e} (is the disk full or the "
             "directory read-only?); the previous checkpoint is untouched"
         ) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _fsync_dir(d: Path) -> None:
-    for f in d.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def run_relative(path: str | os.PathLike | None, run_dir: str | os.PathLike, max_up: int = 2) -> str | None:
-    """A path as a checkpoint or export may record it: relative to `run_dir`, or None.
-
-    Checkpoints are shared: an absolute path would tell whoever receives one the user's folders ("/home/zhang/...").
-    A path relative to the run still says how the run's parts relate ("../../data/chat"); one that climbs more than
-    `max_up` levels (a home directory, a Hub cache) is not recorded at all.
-    """
-    if path is None or str(path) == "":
-        return None
-    try:
-        rel = os.path.relpath(Path(path).absolute(), Path(run_dir).absolute())
-    except ValueError:  # another drive on Windows
-        return None
-    parts = Path(rel).parts
-    ups = 0
-    while ups < len(parts) and parts[ups] == "..":
-        ups += 1
-    return None if ups > max_up else Path(rel).as_posix()
+def training_meta(
+    *,
+    task: str,
+    source: dict[str, Any],
+    step: int,
+    metrics: dict[str, Any],
+    block_size: int,
+    trained_context: int,
+    lora: Any,
+    data: Any,
+    task_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """owngpt.json of a checkpoint `owngpt train` saves, in its order: `source` is the portable description of
+    the model it started from ({"source": ...} and what goes with it), `task_meta` the task's own fields (labels)."""
+    return {
+        "task": task,
+        **source,
+        "step": step,
+        "metrics": metrics,
+        "block_size": block_size,
+        "trained_context": trained_context,
+        "lora": lora,
+        "data": data,
+        **(task_meta or {}),
+    }

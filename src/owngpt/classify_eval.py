@@ -1,10 +1,7 @@
 """Evaluation of a classifier: accuracy, macro-F1, per-class precision/recall/F1 and a confusion-matrix PNG.
 
 `evaluate_checkpoint(ckpt, data_dir)` is what `owngpt eval` runs on a `--task classify` data dir;
-`classification_metrics` is shared with training's evaluation (`owngpt.tasks.classify`).
-
-The metrics are computed from the confusion matrix with numpy (a few lines) so that training and `owngpt eval` do not
-need scikit-learn, which is only a dev dependency; the tests check every number against scikit-learn.
+the metrics themselves (`classification_metrics`, shared with training's evaluation) are owngpt.metrics'.
 """
 
 from __future__ import annotations
@@ -16,47 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from owngpt import atomic
 from owngpt.errors import DataError
-
-
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> np.ndarray:
-    """(K, K) counts: row = gold label, column = predicted label."""
-    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    return cm
-
-
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class precision, recall, F1 and support.
-
-    Conventions follow scikit-learn's `zero_division=0`: a class never predicted has precision 0, a class absent
-    from the gold labels has recall 0, and macro-F1 averages over *all* classes of the label map.
-    """
-    k = len(labels)
-    cm = confusion_matrix(y_true, y_pred, k)
-    tp = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    n = int(cm.sum())
-    return {
-        "num_examples": n,  # not "examples": owngpt eval uses that key for generated samples
-        "accuracy": float(tp.sum() / n) if n else 0.0,
-        "macro_f1": float(f1.mean()) if k else 0.0,
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(labels)
-        },
-        "confusion_matrix": cm.tolist(),
-        "labels": list(labels),
-    }
+from owngpt.metrics import classification_metrics, confusion_matrix  # noqa: F401  (their home: owngpt.metrics)
 
 
 def plot_confusion_matrix(
@@ -86,15 +45,16 @@ def plot_confusion_matrix(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # write aside, then rename: never a half-written PNG
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic.aside(path) as tmp:  # never a half-written PNG
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
 def evaluate_checkpoint(
-    ckpt: str | os.PathLike,
+    ckpt: str | os.PathLike | Any,
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
     split: str = "val",
@@ -102,7 +62,8 @@ def evaluate_checkpoint(
     progress: bool = False,
     device: Any = None,
 ) -> dict[str, Any]:
-    """Classify a data dir's `split` with a checkpoint (on `device`, None = cpu); return the metrics and save
+    """Classify a data dir's `split` with a checkpoint (a spec or an opened owngpt.checkpoint.Checkpoint; on
+    `device`, None = cpu); return the metrics and save
     `confusion_{split}.png`.
 
     The PNG goes to `out_dir`, by default a directory `eval-<checkpoint name>` next to the checkpoint.

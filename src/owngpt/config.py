@@ -271,16 +271,13 @@ def save_config(cfg, path: str | Path, notes: list[str] | None = None) -> None:
     """Write the resolved config as YAML (atomically), readable back by `load_config`.
 
     `notes` become comment lines in the header (e.g. what `model` resolved to), so they never change the config."""
-    import os
-
     import yaml
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    from owngpt import atomic
+
     data = dataclasses.asdict(cfg)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic.open_aside(path) as f:
         f.write("# Resolved config of this run. Train again with: owngpt train --config THIS_FILE\n")
         for note in notes or []:
             f.write("# " + " ".join(note.splitlines()) + "\n")
         yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
-    os.replace(tmp, path)

@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from owngpt.models import gpt2_parameters, llama_parameters, preset_parameters  # noqa: F401  (their home: models)
+
 GiB = 1024**3
 
 
@@ -58,12 +60,9 @@ def _shape(spec: str, vocab_size: int | None) -> tuple[str, dict[str, int], int 
         shape = dict(PRESETS[name])
         shape["vocab_size"] = vocab_size or 50257
         return "preset", shape, preset_parameters(shape, shape["vocab_size"])
-    from owngpt.models import resolve_checkpoint
+    from owngpt.checkpoint import open_checkpoint
 
-    path = resolve_checkpoint(spec)
-    from owngpt.checkpoint import load_config
-
-    cfg = load_config(path)
+    cfg = open_checkpoint(spec).config
     get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa: E731
     shape = {
         "n_layer": int(get("n_layer", "num_hidden_layers")),
@@ -84,26 +83,6 @@ def _shape(spec: str, vocab_size: int | None) -> tuple[str, dict[str, int], int 
     except Exception:
         exact = None
     return "local", shape, exact
-
-
-def gpt2_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
-    """GPT-2 parameter count with tied input/output embeddings: per block 12d^2 + 13d, plus embeddings and ln_f."""
-    d = n_embd
-    return vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
-
-
-def llama_parameters(n_layer: int, n_embd: int, vocab_size: int, intermediate_size: int) -> int:
-    """LLaMA-style count with tied embeddings, no biases: per block q, k, v, o (4d^2), SwiGLU's gate, up and down
-    (3·d·ffn) and two RMSNorm weights; plus the embedding and the final norm. No position table (rotary)."""
-    d = n_embd
-    return vocab_size * d + n_layer * (4 * d * d + 3 * d * intermediate_size + 2 * d) + d
-
-
-def preset_parameters(preset: dict[str, Any], vocab_size: int) -> int:
-    """Parameter count of a preset (owngpt.models.PRESETS entry) for `vocab_size`."""
-    if preset.get("arch") == "llama":
-        return llama_parameters(preset["n_layer"], preset["n_embd"], vocab_size, preset["intermediate_size"])
-    return gpt2_parameters(preset["n_layer"], preset["n_embd"], vocab_size, preset["n_positions"])
 
 
 def measure_matmul_gflops(seconds: float = 0.3, n: int = 1024) -> float:

@@ -20,19 +20,6 @@ from owngpt.errors import DataError
 LN2 = math.log(2)
 
 
-def _context(model) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024)
-
-
-def _trained(ckpt_path, model) -> int:
-    """The context the checkpoint was trained for (owngpt.generation.trained_context): the default window."""
-    from owngpt.checkpoint import read_meta
-    from owngpt.generation import trained_context
-
-    return trained_context(read_meta(ckpt_path), model.config)
-
-
 def check_same_tokenizer(ckpt_tok, data_tok, ckpt: Path, data: Path) -> None:
     """Refuse data tokenized with another vocabulary than the checkpoint's: the numbers would be meaningless."""
     if ckpt_tok.get_vocab() != data_tok.get_vocab():
@@ -151,12 +138,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a data dir (lm, chat, classify) or a plain text file (lm); `device` (a torch
     device, None = cpu) is where the model runs (see owngpt.device.inference_device)."""
-    from owngpt.checkpoint import load_model, read_meta
+    from owngpt.checkpoint import open_checkpoint
     from owngpt.data.datadir import META, open_data_dir
-    from owngpt.models import resolve_checkpoint
-    from owngpt.tokenizer import load_tokenizer
 
-    ckpt_path = resolve_checkpoint(ckpt)
+    c = open_checkpoint(ckpt)
+    ckpt_path = c.path
     data_path = Path(data)
     if not data_path.exists():
         raise DataError(f"--data {data}: no such data dir or file")
@@ -165,15 +151,15 @@ def evaluate(
         if d.task == "classify":
             from owngpt.classify_eval import evaluate_checkpoint
 
-            return evaluate_checkpoint(str(ckpt_path), str(data_path), out_dir=out_dir, split=split, device=device)
-        tok = load_tokenizer(ckpt_path)
+            return evaluate_checkpoint(c, str(data_path), out_dir=out_dir, split=split, device=device)
+        tok = c.tokenizer()
         check_same_tokenizer(tok, d.load_tokenizer(), ckpt_path, data_path)
         if not d.has_split(split):
             raise DataError(
                 f"{data_path} has no '{split}' split: prepare with --val-fraction > 0 or pass --split train"
             )
-        model = load_model(ckpt_path, task=read_meta(ckpt_path).get("task", "lm")).eval().to(device or "cpu")
-        ctx = min(block_size or _trained(ckpt_path, model), _context(model))
+        model = c.model(device=device or "cpu").eval()
+        ctx = c.context(block_size)
         if d.task == "lm":
             tokens = d.tokens(split)
             nll, count = lm_stream_loss(model, tokens, ctx, batch_size, max_tokens, progress)
@@ -197,7 +183,7 @@ def evaluate(
             out.update(_sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mmi, candidates))
         return out
     # a plain text file: tokenize it with the checkpoint's tokenizer
-    tok = load_tokenizer(ckpt_path)
+    tok = c.tokenizer()
     try:
         text = data_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -206,8 +192,8 @@ def evaluate(
             "`owngpt prepare --encoding ...`"
         ) from e
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    model = load_model(ckpt_path).eval().to(device or "cpu")
-    ctx = min(block_size or _trained(ckpt_path, model), _context(model))
+    model = c.model("lm", device=device or "cpu").eval()
+    ctx = c.context(block_size)
     nll, count = lm_stream_loss(model, ids, ctx, batch_size, max_tokens, progress)
     return {
         "task": "lm",
@@ -258,11 +244,10 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
         "examples": [{"prompt": p[-1]["content"], "answer": a} for p, a in zip(prompts[:5], answers[:5])],
     }
     if mmi:
-        from owngpt.checkpoint import load_model
+        from owngpt.checkpoint import open_checkpoint
         from owngpt.mmi import history_latest_first, rerank
-        from owngpt.models import resolve_checkpoint
 
-        backward = load_model(resolve_checkpoint(mmi)).eval().to(model.device)
+        backward = open_checkpoint(mmi).model("lm", device=model.device).eval()
         chosen = []
         for p in prompts:
             cands = sample(p, candidates)

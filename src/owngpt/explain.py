@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from owngpt import atomic
 from owngpt.errors import ConfigError, DataError
 
 MAX_HEATMAP_TOKENS = 96  # the attention table gets unreadable (and heavy) beyond this; the overview has all
@@ -56,27 +57,21 @@ def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
-def _load_tokenizer(path: Path):
-    from owngpt.tokenizer import load_tokenizer
-
-    return load_tokenizer(path)
-
-
-def explain_lm(ckpt: str, text: str) -> dict[str, Any]:
-    """Surprisal per token and attention weights (layers, heads, T, T) of a causal LM on `text`."""
+def explain_lm(ckpt: str | Any, text: str) -> dict[str, Any]:
+    """Surprisal per token and attention weights (layers, heads, T, T) of a causal LM on `text` (`ckpt`: a spec or
+    an opened owngpt.checkpoint.Checkpoint)."""
     import numpy as np
     import torch
 
-    from owngpt.checkpoint import load_model, read_meta
-    from owngpt.models import resolve_checkpoint
+    from owngpt.checkpoint import DEFAULT_CONTEXT, Checkpoint, open_checkpoint, position_table
 
-    path = resolve_checkpoint(ckpt)
-    meta = read_meta(path)
-    tok = _load_tokenizer(path)
-    model = load_model(path, task=meta.get("task", "lm"), attn_implementation="eager").eval()
+    c = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
+    path = c.path
+    tok = c.tokenizer()
+    model = c.model(attn_implementation="eager").eval()
     # the same ids `owngpt eval` scores for this text (a plain text file is encoded without special tokens)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    context = int(getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024))
+    context = position_table(model.config) or DEFAULT_CONTEXT
     if len(ids) < 2:
         raise DataError("--text: give at least two tokens of text: the first token has no prediction to score")
     truncated = len(ids) > context
@@ -105,7 +100,7 @@ def explain_lm(ckpt: str, text: str) -> dict[str, Any]:
     }
 
 
-def explain_classifier(ckpt: str, text: str, n_steps: int = 64, target: str | None = None) -> dict[str, Any]:
+def explain_classifier(ckpt: str | Any, text: str, n_steps: int = 64, target: str | None = None) -> dict[str, Any]:
     """Predicted label, probabilities and integrated-gradients attribution of each token (Captum)."""
     import torch
 
@@ -411,8 +406,7 @@ def write_explanation(
     lang: str = "en",
 ) -> tuple[Path, dict[str, Any]]:
     """Explain `text` with the checkpoint (a classifier or a language model, from its owngpt.json) into `out`."""
-    from owngpt.checkpoint import read_meta
-    from owngpt.models import resolve_checkpoint
+    from owngpt.checkpoint import open_checkpoint
 
     if not text:
         raise ConfigError("--text is empty: give the text to explain")
@@ -423,15 +417,13 @@ def write_explanation(
         raise ConfigError(f"--out {path}: give a file name ending in .html")
     if path.exists() and not overwrite:
         raise ConfigError(f"--out {path} exists: pass --overwrite or choose another name")
-    task = read_meta(resolve_checkpoint(ckpt)).get("task", "lm")
-    if task == "classify":
-        r = explain_classifier(ckpt, text, n_steps=n_steps, target=target)
+    c = open_checkpoint(ckpt)
+    if c.task == "classify":
+        r = explain_classifier(c, text, n_steps=n_steps, target=target)
         page = render_classifier(r, lang)
     else:
-        r = explain_lm(ckpt, text)
+        r = explain_lm(c, text)
         page = render_lm(r, layer, head, lang)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, page)
     return path, r

@@ -1,7 +1,8 @@
 """Text generation: sampling settings, the trained context of a checkpoint, and `generate_batch`.
 
 - `SamplingParams`: the user's settings, validated with errors that name the flag and the accepted range;
-- `trained_context(meta, config)`: how many tokens the model was trained to read (see docs/architecture.md);
+- `trained_context(meta, config)`: how many tokens the model was trained to read (owngpt.checkpoint_files; see
+  docs/architecture.md);
 - `load_for_generation(spec)`: a checkpoint dir or Hub id -> model (eval mode), tokenizer and owngpt.json metadata,
   loaded quietly (no progress bars), with the trained context attached;
 - `generate_batch(...)`: a batch of prompts through the one decode engine (`owngpt.engine`: KV cache, sliding window
@@ -18,6 +19,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint_files import (  # noqa: F401  (re-exported: their home is owngpt.checkpoint_files)
+    context_length,
+    position_table,
+    trained_context,
+)
 from owngpt.decode_kernels import pack_for_decode, parameter_count
 from owngpt.engine import Decoder, IncrementalDecoder, Row, RowSettings, run_to_end
 from owngpt.errors import CheckpointError, ConfigError
@@ -147,49 +153,16 @@ class LoadedModel:
     tokenizer: Any
     path: Path
     meta: dict[str, Any]
+    checkpoint: Any = None  # the owngpt.checkpoint.Checkpoint it was loaded from
 
     @property
     def task(self) -> str:
-        return self.meta.get("task", "lm")
+        """The checkpoint's task (Checkpoint.task, the one rule); for one made by hand, owngpt.json's or lm."""
+        return self.checkpoint.task if self.checkpoint is not None else self.meta.get("task") or "lm"
 
     @property
     def context_length(self) -> int:
         return context_length(self.model)
-
-
-def position_table(config: Any) -> int | None:
-    """Positions the model's architecture has room for (not what it was trained on)."""
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def trained_context(meta: dict[str, Any], config: Any) -> int:
-    """The longest window the checkpoint was trained to read: what every loader lets the model see at once.
-
-    owngpt.json `trained_context` (written by `owngpt train`: the longest block this model or the checkpoint it
-    started from was trained on); for older owngpt checkpoints trained from a preset, their `block_size`; for a
-    Hugging Face directory (pretrained by someone else), its position table. Never more than the position table.
-    """
-    table = position_table(config)
-    ctx = meta.get("trained_context")
-    if not (isinstance(ctx, int) and ctx > 0):
-        block = meta.get("block_size")
-        from_preset = (meta.get("source") or {}).get("kind") == "preset"
-        ctx = block if from_preset and isinstance(block, int) and block > 0 else None
-    if ctx is None:
-        return table or 2048
-    return min(ctx, table) if table else ctx
-
-
-def context_length(model: Any) -> int:
-    """Tokens the model reads at once: the trained context set by the loader, else its position table."""
-    ctx = getattr(model, "owngpt_context", None)
-    if isinstance(ctx, int) and ctx > 0:
-        return ctx
-    return position_table(model.config) or 2048
 
 
 def quiet_loading() -> None:
@@ -205,27 +178,20 @@ def load_for_generation(spec: str, task: str | None = None, device: Any = None) 
 
     A classification checkpoint cannot generate: refused with a hint to use `owngpt predict`.
     """
-    from owngpt.checkpoint import load_model, read_meta
-    from owngpt.models import resolve_checkpoint
-    from owngpt.tokenizer import load_tokenizer
+    from owngpt.checkpoint import open_checkpoint
 
-    path = resolve_checkpoint(spec)
-    meta = read_meta(path)
-    ckpt_task = meta.get("task", "lm")
-    if ckpt_task == "classify":
+    ckpt = open_checkpoint(spec)
+    if ckpt.task == "classify":
         raise CheckpointError(
-            f"{path} is a classification checkpoint (owngpt.json task 'classify'): it labels text "
+            f"{ckpt.path} is a classification checkpoint (task 'classify'): it labels text "
             f"and cannot generate; use `owngpt predict {spec} --text ...`"
         )
-    tokenizer = load_tokenizer(path)
+    tokenizer = ckpt.tokenizer()  # with a pad id: left padding of a batch needs one (masked out, so any id works)
     quiet_loading()
-    model = load_model(path, task=task or ckpt_task)
-    model.eval().to(device or "cpu")
+    # the model carries its trained context (owngpt_context), read by context_length(): every path uses it
+    model = ckpt.model(task or ckpt.task).eval().to(device or "cpu")
     pack_for_decode(model)  # CPU fp32 weights laid out once for the decode kernels (owngpt.decode_kernels)
-    model.owngpt_context = trained_context(meta, model.config)  # read by context_length(): every path uses it
-    if tokenizer.pad_token_id is None:  # left padding of a batch needs a pad id; masked out, so any id works
-        tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, path=Path(path), meta=meta)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=Path(ckpt.path), meta=ckpt.meta, checkpoint=ckpt)
 
 
 def default_eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from owngpt import atomic
 from owngpt.errors import CheckpointError
 
 # Files a checkpoint needs, at the top level of the repository. Subfolders (onnx/, flax/, original/...) are skipped.
@@ -191,36 +191,35 @@ def download(model_id: str, revision: str | None = None, out: str | os.PathLike 
     target = Path(out) if out is not None else None
     if target is not None and target.exists() and any(target.iterdir()):
         raise CheckpointError(f"--out {target} exists and is not empty: choose a new directory")
-    tmp = None
-    try:
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        path = Path(
+
+    def snapshot(local_dir: Path | None) -> Path:
+        return Path(
             snapshot_download(
                 model_id,
                 revision=sha or revision,
                 allow_patterns=wanted,
                 cache_dir=_cache_dir(),
-                local_dir=tmp,
+                local_dir=local_dir,
                 etag_timeout=CONNECT_TIMEOUT,
             )
         )
+
+    try:
+        if target is None:
+            path = snapshot(None)
+        else:
+            # mode 0o700: as the temporary directory such downloads have always been renamed from
+            with atomic.directory(target, mode=0o700) as tmp:
+                snapshot(tmp)
+                shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping for local_dir
+            path = target
     except CheckpointError:
         raise
     except Exception as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"downloading '{model_id}' failed ({type(e).__name__}: {e}); run the command again to resume"
         ) from e
-    if tmp is not None:
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping for local_dir downloads
-        if target.exists():
-            target.rmdir()  # empty (checked above)
-        os.replace(tmp, target)
-        path = target
-    from owngpt.checkpoint import check_dir
+    from owngpt.checkpoint_files import check_dir
 
     return check_dir(path)
 

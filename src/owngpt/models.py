@@ -146,7 +146,7 @@ def resolve_model_source(spec: str) -> ModelSource:
     """Resolve a `--model` value for training (a preset is allowed)."""
     p = Path(os.path.expanduser(spec))
     if p.exists():
-        from owngpt.checkpoint import check_dir
+        from owngpt.checkpoint_files import check_dir
 
         return ModelSource("local", spec, check_dir(p))
     missing = missing_local_path(spec)
@@ -167,7 +167,7 @@ def resolve_checkpoint(spec: str) -> Path:
     """Resolve a checkpoint argument (generate, chat, serve, export, eval, predict): a local dir or a Hub id."""
     p = Path(os.path.expanduser(spec))
     if p.exists():
-        from owngpt.checkpoint import check_dir
+        from owngpt.checkpoint_files import check_dir
 
         return check_dir(p)
     missing = missing_local_path(spec)
@@ -191,11 +191,30 @@ def _fetch_hub(model_id: str) -> Path:
     return fetch_model(model_id)
 
 
+# ------------------------------------------------------------------------------------------------ parameter counts
+def gpt2_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
+    """GPT-2 parameter count with tied input/output embeddings: per block 12d^2 + 13d, plus embeddings and ln_f."""
+    d = n_embd
+    return vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def llama_parameters(n_layer: int, n_embd: int, vocab_size: int, intermediate_size: int) -> int:
+    """LLaMA-style count with tied embeddings, no biases: per block q, k, v, o (4d^2), SwiGLU's gate, up and down
+    (3·d·ffn) and two RMSNorm weights; plus the embedding and the final norm. No position table (rotary)."""
+    d = n_embd
+    return vocab_size * d + n_layer * (4 * d * d + 3 * d * intermediate_size + 2 * d) + d
+
+
+def preset_parameters(preset: dict[str, Any], vocab_size: int) -> int:
+    """Parameter count of a preset (owngpt.models.PRESETS entry) for `vocab_size`."""
+    if preset.get("arch") == "llama":
+        return llama_parameters(preset["n_layer"], preset["n_embd"], vocab_size, preset["intermediate_size"])
+    return gpt2_parameters(preset["n_layer"], preset["n_embd"], vocab_size, preset["n_positions"])
+
+
 # ---------------------------------------------------------------------------------------------- listing (`owngpt models`)
 def preset_table(vocab_size: int = 50257) -> list[dict[str, Any]]:
     """Each preset as `--model` spells it, its shape and its parameter count for `vocab_size` (GPT-2's by default)."""
-    from owngpt.estimate import preset_parameters
-
     rows = []
     for name, p in PRESETS.items():
         rows.append(
@@ -213,7 +232,7 @@ def list_checkpoints(roots: list[Path], max_depth: int = 5) -> list[dict[str, An
     """Checkpoint dirs (config.json + safetensors) under `roots`, newest first, with size, task and step."""
     import json
 
-    from owngpt.checkpoint import is_checkpoint, read_meta
+    from owngpt.checkpoint_files import is_checkpoint, read_meta
 
     found: list[dict[str, Any]] = []
     seen: set[Path] = set()

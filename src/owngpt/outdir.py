@@ -17,15 +17,14 @@ This module is not about reading any of those formats: it only looks at their ma
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from owngpt import atomic
+from owngpt.atomic import exchange, recover_old, swap_in  # noqa: F401  (importable from here, as before)
 from owngpt.errors import ConfigError
 
 # The kinds of directory owngpt makes, and how each is recognised (what kind_of returns).
@@ -192,74 +191,7 @@ def check_replaceable(
 
 
 # ---------------------------------------------------------------------------------------------- atomic replacement
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported.
-
-    Python has no binding for renameat2; ctypes reaches glibc's (2.28+). Filesystems without support answer
-    EINVAL/ENOSYS/EOPNOTSUPP and the caller falls back to two renames.
-    """
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def swap_in(new: Path, out: Path) -> None:
-    """Put the finished directory `new` (a sibling of `out`) at `out`; the old `out`, if any, is removed after.
-
-    With RENAME_EXCHANGE there is no moment without a whole `out`. Elsewhere the old one is renamed aside as
-    `.NAME.old-PID` first; a kill between the two renames leaves it there, and `recover_old` puts it back.
-    """
-    if os.path.lexists(out) and exchange(new, out):
-        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old output
-        return
-    if os.path.lexists(out):
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if os.path.lexists(old):
-            shutil.rmtree(old)
-        out.rename(old)
-        new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(out)
-
-
-def recover_old(out: Path) -> None:
-    """Undo a swap_in cut between its two renames (no `out`, a `.NAME.old-*` beside); remove stale `.old-*` else."""
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not olds:
-        return
-    if not os.path.lexists(out):
-        olds.pop().rename(out)
-    for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale(p: Path, prefix: str) -> bool:
-    """A `{prefix}PID[-...]` sibling (e.g. `.NAME.new-PID-xyz`) left by a process that is gone (killed mid-write)."""
-    pid = p.name[len(prefix) :].split("-", 1)[0]
-    return p.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid))
+# The mechanism (a directory built aside and swapped in) is owngpt.atomic's: `replacing` adds the rules above to it.
 
 
 @contextlib.contextmanager
@@ -282,26 +214,12 @@ def replacing(
     inputs = list(inputs)
     o = check_out(out, inputs, flag=flag, suggest=suggest)
     check_replaceable(o, kind, overwrite, flag=flag, shown=out)
-    try:
-        o.parent.mkdir(parents=True, exist_ok=True)
-        recover_old(o)
-        for left in o.parent.glob(f".{o.name}.new-*"):  # builds of killed processes
-            if _stale(left, f".{o.name}.new-"):
-                shutil.rmtree(left, ignore_errors=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{o.name}.new-{os.getpid()}-", dir=o.parent))
-    except OSError as e:
-        raise ConfigError(f"cannot write {out}: {e.strerror or e}; choose a writable {flag}") from e
-    new = stage / o.name
-    try:
-        if create:
-            new.mkdir()
+    with contextlib.ExitStack() as stack:
+        try:
+            new = stack.enter_context(atomic.directory(o, create=create))
+        except OSError as e:
+            raise ConfigError(f"cannot write {out}: {e.strerror or e}; choose a writable {flag}") from e
         yield new
-        if not new.exists():
-            raise RuntimeError(f"nothing was written for {out}")
-        os.chmod(new, 0o777 & ~_umask())  # mkdtemp makes dirs private; an output gets the usual permissions
-        swap_in(new, o)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _remove(p: Path) -> None:
@@ -310,12 +228,6 @@ def _remove(p: Path) -> None:
         p.unlink()
     else:
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------------- a run replaced in place
@@ -354,7 +266,7 @@ class Replacement:
         """Clean up after a killed `--overwrite`: a new run that got going keeps its place (the old one is removed),
         one that did not is dropped and the old run put back. Returns a note for the user, or None."""
         prefix = f".{out.name}.replaced-"
-        left = [p for p in out.parent.glob(f"{prefix}*") if _stale(p, prefix)]
+        left = [p for p in out.parent.glob(f"{prefix}*") if atomic.is_stale(p, prefix)]
         if not left:
             return None
         left.sort(key=lambda p: p.stat().st_mtime)

@@ -40,34 +40,34 @@ class Classifier:
     max_length: int
 
 
-def load_classifier(ckpt: str | os.PathLike, device: str = "cpu") -> Classifier:
-    """Load a classifier checkpoint (safetensors only) with its tokenizer and label names."""
-    from owngpt.checkpoint import load_config, load_model, read_meta
-    from owngpt.models import resolve_checkpoint
-    from owngpt.tokenizer import load_tokenizer
+def load_classifier(ckpt: str | os.PathLike | Any, device: str = "cpu") -> Classifier:
+    """Load a classifier checkpoint (safetensors only; a spec or an opened owngpt.checkpoint.Checkpoint) with its
+    tokenizer and label names."""
+    from owngpt.checkpoint import Checkpoint, open_checkpoint
 
-    path = resolve_checkpoint(str(ckpt))
-    config = load_config(path)
-    archs = getattr(config, "architectures", None) or []
-    meta = read_meta(path)
-    if meta.get("task", "classify") != "classify" or (archs and not any("SequenceClassification" in a for a in archs)):
+    c = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
+    archs = getattr(c.config, "architectures", None) or []
+    if c.task != "classify" or (archs and not any("SequenceClassification" in a for a in archs)):
         raise CheckpointError(
-            f"{path} is a {meta.get('task') or ', '.join(archs)} checkpoint, not a classifier: "
+            f"{c.path} is a {c.meta.get('task') or ', '.join(archs) or c.task} checkpoint, not a classifier: "
             "train one with `owngpt train --task classify` and pass its checkpoint"
         )
-    model = load_model(path, task="classify").to(device).eval()
-    tok = load_tokenizer(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # as in training (owngpt.tasks.classify)
+    model = c.model("classify", device=device).eval()
+    tok = c.tokenizer()  # with the pad token training used (owngpt.tasks.classify)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    return Classifier(model, tok, c.labels, c.path, classifier_max_length(c))
+
+
+def classifier_max_length(c: Any) -> int:
+    """The input length of a classifier (a Checkpoint): the block it was trained on (a from-scratch model has
+    untrained position embeddings past it); for a Hugging Face classifier its position table, at most 256."""
+    config = c.config
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    # The length the model was trained on: a from-scratch model has untrained position embeddings past it.
-    max_length = int(meta.get("block_size") or min(context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
+    max_length = int(c.meta.get("block_size") or min(context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
     if config.model_type in ("roberta", "xlm-roberta", "camembert") and context:
         max_length = min(max_length, context - 2)  # RoBERTa's positions start after padding_idx
-    return Classifier(model, tok, labels, path, max_length)
+    return max_length
 
 
 def predict_proba(clf: Classifier, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:

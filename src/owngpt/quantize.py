@@ -54,6 +54,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from owngpt import atomic
+from owngpt.checkpoint_files import load_config, write_meta
 from owngpt.errors import CheckpointError
 
 METHOD = "int8-dynamic"
@@ -336,18 +338,18 @@ def quantize_model(model: Any):
     return build_quantized_model(model.config, tensors, info)
 
 
-def load_quantized(path: str | os.PathLike, info: dict[str, Any], task: str = "lm"):
-    """Load an int8 checkpoint dir (called by owngpt.checkpoint.load_model when owngpt.json says so)."""
+def load_quantized(path: str | os.PathLike, info: dict[str, Any], task: str = "lm", config: Any = None):
+    """Load an int8 checkpoint dir (called by owngpt.checkpoint.Checkpoint.model when owngpt.json says so);
+    `config`: its config.json as transformers read it (read here when not given)."""
     from safetensors.torch import load_file
-
-    from owngpt.checkpoint import load_config
 
     p = Path(path)
     if info.get("method") != METHOD:
         raise CheckpointError(
             f"{p}/owngpt.json: quantization method {info.get('method')!r} is not supported (owngpt writes {METHOD!r})"
         )
-    config = load_config(p)
+    if config is None:
+        config = load_config(p)
     try:
         tensors = load_file(str(p / "model.safetensors"))
     except (OSError, ValueError) as e:
@@ -356,27 +358,17 @@ def load_quantized(path: str | os.PathLike, info: dict[str, Any], task: str = "l
 
 
 def save_quantized(model: Any, tokenizer: Any, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write the int8 checkpoint dir atomically (aside, then renamed) from a loaded fp32 model."""
+    """Write the int8 checkpoint dir atomically (aside, then swapped in) from a loaded fp32 model."""
     from safetensors.torch import save_file
-
-    from owngpt.export import atomic_dir
 
     tensors, info = quantize_state_dict(model)
     meta = {**meta, "quantization": info}
-    with atomic_dir(out_dir) as tmp:
+    with atomic.directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "owngpt": METHOD})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_meta(tmp, meta)
+        write_meta(tmp, meta)
     return Path(out_dir)
-
-
-def _write_meta(d: Path, meta: dict[str, Any]) -> None:
-    import json
-
-    from owngpt.checkpoint import OWNGPT_META
-
-    (d / OWNGPT_META).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

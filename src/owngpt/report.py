@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt import atomic
 from owngpt.errors import ConfigError
 
 LANGS = ("en", "zh")
@@ -441,8 +442,9 @@ def classify_facts(ckpt: Path, data: dict[str, Any], max_examples: int = 5000) -
 
     import numpy as np
 
-    from owngpt.classify_eval import classification_metrics, plot_confusion_matrix
+    from owngpt.classify_eval import plot_confusion_matrix
     from owngpt.data.datadir import open_data_dir
+    from owngpt.metrics import classification_metrics
     from owngpt.predict import load_classifier, predict_proba
 
     if not data.get("found"):
@@ -1172,15 +1174,9 @@ def write_report(
     md_path = html_path.with_suffix(".md")
     assets.mkdir(exist_ok=True)
     (assets / ASSETS_MARK).write_text(f"made by {GENERATOR}: its pictures are replaced by the next report\n")
-    _atomic_write(html_path, render_html(runs, sections, lang))
-    _atomic_write(md_path, render_markdown(runs, sections, lang, assets))
+    atomic.write_text(html_path, render_html(runs, sections, lang))
+    atomic.write_text(md_path, render_markdown(runs, sections, lang, assets))
     return html_path, md_path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def report_after_run(run_dir: str | os.PathLike) -> Path | None:

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
+    from owngpt import atomic
     from owngpt.device import inference_device
     from owngpt.errors import ConfigError
     from owngpt.evaluate import evaluate, format_metrics
@@ -71,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        tmp = os.path.join(args.out, "eval.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(m, f, ensure_ascii=False, indent=2)
-        os.replace(tmp, os.path.join(args.out, "eval.json"))
+        atomic.write_text(os.path.join(args.out, "eval.json"), json.dumps(m, ensure_ascii=False, indent=2))
     print(json.dumps(m, ensure_ascii=False, indent=2) if args.json else format_metrics(m))
     return 0

@@ -70,10 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
     from pathlib import Path
 
+    from owngpt import atomic
     from owngpt.device import inference_device
     from owngpt.errors import ConfigError
     from owngpt.predict import (
@@ -106,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic.open_aside(out, newline="") as f:
         write_predictions(f, texts, labels, probs, args.format)
-    os.replace(tmp, out)
     print(f"wrote {len(texts)} predictions to {out}", file=sys.stderr)
     return 0

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from owngpt import outdir
+from owngpt import atomic, outdir
 from owngpt.errors import DataError
 from owngpt.outdir import replacing
 
@@ -100,13 +100,8 @@ def building(
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (owngpt.atomic.write_json: a temp file, then renamed)."""
+    atomic.write_json(path, obj)
 
 
 class RaggedWriter:

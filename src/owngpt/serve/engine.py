@@ -256,31 +256,26 @@ def load(
     (a torch device; None = cpu).
 
     `ckpt` may also be a Hub id (cached, or fetched once; see owngpt.models.resolve_checkpoint)."""
-    from owngpt.checkpoint import load_model, read_meta
+    from owngpt.checkpoint import DEFAULT_CONTEXT, open_checkpoint, position_table
     from owngpt.decode_kernels import pack_for_decode
-    from owngpt.generation import context_length, quiet_loading, trained_context
-    from owngpt.models import resolve_checkpoint
-    from owngpt.tokenizer import load_tokenizer
+    from owngpt.generation import quiet_loading
 
-    path = resolve_checkpoint(str(ckpt))
-    meta = read_meta(path)
-    task = meta.get("task", "lm")
-    tokenizer = load_tokenizer(path)
+    ckpt = open_checkpoint(str(ckpt))
+    path, meta, task = ckpt.path, ckpt.meta, ckpt.task
+    tokenizer = ckpt.tokenizer()  # with a pad id: batches are padded
     if task == "classify":
-        model = load_model(path, task="classify").eval().to(device or "cpu")
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        model = ckpt.model("classify", device=device or "cpu").eval()
         if getattr(model.config, "pad_token_id", None) is None:  # GPT-2 classifiers pool at the last non-pad token
             model.config.pad_token_id = tokenizer.pad_token_id
-        return Loaded(path, meta, task, tokenizer, classifier=Classifier(model, tokenizer, context_length(model)))
+        # texts are cut at the position table, as serving always did (owngpt predict cuts at the trained block)
+        max_length = position_table(model.config) or DEFAULT_CONTEXT
+        return Loaded(path, meta, task, tokenizer, classifier=Classifier(model, tokenizer, max_length))
     if task not in ("lm", "chat", "mmi"):
         raise CheckpointError(f"{path}/owngpt.json: task {task!r} cannot be served (expected lm, chat, mmi, classify)")
     quiet_loading()
-    model = load_model(path, task="lm").eval().to(device or "cpu")
+    # the model carries its trained context (owngpt_context): the window every row reads (owngpt.engine)
+    model = ckpt.model("lm", device=device or "cpu").eval()
     pack_for_decode(model)  # CPU fp32 weights laid out once for the decode kernels (owngpt.decode_kernels)
-    model.owngpt_context = trained_context(meta, model.config)  # the window every row reads (owngpt.engine)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     engine = Engine(
         model,
         tokenizer,

@@ -281,7 +281,7 @@ class ClassifyTask(Task):
         return probs, y[:n]
 
     def evaluate(self, model: Any, max_batches: int = 0, batch_size: int = 8, split: str = "val") -> dict[str, float]:
-        from owngpt.classify_eval import classification_metrics
+        from owngpt.metrics import classification_metrics
 
         probs, y = self.predict_split(model, split, max_batches, batch_size)
         if len(y) == 0:
