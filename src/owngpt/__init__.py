@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from owngpt.errors import CheckpointError, ConfigError, DataError, MissingExtraError, OwnGPTError
-
-__version__ = "0.1.0"
+from owngpt.version import __version__
 __all__ = ["load", "OwnGPTError", "DataError", "ConfigError", "CheckpointError", "MissingExtraError", "__version__"]
 
 if TYPE_CHECKING:

@@ -79,7 +79,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], command: str | None
 
 
 def _version() -> str:
-    from owngpt import __version__
+    from owngpt.version import __version__
 
     return __version__
 

@@ -18,7 +18,14 @@ from typing import Any
 
 from owngpt.device import DEVICE_HELP, check_spec
 from owngpt.errors import ConfigError
-from owngpt.optim import FSDP_REFUSAL
+
+# the refusal of optimizer=muon with fsdp=true: TrainConfig.validate gives it, and owngpt.optim for callers that build
+# their own config
+FSDP_REFUSAL = (
+    "optimizer=muon with fsdp=true is not supported: Muon orthogonalises each whole weight matrix, and FSDP gives "
+    "each process only a shard of it (gathering every matrix at every step would undo FSDP's saving); use DDP "
+    "(fsdp=false) or optimizer=adamw"
+)
 
 
 def setting(default: Any, help: str) -> Any:

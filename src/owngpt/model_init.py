@@ -62,8 +62,7 @@ def trained_context_after(source: ModelSource, block_size: int) -> int:
     positions)."""
     if source.kind == "preset":
         return block_size
-    from owngpt.checkpoint import load_config, read_meta
-    from owngpt.generation import trained_context
+    from owngpt.checkpoint import load_config, read_meta, trained_context
 
     return max(block_size, trained_context(read_meta(source.path), load_config(source.path)))
 

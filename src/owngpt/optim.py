@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from owngpt.config import FSDP_REFUSAL
 from owngpt.errors import CheckpointError, ConfigError
 
 OPTIMIZERS = ("auto", "adamw", "muon")
@@ -182,13 +183,6 @@ def build_optimizer(model: Any, cfg: Any, device_type: str, sharded: bool) -> tu
     names = a_names + [n for group in by_factor.values() for n, _ in group]
     scales = [1.0] * len(a_groups) + [cfg.muon_lr / cfg.lr * f for f in by_factor]
     return HybridOptimizer(adamw, muon), names, scales
-
-
-FSDP_REFUSAL = (
-    "optimizer=muon with fsdp=true is not supported: Muon orthogonalises each whole weight matrix, and FSDP gives "
-    "each process only a shard of it (gathering every matrix at every step would undo FSDP's saving); use DDP "
-    "(fsdp=false) or optimizer=adamw"
-)
 
 
 def describe(cfg: Any, optimizer: Any) -> str:

@@ -195,7 +195,7 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from owngpt import __version__
+    from owngpt.version import __version__
 
     if torch.cuda.is_available():
         device = f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
@@ -386,9 +386,9 @@ def default_prompts(data: dict[str, Any], n: int = 3) -> list[str]:
 
 
 def lm_samples(ckpt: Path, prompts: Sequence[str], max_new_tokens: int, seed: int) -> dict[str, Any]:
-    import owngpt
+    from owngpt.api import load
 
-    m = owngpt.load(str(ckpt))
+    m = load(str(ckpt))
     settings = {"temperature": 0.8, "top_k": 50, "max_new_tokens": max_new_tokens, "seed": seed}
     # one call each (an empty prompt cannot share a batch), seed + i: the prompts do not share one random stream
     texts = [m.generate(p, **dict(settings, seed=seed + i)) for i, p in enumerate(prompts)]
@@ -403,11 +403,11 @@ def chat_turns(
     ckpt: Path, data: dict[str, Any], mmi: str | None, max_new_tokens: int, seed: int, n: int = 3
 ) -> dict[str, Any]:
     """Up to two user turns of `n` validation conversations, answered by the model (and with MMI reranking)."""
-    import owngpt
+    from owngpt.api import load
     from owngpt.data.datadir import open_data_dir
 
-    m = owngpt.load(str(ckpt))
-    backward = owngpt.load(mmi) if mmi else None
+    m = load(str(ckpt))
+    backward = load(mmi) if mmi else None
     conversations: list[list[str]] = []
     if data.get("found"):
         d = open_data_dir(data["path"])

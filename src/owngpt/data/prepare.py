@@ -536,7 +536,7 @@ def _inputs(cfg: PrepareConfig) -> list[tuple[str, str | None]]:
 def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Report, tmp: Path, chunk_chars: int):
     import numpy as np
 
-    from owngpt import __version__
+    from owngpt.version import __version__
     from owngpt.tokenizer import plain_backend, separator_token_id
 
     umask = os.umask(0)

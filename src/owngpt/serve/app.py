@@ -286,6 +286,6 @@ def validation_error(errors: Sequence[Any]) -> APIError:
 
 
 def _version() -> str:
-    from owngpt import __version__
+    from owngpt.version import __version__
 
     return __version__
