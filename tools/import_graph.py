@@ -24,19 +24,65 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "version", "atomic", "console", "device", "metrics", "muon", "native_kernels"]),
     (
         "formats",
-        ["config", "chat_format", "conversation", "tokenizer", "data.datadir", "checkpoint_files", "outdir", "hub",
-         "models"],
+        [
+            "config",
+            "chat_format",
+            "conversation",
+            "tokenizer",
+            "data.datadir",
+            "checkpoint_files",
+            "outdir",
+            "hub",
+            "models",
+        ],
     ),  # fmt: skip
     (
         "model",
-        ["checkpoint", "estimate", "quantize", "model_init", "optim", "decode_kernels", "decode_step", "engine", "tasks.*",
-         "augment", "distributed", "trainer_state", "run_dir", "run_log", "train_step"],
+        [
+            "checkpoint",
+            "estimate",
+            "quantize",
+            "model_init",
+            "optim",
+            "decode_kernels",
+            "decode_step",
+            "engine",
+            "tasks.*",
+            "augment",
+            "distributed",
+            "trainer_state",
+            "run_dir",
+            "run_log",
+            "train_step",
+        ],
     ),  # fmt: skip
     (
         "pipelines",
-        ["data", "data.clean", "data.readers", "data.personal", "data.privacy", "data.report", "data.prepare",
-         "generation", "mmi", "train", "evaluate", "chat", "predict", "classify_eval", "measure", "export.*", "prune",
-         "tune.*", "cv", "explain", "report", "demo", "api"],
+        [
+            "data",
+            "data.clean",
+            "data.readers",
+            "data.personal",
+            "data.privacy",
+            "data.report",
+            "data.prepare",
+            "generation",
+            "mmi",
+            "train",
+            "evaluate",
+            "chat",
+            "predict",
+            "classify_eval",
+            "measure",
+            "export.*",
+            "prune",
+            "tune.*",
+            "cv",
+            "explain",
+            "report",
+            "demo",
+            "api",
+        ],
     ),  # fmt: skip
     ("front ends", ["serve.*", "commands.*", "cli", "__main__", "owngpt"]),
 ]
@@ -50,8 +96,8 @@ class Module:
     lazy: dict[str, int] = field(default_factory=dict)  # owngpt modules imported inside functions -> first line
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
+def module_name(path: Path, src: Path = SRC) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -62,7 +108,7 @@ def read_graph(src: Path = SRC) -> dict[str, Module]:
 
     `from owngpt.x import y` counts as importing owngpt.x.y when that is a module, else owngpt.x. Imports under
     `if TYPE_CHECKING:` are skipped (they never run)."""
-    mods = {module_name(p): Module(module_name(p), p) for p in sorted((src / "owngpt").rglob("*.py"))}
+    mods = {module_name(p, src): Module(module_name(p, src), p) for p in sorted((src / "owngpt").rglob("*.py"))}
 
     def resolve(mod: Module, node: ast.ImportFrom) -> str | None:
         if not node.level:

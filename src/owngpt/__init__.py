@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from owngpt.errors import CheckpointError, ConfigError, DataError, MissingExtraError, OwnGPTError
 from owngpt.version import __version__
+
 __all__ = ["load", "OwnGPTError", "DataError", "ConfigError", "CheckpointError", "MissingExtraError", "__version__"]
 
 if TYPE_CHECKING:

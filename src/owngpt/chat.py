@@ -26,6 +26,8 @@ from owngpt.chat_format import Message, validate_messages
 from owngpt.conversation import PLAIN_BOT, PLAIN_STOPS, PLAIN_USER, plain_transcript  # noqa: F401  (re-exported)
 from owngpt.errors import ConfigError, OwnGPTError
 from owngpt.generation import LoadedModel, SamplingParams, context_length, default_eos_ids, generate_batch
+from owngpt.mmi import history_latest_first, rerank
+from owngpt.outdir import check_out_file
 
 
 def is_chat_model(lm: LoadedModel) -> bool:
@@ -99,8 +101,6 @@ def reply(
         )[0]
         return Reply(text=res.text, finish_reason=res.finish_reason, completion_tokens=res.completion_tokens)
 
-    from owngpt.mmi import history_latest_first, rerank
-
     if params.greedy:
         raise ConfigError("--mmi needs sampled candidates: set --temperature above 0 (e.g. 0.8)")
     if settings.candidates < 1:
@@ -155,7 +155,6 @@ def check_transcript_path(path: str | os.PathLike, models: Sequence[str | os.Pat
     """Refuse a transcript path that would destroy something: a folder, a path inside a checkpoint being used
     (`models`), or an existing file that is not an earlier owngpt transcript (which is replaced, as documented).
     Returns the path (~ expanded). The rules are owngpt.outdir's, for every output that is one file."""
-    from owngpt.outdir import check_out_file
 
     inputs = [("checkpoint", m) for m in models]
     return check_out_file(path, inputs, ours=is_transcript, what="a chat transcript", example="chat.json", flag=flag)

@@ -47,6 +47,9 @@ from owngpt.checkpoint_files import (  # noqa: F401  (the checkpoint format's AP
     write_meta,
 )
 from owngpt.errors import CheckpointError
+from owngpt.models import resolve_checkpoint
+from owngpt.quantize import load_quantized, quantize_model
+from owngpt.tokenizer import load_tokenizer
 
 CAUSAL_TASKS = ("lm", "chat", "mmi")  # tasks whose model is a causal LM (transformers' *ForCausalLM)
 
@@ -117,7 +120,6 @@ class Checkpoint:
         did (owngpt.tasks.classify). Batches are padded, left for generation and right for classification; the pad
         positions are masked out, so any id works, and the vocabulary does not change.
         """
-        from owngpt.tokenizer import load_tokenizer
 
         where = self.path
         if self.adapter is not None and not (self.path / "tokenizer_config.json").exists():
@@ -153,7 +155,6 @@ class Checkpoint:
                     f"{self.path} is already quantized ({quant.get('method')}); export or prune the fp32 "
                     "checkpoint it came from"
                 )
-            from owngpt.quantize import load_quantized
 
             model = load_quantized(self.path, quant, task=task, config=copy.deepcopy(self.config))
         elif self.adapter is not None:
@@ -166,8 +167,6 @@ class Checkpoint:
                 config = self.config  # from_pretrained gives the model its own copy
             model = _load_weights(self.path, config, task, self.meta.get("task"), dtype, kwargs)
         if int8 and not quant:
-            from owngpt.quantize import quantize_model
-
             model = quantize_model(model)
         model.owngpt_context = self.trained_context
         if device is not None:
@@ -202,7 +201,6 @@ def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
         meta = read_meta(given)
         check_adapter_dir(given)  # peft would torch.load an adapter_model.bin: refused here
         return Checkpoint(given, meta, adapter=_read_json(given / "adapter_config.json", "save the adapter again"))
-    from owngpt.models import resolve_checkpoint
 
     path = resolve_checkpoint(str(spec))
     return Checkpoint(path, read_meta(path))

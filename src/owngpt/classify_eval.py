@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 
 from owngpt import atomic
+from owngpt.data.datadir import open_data_dir
 from owngpt.errors import DataError
 from owngpt.metrics import classification_metrics, confusion_matrix  # noqa: F401  (their home: owngpt.metrics)
+from owngpt.predict import load_classifier, predict_proba
 
 
 def plot_confusion_matrix(
@@ -70,8 +72,6 @@ def evaluate_checkpoint(
     Gold labels are matched to the model's labels by name, so a data dir prepared separately works as long as its
     labels are ones the model knows.
     """
-    from owngpt.data.datadir import open_data_dir
-    from owngpt.predict import load_classifier, predict_proba
 
     data = open_data_dir(data_dir)
     if data.task != "classify":

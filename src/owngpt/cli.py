@@ -14,6 +14,9 @@ import signal
 import sys
 import threading
 
+from owngpt.errors import OwnGPTError
+from owngpt.version import __version__
+
 # command -> (module, one-line summary). The summary is repeated here so that `owngpt --help` imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("owngpt.commands.prepare", "clean raw text/dialogues/labelled data and tokenize it into a data dir"),
@@ -79,8 +82,6 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], command: str | None
 
 
 def _version() -> str:
-    from owngpt.version import __version__
-
     return __version__
 
 
@@ -94,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    from owngpt.errors import OwnGPTError
-
     previous = _unwind_on_sigterm()
     try:
         code = args._run(args)

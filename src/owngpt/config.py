@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt import atomic
 from owngpt.device import DEVICE_HELP, check_spec
 from owngpt.errors import ConfigError
 
@@ -279,8 +280,6 @@ def save_config(cfg, path: str | Path, notes: list[str] | None = None) -> None:
 
     `notes` become comment lines in the header (e.g. what `model` resolved to), so they never change the config."""
     import yaml
-
-    from owngpt import atomic
 
     data = dataclasses.asdict(cfg)
     with atomic.open_aside(path) as f:

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from owngpt.config import TrainConfig, save_config
+from owngpt.data.datadir import RaggedWriter, building, open_data_dir, write_json
 from owngpt.errors import ConfigError, DataError
+from owngpt.report import report_after_run
 
 LOWER_IS_BETTER = ("val_loss",)
 
@@ -105,7 +107,6 @@ class CVResult:
 
 def write_fold_data_dir(data: Any, train_idx: np.ndarray, val_idx: np.ndarray, out: Path, info: dict) -> Path:
     """A classify data dir whose train/val are the given rows of `data`'s train split (same tokenizer, same ids)."""
-    from owngpt.data.datadir import RaggedWriter, building, write_json
 
     records = list(data.records("train"))
     y = data.label_ids("train")
@@ -201,10 +202,9 @@ def cross_validate(cfg: TrainConfig, callbacks: Sequence[Any] = (), train_fn: An
     `callbacks` are not passed to the folds (a pruner fed K runs' steps would see each step K times); the result's
     `best_metric` (mean over folds) is what `owngpt tune` optimises when its base config sets cv=K.
     """
-    from owngpt.data.datadir import open_data_dir
 
     if train_fn is None:
-        from owngpt.train import train as train_fn
+        pass
     k = cfg.cv
     if k < 2:
         raise ConfigError(f"cv={k}: cross-validation needs cv=K with K >= 2")
@@ -255,8 +255,6 @@ def cross_validate(cfg: TrainConfig, callbacks: Sequence[Any] = (), train_fn: An
     result = summarize(out, fold_dirs, metric, sizes)
     _write_summary(result)
     if cfg.report:  # RUN/report.html with the folds' table (never fails the run)
-        from owngpt.report import report_after_run
-
         report_after_run(out)
     return result
 
@@ -295,7 +293,6 @@ def format_cv(r: CVResult) -> str:
 
 
 def _write_summary(r: CVResult) -> None:
-    from owngpt.data.datadir import write_json
 
     write_json(r.run_dir / "cv.json", r.to_dict())
     tmp = r.run_dir / "cv.md.tmp"

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from owngpt.api import load
+from owngpt.config import TrainConfig
+from owngpt.data.prepare import PrepareConfig, prepare
 from owngpt.errors import ConfigError
+from owngpt.train import train
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,6 @@ def run_demo(
     overwrite: bool = False,
 ) -> Path:
     """Prepare, train and sample; returns the best checkpoint dir."""
-    from owngpt.api import load
-    from owngpt.config import TrainConfig
-    from owngpt.data.prepare import PrepareConfig, prepare
-    from owngpt.train import train
 
     if corpus not in CORPORA:
         raise ConfigError(f"--corpus {corpus}: expected one of {', '.join(CORPORA)}")

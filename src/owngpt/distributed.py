@@ -21,6 +21,7 @@ from typing import Any
 
 from owngpt.device import resolve_device
 from owngpt.errors import ConfigError
+from owngpt.model_init import blocks
 
 
 @dataclass
@@ -127,8 +128,6 @@ def parallelize(model: Any, dist: Dist, fsdp: bool, lora: bool) -> Any:
         # FSDP2: each block's parameters, gradients and optimizer state sharded over the ranks (the model
         # must fit on one device only while one block is gathered)
         from torch.distributed.fsdp import fully_shard
-
-        from owngpt.model_init import blocks
 
         if lora:
             raise ConfigError(

@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from owngpt.models import gpt2_parameters, llama_parameters, preset_parameters  # noqa: F401  (their home: models)
+from owngpt.checkpoint import open_checkpoint
+from owngpt.models import PRESETS, gpt2_parameters, llama_parameters, preset_name, preset_parameters  # noqa: F401  (their home: models)
 
 GiB = 1024**3
 
@@ -47,7 +48,6 @@ class Estimate:
 
 def _shape(spec: str, vocab_size: int | None) -> tuple[str, dict[str, int], int | None]:
     """(kind, {n_layer, n_embd, n_head, n_positions, vocab_size}, exact parameter count or None)."""
-    from owngpt.models import PRESETS, preset_name
 
     name = None
     try:
@@ -60,7 +60,6 @@ def _shape(spec: str, vocab_size: int | None) -> tuple[str, dict[str, int], int 
         shape = dict(PRESETS[name])
         shape["vocab_size"] = vocab_size or 50257
         return "preset", shape, preset_parameters(shape, shape["vocab_size"])
-    from owngpt.checkpoint import open_checkpoint
 
     cfg = open_checkpoint(spec).config
     get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)  # noqa: E731

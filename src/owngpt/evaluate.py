@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from owngpt.chat_format import prompt_ids, render, stop_token_ids
+from owngpt.checkpoint import open_checkpoint
+from owngpt.classify_eval import evaluate_checkpoint, format_report
+from owngpt.data.datadir import META, open_data_dir
 from owngpt.errors import DataError
+from owngpt.mmi import history_latest_first, rerank
 
 LN2 = math.log(2)
 
@@ -138,8 +143,6 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a data dir (lm, chat, classify) or a plain text file (lm); `device` (a torch
     device, None = cpu) is where the model runs (see owngpt.device.inference_device)."""
-    from owngpt.checkpoint import open_checkpoint
-    from owngpt.data.datadir import META, open_data_dir
 
     c = open_checkpoint(ckpt)
     ckpt_path = c.path
@@ -149,8 +152,6 @@ def evaluate(
     if data_path.is_dir() and (data_path / META).exists():
         d = open_data_dir(data_path)
         if d.task == "classify":
-            from owngpt.classify_eval import evaluate_checkpoint
-
             return evaluate_checkpoint(c, str(data_path), out_dir=out_dir, split=split, device=device)
         tok = c.tokenizer()
         check_same_tokenizer(tok, d.load_tokenizer(), ckpt_path, data_path)
@@ -166,7 +167,6 @@ def evaluate(
             m = _metrics(nll, count, d.split_meta(split).get("bytes"), max(len(tokens) - 1, 1))
             return {"task": "lm", "split": split, **m}
         # chat
-        from owngpt.chat_format import render
 
         records = list(d.records(split))
         examples = [render(tok, r["messages"], max_tokens=ctx) for r in records]
@@ -206,8 +206,6 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
     """Sample an answer for each of the first `samples` validation prompts; report distinct-1/2 (and with MMI)."""
     import torch
 
-    from owngpt.chat_format import prompt_ids, stop_token_ids
-
     prompts = []
     for r in records:
         msgs = r["messages"]
@@ -244,9 +242,6 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
         "examples": [{"prompt": p[-1]["content"], "answer": a} for p, a in zip(prompts[:5], answers[:5])],
     }
     if mmi:
-        from owngpt.checkpoint import open_checkpoint
-        from owngpt.mmi import history_latest_first, rerank
-
         backward = open_checkpoint(mmi).model("lm", device=model.device).eval()
         chosen = []
         for p in prompts:
@@ -264,8 +259,6 @@ def _sample_distinct(model, tok, records, samples, max_new_tokens, seed, ctx, mm
 
 def format_metrics(m: dict[str, Any]) -> str:
     if m.get("task") == "classify":
-        from owngpt.classify_eval import format_report
-
         return format_report(m)  # accuracy, macro-F1 and the per-class table
     lines = []
     for k, v in m.items():

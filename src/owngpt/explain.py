@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from owngpt import atomic
-from owngpt.errors import ConfigError, DataError
+from owngpt.checkpoint import DEFAULT_CONTEXT, Checkpoint, open_checkpoint, position_table
+from owngpt.errors import ConfigError, DataError, require
+from owngpt.predict import load_classifier
+from owngpt.tasks.classify import classifier_logits, encode_texts
 
 MAX_HEATMAP_TOKENS = 96  # the attention table gets unreadable (and heavy) beyond this; the overview has all
 
@@ -62,8 +65,6 @@ def explain_lm(ckpt: str | Any, text: str) -> dict[str, Any]:
     an opened owngpt.checkpoint.Checkpoint)."""
     import numpy as np
     import torch
-
-    from owngpt.checkpoint import DEFAULT_CONTEXT, Checkpoint, open_checkpoint, position_table
 
     c = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
     path = c.path
@@ -103,10 +104,6 @@ def explain_lm(ckpt: str | Any, text: str) -> dict[str, Any]:
 def explain_classifier(ckpt: str | Any, text: str, n_steps: int = 64, target: str | None = None) -> dict[str, Any]:
     """Predicted label, probabilities and integrated-gradients attribution of each token (Captum)."""
     import torch
-
-    from owngpt.errors import require
-    from owngpt.predict import load_classifier
-    from owngpt.tasks.classify import classifier_logits, encode_texts
 
     captum_attr = require("captum.attr", "explain")
     clf = load_classifier(ckpt)
@@ -406,7 +403,6 @@ def write_explanation(
     lang: str = "en",
 ) -> tuple[Path, dict[str, Any]]:
     """Explain `text` with the checkpoint (a classifier or a language model, from its owngpt.json) into `out`."""
-    from owngpt.checkpoint import open_checkpoint
 
     if not text:
         raise ConfigError("--text is empty: give the text to explain")

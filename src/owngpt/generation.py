@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import open_checkpoint
 from owngpt.checkpoint_files import (  # noqa: F401  (re-exported: their home is owngpt.checkpoint_files)
     context_length,
     position_table,
@@ -178,7 +179,6 @@ def load_for_generation(spec: str, task: str | None = None, device: Any = None) 
 
     A classification checkpoint cannot generate: refused with a hint to use `owngpt predict`.
     """
-    from owngpt.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(spec)
     if ckpt.task == "classify":

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from owngpt import atomic
+from owngpt.checkpoint_files import check_dir
 from owngpt.errors import CheckpointError
 
 # Files a checkpoint needs, at the top level of the repository. Subfolders (onnx/, flax/, original/...) are skipped.
@@ -219,7 +220,6 @@ def download(model_id: str, revision: str | None = None, out: str | os.PathLike 
         raise CheckpointError(
             f"downloading '{model_id}' failed ({type(e).__name__}: {e}); run the command again to resume"
         ) from e
-    from owngpt.checkpoint_files import check_dir
 
     return check_dir(path)
 

@@ -19,7 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import check_adapter_dir, load_model, read_meta
+from owngpt.data.datadir import META, open_data_dir, write_json
 from owngpt.errors import CheckpointError, ConfigError, DataError
+from owngpt.evaluate import check_same_tokenizer, lm_stream_loss
+from owngpt.generation import trained_context
+from owngpt.models import resolve_checkpoint
+from owngpt.tokenizer import load_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".gguf")
 REPORT = "report.json"
@@ -38,9 +44,6 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
     owngpt's LoRA checkpoints already hold the merged weights (the adapter sits apart under adapter/). A peft adapter
     dir (adapter_config.json at the top) is merged onto its base with peft's `merge_and_unload`.
     """
-    from owngpt.checkpoint import load_model, read_meta
-    from owngpt.models import resolve_checkpoint
-    from owngpt.tokenizer import load_tokenizer
 
     given = Path(ckpt)
     is_adapter = (given / "adapter_config.json").is_file() and not (given / "config.json").is_file()
@@ -53,8 +56,6 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
         )
     if (path / "adapter_config.json").is_file():  # with a config.json too, transformers would apply it itself
         from peft import PeftModel
-
-        from owngpt.checkpoint import check_adapter_dir
 
         check_adapter_dir(path)  # peft would torch.load an adapter_model.bin: refused here
         cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
@@ -69,7 +70,6 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
         model = load_model(path, task=meta.get("task", "lm"))
         tokenizer = load_tokenizer(path)
     model.eval()
-    from owngpt.generation import trained_context
 
     model.owngpt_context = trained_context(meta, model.config)  # the context it was trained for (GGUF states it)
     return model, tokenizer, meta, path
@@ -96,9 +96,6 @@ def eval_tokens(
     if data and eval_file:
         raise ConfigError("pass --data or --eval-file, not both")
     if data:
-        from owngpt.data.datadir import META, open_data_dir
-        from owngpt.evaluate import check_same_tokenizer
-
         d = Path(data)
         if not (d / META).is_file():
             raise DataError(f"--data {d}: no {META} there (make it with `owngpt prepare`)")
@@ -133,7 +130,6 @@ def context_length(config: Any) -> int:
 
 def perplexity(model: Any, tokens: Any, block_size: int = 256) -> float:
     """exp(mean NLL) over `tokens` in windows of `block_size` (owngpt.evaluate's loop, so `owngpt eval` agrees)."""
-    from owngpt.evaluate import lm_stream_loss
 
     total, count = lm_stream_loss(
         model, tokens, min(block_size, context_length(model.config)), batch_size=4, progress=False
@@ -277,6 +273,5 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 def write_report(out_dir: Path, rep: dict[str, Any]) -> None:
-    from owngpt.data.datadir import write_json
 
     write_json(out_dir / REPORT, rep)

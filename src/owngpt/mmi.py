@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from owngpt.chat_format import Message, render_mmi
+from owngpt.generation import context_length
 
 
 def history_latest_first(messages: Sequence[Message]) -> list[str]:
@@ -35,8 +36,6 @@ def score_candidates(
     fit are dropped, as in training. A candidate with no history token left to score gets +inf.
     """
     import torch
-
-    from owngpt.generation import context_length
 
     if max_tokens is None:
         max_tokens = context_length(model)

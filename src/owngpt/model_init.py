@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import load_config, load_model, read_meta, trained_context
 from owngpt.errors import CheckpointError, ConfigError
-from owngpt.models import ModelSource
+from owngpt.models import ModelSource, preset_arch
+from owngpt.tokenizer import load_tokenizer
 
 # config attribute names different architectures use for dropout probabilities
 _DROPOUT_KEYS = (
@@ -48,7 +50,6 @@ def check_block_size(block_size: int, context: int | None, source: ModelSource) 
 def resolve_block_size(requested: int | None, source: ModelSource) -> int:
     """The run's block size: `requested` (--block-size), checked against the model's context, or by default
     min(context, 256)."""
-    from owngpt.checkpoint import load_config
 
     context = source.preset["n_positions"] if source.kind == "preset" else model_context(load_config(source.path))
     block = requested or min(context or 256, 256)
@@ -62,14 +63,12 @@ def trained_context_after(source: ModelSource, block_size: int) -> int:
     positions)."""
     if source.kind == "preset":
         return block_size
-    from owngpt.checkpoint import load_config, read_meta, trained_context
 
     return max(block_size, trained_context(read_meta(source.path), load_config(source.path)))
 
 
 def model_vocab(source: ModelSource, tokenizer: Any) -> int:
     """How many token ids the model embeds: a preset is built for `tokenizer`; a checkpoint says in its config."""
-    from owngpt.checkpoint import load_config
 
     if source.kind == "preset":
         return len(tokenizer)
@@ -84,8 +83,6 @@ def check_tokenizer(data_tokenizer: Any, data_path: Path, source: ModelSource, m
     """
     n = len(data_tokenizer)
     if source.kind != "preset" and source.path is not None and _has_tokenizer(source.path):
-        from owngpt.tokenizer import load_tokenizer
-
         ckpt_tok = load_tokenizer(source.path)
         if ckpt_tok.get_vocab() != data_tokenizer.get_vocab():
             raise CheckpointError(
@@ -112,7 +109,6 @@ def set_dropout(config: Any, p: float) -> None:
 
 def preset_config(preset: dict[str, Any], tokenizer: Any, dropout: float, overrides: dict[str, Any]) -> Any:
     """The transformers config of a from-scratch preset (GPT2Config or LlamaConfig) for this tokenizer."""
-    from owngpt.models import preset_arch
 
     p = dropout
     special = dict(
@@ -179,7 +175,6 @@ def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any
         config = preset_config(source.preset, tokenizer, cfg.dropout, overrides)
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
         return preset_model_class(config, task.model_kind)(config)
-    from owngpt.checkpoint import load_config, load_model, read_meta
 
     if read_meta(source.path).get("quantization"):
         raise CheckpointError(

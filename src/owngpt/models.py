@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint_files import check_dir, is_checkpoint, read_meta
 from owngpt.errors import CheckpointError, ConfigError
+from owngpt.hub import fetch_model
 
 # GPT-2 architecture sizes. `tiny` is nanoGPT's CPU recipe (4 layers, 4 heads, 128 dims): about 1M parameters with
 # a char vocabulary, trains in minutes on a laptop CPU.
@@ -146,8 +148,6 @@ def resolve_model_source(spec: str) -> ModelSource:
     """Resolve a `--model` value for training (a preset is allowed)."""
     p = Path(os.path.expanduser(spec))
     if p.exists():
-        from owngpt.checkpoint_files import check_dir
-
         return ModelSource("local", spec, check_dir(p))
     missing = missing_local_path(spec)
     if missing is not None:
@@ -167,8 +167,6 @@ def resolve_checkpoint(spec: str) -> Path:
     """Resolve a checkpoint argument (generate, chat, serve, export, eval, predict): a local dir or a Hub id."""
     p = Path(os.path.expanduser(spec))
     if p.exists():
-        from owngpt.checkpoint_files import check_dir
-
         return check_dir(p)
     missing = missing_local_path(spec)
     if missing is not None:
@@ -184,10 +182,6 @@ def resolve_checkpoint(spec: str) -> Path:
 
 
 def _fetch_hub(model_id: str) -> Path:
-    try:
-        from owngpt.hub import fetch_model
-    except ImportError as e:  # pragma: no cover
-        raise CheckpointError(f"{model_id}: not a local directory, and Hub support is unavailable ({e})") from e
     return fetch_model(model_id)
 
 
@@ -231,8 +225,6 @@ def preset_table(vocab_size: int = 50257) -> list[dict[str, Any]]:
 def list_checkpoints(roots: list[Path], max_depth: int = 5) -> list[dict[str, Any]]:
     """Checkpoint dirs (config.json + safetensors) under `roots`, newest first, with size, task and step."""
     import json
-
-    from owngpt.checkpoint_files import is_checkpoint, read_meta
 
     found: list[dict[str, Any]] = []
     seen: set[Path] = set()

@@ -27,6 +27,8 @@ from typing import Any
 
 from owngpt.config import FSDP_REFUSAL
 from owngpt.errors import CheckpointError, ConfigError
+from owngpt.model_init import blocks
+from owngpt.muon import Muon, ns_dtype_for
 
 OPTIMIZERS = ("auto", "adamw", "muon")
 
@@ -57,7 +59,6 @@ def hidden_matrices(model: Any) -> list[str]:
 
     Embeddings, the LM head (tied to them) and a classifier head sit outside the blocks; norms and biases are 1-D.
     """
-    from owngpt.model_init import blocks
 
     inside = {id(p) for p in blocks(model).parameters()}
     return [n for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and id(p) in inside]
@@ -170,7 +171,6 @@ def build_optimizer(model: Any, cfg: Any, device_type: str, sharded: bool) -> tu
         if n in hidden:
             by_factor.setdefault(muon_shape_correction(model, n), []).append((n, p))
     m_groups = [{"params": [p for _, p in group]} for group in by_factor.values()]
-    from owngpt.muon import Muon, ns_dtype_for
 
     muon = Muon(
         m_groups,

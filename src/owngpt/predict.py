@@ -23,7 +23,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from owngpt.checkpoint import Checkpoint, open_checkpoint
 from owngpt.errors import CheckpointError, ConfigError, DataError
+from owngpt.outdir import check_out_file
+from owngpt.tasks.classify import classifier_logits, collate_ids, encode_texts
 
 FORMATS = ("auto", "csv", "tsv", "jsonl", "lines")
 DEFAULT_MAX_LENGTH = 256
@@ -43,7 +46,6 @@ class Classifier:
 def load_classifier(ckpt: str | os.PathLike | Any, device: str = "cpu") -> Classifier:
     """Load a classifier checkpoint (safetensors only; a spec or an opened owngpt.checkpoint.Checkpoint) with its
     tokenizer and label names."""
-    from owngpt.checkpoint import Checkpoint, open_checkpoint
 
     c = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
     archs = getattr(c.config, "architectures", None) or []
@@ -73,8 +75,6 @@ def classifier_max_length(c: Any) -> int:
 def predict_proba(clf: Classifier, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
     """(N, K) class probabilities, computed in batches of similar lengths (less padding), in input order."""
     import torch
-
-    from owngpt.tasks.classify import classifier_logits, collate_ids, encode_texts
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be at least 1")
@@ -202,7 +202,6 @@ def check_predictions_output(output: str | os.PathLike, inputs: Sequence[tuple[s
     """Refuse an --output that would replace something that is not owngpt's predictions: a folder (os.replace
     failed with IsADirectoryError after the whole run), an input (`inputs`: the texts, the checkpoints) or a file of
     yours (it was silently replaced). The rules are owngpt.outdir's, for every output that is one file."""
-    from owngpt.outdir import check_out_file
 
     check_out_file(
         output,

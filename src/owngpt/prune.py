@@ -25,9 +25,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from owngpt.checkpoint import run_relative
+from owngpt.checkpoint import load_model, run_relative, save_checkpoint
+from owngpt.config import TrainConfig
+from owngpt.console import quiet, say
 from owngpt.errors import CheckpointError, ConfigError
+from owngpt.measure import eval_tokens, load_fp32, measure, output_inputs, write_report
 from owngpt.outdir import CHECKPOINT, check_out, replacing
+from owngpt.train import train
 
 STRUCTURED = ("heads", "mlp")
 SCOPES = ("global", "layer")
@@ -146,11 +150,6 @@ def _prune_swiglu(model: Any, amount: float) -> int:
 
 def _finetune(pruned_dir: Path, data: str, steps: int, lr: float, work: Path, block_size: int | None = None) -> Path:
     """A short run of owngpt's training loop starting from the pruned checkpoint; returns its last checkpoint."""
-    try:
-        from owngpt.train import train
-    except ImportError as e:  # pragma: no cover - train is part of owngpt
-        raise ConfigError("--finetune-steps needs owngpt.train, which is not available in this install") from e
-    from owngpt.config import TrainConfig
 
     cfg = TrainConfig(
         task="lm",
@@ -192,7 +191,6 @@ def prune(
     """Prune `ckpt` into `out` (a checkpoint dir that loads and generates); returns (and writes) the report.
 
     Built beside `out` and swapped in at the end, under owngpt.outdir's rules (see export.export)."""
-    from owngpt.measure import output_inputs
 
     if not 0 < amount < 1:
         raise ConfigError(f"--sparsity {amount}: must be between 0 and 1 (e.g. 0.5 removes half)")
@@ -243,9 +241,6 @@ def _prune(
     measure_result: bool,
 ) -> dict[str, Any]:
     """prune()'s work, written into `stage` (the new `out` until it is swapped in)."""
-    from owngpt.checkpoint import load_model, save_checkpoint
-    from owngpt.console import quiet, say
-    from owngpt.measure import eval_tokens, load_fp32, measure, write_report
 
     original, tok, meta, src = load_fp32(ckpt)
     check_out(out, [("checkpoint", src)], suggest="pruned")  # a run dir given as CKPT resolves to one inside

@@ -57,6 +57,7 @@ from typing import Any
 from owngpt import atomic
 from owngpt.checkpoint_files import load_config, write_meta
 from owngpt.errors import CheckpointError
+from owngpt.native_kernels import native_gemv
 
 METHOD = "int8-dynamic"
 FORMAT_VERSION = 1
@@ -228,7 +229,6 @@ def _int8_linear_class():
 
 def _native_int8() -> Any:
     """owngpt's native kernels (owngpt.native_kernels) where their int8 product runs on this CPU, else None."""
-    from owngpt.native_kernels import native_gemv
 
     native = native_gemv()
     return native if native is not None and native.int8_level > 0 else None

@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from owngpt import atomic
+from owngpt.api import load
+from owngpt.classify_eval import plot_confusion_matrix
+from owngpt.data.datadir import open_data_dir
 from owngpt.errors import ConfigError
+from owngpt.metrics import classification_metrics
+from owngpt.predict import load_classifier, predict_proba
+from owngpt.version import __version__
 
 LANGS = ("en", "zh")
 
@@ -195,8 +201,6 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from owngpt.version import __version__
-
     if torch.cuda.is_available():
         device = f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     else:
@@ -354,8 +358,6 @@ def default_prompts(data: dict[str, Any], n: int = 3) -> list[str]:
     meta = data.get("meta") or {}
     if data.get("found") and meta.get("task") == "lm":
         try:
-            from owngpt.data.datadir import open_data_dir
-
             d = open_data_dir(data["path"])
             tok = d.load_tokenizer()
             split = "val" if d.has_split("val") else "train"
@@ -386,7 +388,6 @@ def default_prompts(data: dict[str, Any], n: int = 3) -> list[str]:
 
 
 def lm_samples(ckpt: Path, prompts: Sequence[str], max_new_tokens: int, seed: int) -> dict[str, Any]:
-    from owngpt.api import load
 
     m = load(str(ckpt))
     settings = {"temperature": 0.8, "top_k": 50, "max_new_tokens": max_new_tokens, "seed": seed}
@@ -403,8 +404,6 @@ def chat_turns(
     ckpt: Path, data: dict[str, Any], mmi: str | None, max_new_tokens: int, seed: int, n: int = 3
 ) -> dict[str, Any]:
     """Up to two user turns of `n` validation conversations, answered by the model (and with MMI reranking)."""
-    from owngpt.api import load
-    from owngpt.data.datadir import open_data_dir
 
     m = load(str(ckpt))
     backward = load(mmi) if mmi else None
@@ -441,11 +440,6 @@ def classify_facts(ckpt: Path, data: dict[str, Any], max_examples: int = 5000) -
     import tempfile
 
     import numpy as np
-
-    from owngpt.classify_eval import plot_confusion_matrix
-    from owngpt.data.datadir import open_data_dir
-    from owngpt.metrics import classification_metrics
-    from owngpt.predict import load_classifier, predict_proba
 
     if not data.get("found"):
         return {"kind": "classify", "error": "data dir not found"}

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import read_meta
 from owngpt.config import TrainConfig
 from owngpt.distributed import Dist
 from owngpt.errors import ConfigError
@@ -82,7 +83,6 @@ def reconcile_best(ckpts: Path, state: dict[str, Any], metric: str, dist: Dist) 
     holding an earlier step: when last is itself that step, best is restored from it; otherwise the run reports
     what best really holds.
     """
-    from owngpt.checkpoint import read_meta
 
     best, best_step = state["best_metric"], state["best_step"]
     best_dir = ckpts / "best"

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from owngpt.chat_format import CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from owngpt.chat_format import CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, adapt_pretrained_tokenizer
 from owngpt.errors import CheckpointError, ConfigError
 
 # GPT-2's vocab.json + merges.txt, bundled so that `--tokenizer gpt2` works offline (source in its README.md).
@@ -163,8 +163,6 @@ def hf_tokenizer(path: str | os.PathLike):
         if not getattr(tok, "chat_template", None):
             tok.chat_template = CHAT_TEMPLATE
     else:  # a template written with the tokens it has, e.g. [SEP]-separated turns for a BERT-style vocab (UER)
-        from owngpt.chat_format import adapt_pretrained_tokenizer
-
         adapt_pretrained_tokenizer(tok)
     return tok, pretrained
 

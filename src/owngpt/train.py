@@ -49,16 +49,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owngpt.checkpoint import run_relative
+from owngpt.chat_format import CHAT_TEMPLATE
+from owngpt.checkpoint import check_adapter_dir, load_model, read_meta, run_relative, save_checkpoint
 from owngpt.config import TrainConfig, save_config
+from owngpt.data.datadir import open_data_dir
 from owngpt.device import Placement, announce, autocast_dtype, configure_matmul
 from owngpt.distributed import Dist, full_state, parallelize, unsharded_copy
 from owngpt.errors import ConfigError, DataError
+from owngpt.model_init import (
+    apply_lora,
+    build_model,
+    check_tokenizer,
+    freeze,
+    merged_copy,
+    model_vocab,
+    resolve_block_size,
+    trained_context_after,
+)
+from owngpt.models import resolve_model_source
 from owngpt.optim import build_optimizer, check_saved_optimizer, resolve_optimizer, set_lr, torch_optimizers
 from owngpt.optim import describe as describe_optimizer
 from owngpt.outdir import Replacement, check_out
+from owngpt.report import report_after_run
 from owngpt.run_dir import check_writable, prepare_run_dir, reconcile_best, recover_interrupted_save
 from owngpt.run_log import RunLog
+from owngpt.tasks.base import get_task
 from owngpt.train_step import LossMeter, Prefetcher, build_step, forward_and_loss, loss_scale, to_device
 from owngpt.trainer_state import (
     changed_settings,
@@ -133,8 +148,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     finally:
         dist.close()
     if cfg.report and dist.main:  # report.html + report.md; a failure there is a warning, never the run's
-        from owngpt.report import report_after_run
-
         report_after_run(result.run_dir)
     return result
 
@@ -142,21 +155,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
 def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Replacement) -> TrainResult:
     import numpy as np
     import torch
-
-    from owngpt.checkpoint import load_model, save_checkpoint
-    from owngpt.data.datadir import open_data_dir
-    from owngpt.model_init import (
-        apply_lora,
-        build_model,
-        check_tokenizer,
-        freeze,
-        merged_copy,
-        model_vocab,
-        resolve_block_size,
-        trained_context_after,
-    )
-    from owngpt.models import resolve_model_source
-    from owngpt.tasks.base import get_task
 
     cfg.validate()
     if cfg.cv:
@@ -178,8 +176,6 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
         )
     tokenizer = data.load_tokenizer()
     if cfg.task == "chat" and not getattr(tokenizer, "chat_template", None):
-        from owngpt.chat_format import CHAT_TEMPLATE
-
         tokenizer.chat_template = CHAT_TEMPLATE  # stored in the checkpoint for apply_chat_template
     source = resolve_model_source(cfg.model)
     cfg.optimizer = resolve_optimizer(cfg, source.pretrained)  # `auto` -> adamw | muon, recorded in config.yaml
@@ -225,8 +221,6 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
         if resume_dir is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
-
-            from owngpt.checkpoint import check_adapter_dir
 
             check_adapter_dir(resume_dir / "adapter")  # a truncated adapter: an error naming it, not a traceback
             set_peft_model_state_dict(model, load_file(resume_dir / "adapter" / "adapter_model.safetensors"))
@@ -460,8 +454,6 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
     if cfg.lora and cfg.merge_lora:
         save(out / "checkpoints" / "merged", last_metrics, with_state=False, adapter=False)
     if not last_metrics and state_meta is not None:
-        from owngpt.checkpoint import read_meta
-
         last_metrics = read_meta(last_dir).get("metrics", {})  # the run had already finished
     dist.say(
         f"done: {step} steps; best {metric} {best if best is not None else float('nan'):.4f} at step "

@@ -45,6 +45,7 @@ import numpy as np
 from owngpt import atomic, outdir
 from owngpt.errors import DataError
 from owngpt.outdir import replacing
+from owngpt.tokenizer import load_tokenizer
 
 FORMAT = "owngpt-data"
 VERSION = 1
@@ -165,7 +166,6 @@ class DataDir:
         return self.split_meta(split).get("documents", self.split_meta(split).get("examples", 0)) > 0
 
     def load_tokenizer(self):
-        from owngpt.tokenizer import load_tokenizer
 
         tok = load_tokenizer(self.tokenizer_path)
         if len(tok) != self.vocab_size:  # a swapped tokenizer/ would give ids that mean other tokens, or none

@@ -25,11 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owngpt.data import datadir
+from owngpt import tokenizer as T
+from owngpt.chat_format import render, render_text
+from owngpt.checkpoint import run_relative
+from owngpt.data import datadir, personal
 from owngpt.data.clean import Cleaner
+from owngpt.data.personal import file_alias
+from owngpt.data.privacy import Redactor, region_ok
 from owngpt.data.readers import FORMATS, READERS, Invalid, Record, SourceFile, check_encoding, discover, infer_task
 from owngpt.data.report import Report
 from owngpt.errors import ConfigError, DataError
+from owngpt.tokenizer import encode_batch, plain_backend, separator_token_id
+from owngpt.version import __version__
 
 UNITS = {"lm": "documents", "chat": "conversations", "classify": "examples"}
 SOURCE_FORMATS = ("whatsapp", "telegram", "wechat", "csv")
@@ -131,7 +138,6 @@ def validate(cfg: PrepareConfig) -> None:
             raise ConfigError(f"--from {cfg.source_format}: expected one of {', '.join(SOURCE_FORMATS)}")
         if cfg.task not in (None, "chat"):
             raise ConfigError(f"--from {cfg.source_format} makes chat data: use --task chat (or leave --task out)")
-        from owngpt.data.privacy import region_ok
 
         try:
             cfg.region = region_ok(cfg.region)
@@ -171,13 +177,6 @@ def _records(cfg: PrepareConfig, files: list[SourceFile], report: Report, task: 
         for f in files:
             yield from READERS[f.format](f, cfg, report, task)
         return
-    try:
-        from owngpt.data import personal
-    except ImportError as e:
-        raise ConfigError(
-            f"--from {cfg.source_format}: the chat-export readers (owngpt.data.personal) are not "
-            f"part of this install; export the chats as JSONL messages instead"
-        ) from e
     for item in personal.read_exports([f.path for f in files], cfg, report):
         if isinstance(item, (Record, Invalid)):
             yield item
@@ -210,8 +209,6 @@ def _read_spill(path: Path) -> Iterator[dict[str, Any]]:
 def _count_text(rec: Record) -> str:
     """The text whose tokens a dropped record would have contributed (chat: the rendered conversation)."""
     if rec.messages is not None:
-        from owngpt.chat_format import render_text
-
         return render_text([{"role": str(m.get("role")), "content": str(m.get("content"))} for m in rec.messages])
     return rec.text or ""
 
@@ -249,7 +246,6 @@ def choose_val(n: int, val_fraction: float, seed: int):
 
 def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: int):
     """The tokenizer named by --tokenizer and its meta entry (kind, source...)."""
-    from owngpt import tokenizer as T
 
     spec = cfg.tokenizer
     if spec == "bpe":
@@ -284,7 +280,6 @@ def build_tokenizer(cfg: PrepareConfig, train_texts, train_chars: int, n_train: 
 def _portable(path: Any, data_dir: str) -> str:
     """A path as meta.json records it: relative to the data dir, else only its name (meta.json is copied into every
     checkpoint trained on the data: it must not reveal the user's folders)."""
-    from owngpt.checkpoint import run_relative
 
     return run_relative(path, data_dir) or Path(path).name
 
@@ -357,7 +352,6 @@ class _LmWriter:
             self.buf_chars += len(p)
 
     def flush(self) -> None:
-        from owngpt.tokenizer import encode_batch
 
         if not self.buf:
             return
@@ -390,7 +384,6 @@ def _write_lm(cfg, tmp, spill, val_mask, tok, enc, dtype, eos, chunk_chars, spli
 
 
 def _write_chat(cfg, tmp, spill, val_mask, tok, dtype):
-    from owngpt.chat_format import render, render_text
 
     stats, writers, jsonl = {}, {}, {}
     for s in datadir.SPLITS:
@@ -421,8 +414,6 @@ def _write_chat(cfg, tmp, spill, val_mask, tok, dtype):
 
 def _write_classify(cfg, tmp, spill, val_mask, enc, dtype, label_ids: dict[str, int], chunk_chars: int):
     import numpy as np
-
-    from owngpt.tokenizer import encode_batch
 
     stats, writers, jsonl, labels = {}, {}, {}, {}
     for s in datadir.SPLITS:
@@ -476,7 +467,6 @@ def _label_order(seen: dict[str, int], fixed: list[str] | None) -> list[str]:
 
 
 def _count_tokens(enc, texts: Iterator[str], chunk_chars: int) -> int:
-    from owngpt.tokenizer import encode_batch
 
     total, buf, n = 0, [], 0
     for t in (p for text in texts for p in _safe_pieces(text, chunk_chars)):
@@ -535,9 +525,6 @@ def _inputs(cfg: PrepareConfig) -> list[tuple[str, str | None]]:
 
 def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Report, tmp: Path, chunk_chars: int):
     import numpy as np
-
-    from owngpt.version import __version__
-    from owngpt.tokenizer import plain_backend, separator_token_id
 
     umask = os.umask(0)
     os.umask(umask)
@@ -661,12 +648,8 @@ def _build(cfg: PrepareConfig, files: list[SourceFile], task: str, report: Repor
             f.sha256, f.bytes = _sha256(f.path)
         name = _portable(f.path, cfg.out)  # relative to the data dir, or the file name alone: no user's folders
         if cfg.source_format is not None and cfg.pseudonymize:  # "WhatsApp Chat with Wang Wei.txt": a contact
-            from owngpt.data.personal import file_alias
-
             name = file_alias(i, f.path)
         elif cfg.source_format is not None and not cfg.keep_pii:  # "WhatsApp Chat with +86 139....txt"
-            from owngpt.data.privacy import Redactor
-
             name = Redactor(region=cfg.region).redact(name)
         inputs.append({"path": name, "format": cfg.source_format or f.format, "bytes": f.bytes, "sha256": f.sha256})
     report.totals = {

@@ -21,8 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from owngpt.checkpoint import run_relative
+from owngpt.checkpoint import load_model, run_relative, save_checkpoint
 from owngpt.console import quiet, say
+from owngpt.device import check_spec, inference_device
 from owngpt.errors import ConfigError
 from owngpt.export.files import atomic_dir
 from owngpt.export.gguf import LlamaCppLM, export_gguf, find_llama_cpp
@@ -39,6 +40,7 @@ from owngpt.measure import (
     write_report,
 )
 from owngpt.outdir import CHECKPOINT, check_out, replacing
+from owngpt.quantize import save_quantized
 
 __all__ = ["TARGETS", "export", "export_hf", "atomic_dir", "context_length", "load_fp32"]
 
@@ -116,16 +118,10 @@ def _export(
     if to == "hf":
         export_hf(model, tok, stage, new_meta)
         if measure_result:
-            from owngpt.checkpoint import load_model
-
             kw["result_model"] = load_model(stage).eval()
     elif to == "int8":
-        from owngpt.quantize import save_quantized
-
         save_quantized(model, tok, stage, new_meta)
         if measure_result:
-            from owngpt.checkpoint import load_model
-
             kw["result_model"] = load_model(stage).eval()  # exactly what generate/chat/serve will load
     elif to == "onnx":
         err = export_onnx(model, tok, stage, new_meta)
@@ -203,7 +199,6 @@ def _export(
 def _measure_device(spec: str, to: str) -> Any:
     """Where an export is measured: `spec` for hf; the CPU for int8/onnx/gguf, whose results only run there (the
     original is measured beside them on the same device, or the ratios would compare devices, not formats)."""
-    from owngpt.device import check_spec, inference_device
 
     if to == "hf":
         return inference_device(spec)
@@ -224,7 +219,6 @@ def _hf_config_fixups(model: Any) -> None:
 
 def export_hf(model: Any, tokenizer: Any, out: Path, meta: dict[str, Any]) -> Path:
     """A plain Hugging Face dir: safetensors weights (LoRA already merged), tokenizer with its chat template."""
-    from owngpt.checkpoint import save_checkpoint
 
     _hf_config_fixups(model)
     return save_checkpoint(out, model, tokenizer, meta)

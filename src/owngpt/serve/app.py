@@ -36,6 +36,7 @@ from owngpt.serve import schemas as S
 from owngpt.serve.bridge import APIError, Bridge
 from owngpt.serve.engine import Loaded, load
 from owngpt.serve.limits import RequestLimits
+from owngpt.version import __version__
 
 log = logging.getLogger("owngpt.serve")
 STATIC = Path(__file__).parent / "static"
@@ -286,6 +287,5 @@ def validation_error(errors: Sequence[Any]) -> APIError:
 
 
 def _version() -> str:
-    from owngpt.version import __version__
 
     return __version__

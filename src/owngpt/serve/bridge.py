@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from owngpt import conversation
+from owngpt.generation import default_eos_ids
 from owngpt.serve import schemas as S
 from owngpt.serve.engine import Loaded, QueueFull, Row, RowSettings
 from owngpt.serve.limits import prompt_char_limit
@@ -184,7 +185,6 @@ class Bridge:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def eos_ids(self) -> list[int]:
-        from owngpt.generation import default_eos_ids
 
         return default_eos_ids(self.engine.model, self.tok)
 

@@ -26,8 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt.checkpoint import DEFAULT_CONTEXT, open_checkpoint, position_table
+from owngpt.conversation import is_chat_model
+from owngpt.decode_kernels import pack_for_decode
 from owngpt.engine import Decoder, EventCallback, Row, RowSettings, run_to_end
 from owngpt.errors import CheckpointError
+from owngpt.generation import context_length, quiet_loading
 
 __all__ = ["Engine", "EventCallback", "Loaded", "QueueFull", "Row", "RowSettings", "load"]
 
@@ -67,7 +71,6 @@ class Engine:
         continuous: bool = True,
         context: int | None = None,
     ) -> None:
-        from owngpt.generation import context_length
 
         self.model, self.tokenizer = model, tokenizer
         self.context_length = context or context_length(model)
@@ -231,7 +234,6 @@ class Loaded:
     def chat_template(self) -> bool:
         """Chat checkpoints (and Hugging Face dirs with a template) get the template; plain LMs get text
         (owngpt.conversation.is_chat_model: the rule every front end uses)."""
-        from owngpt.conversation import is_chat_model
 
         return is_chat_model(self.meta, self.tokenizer)
 
@@ -256,9 +258,6 @@ def load(
     (a torch device; None = cpu).
 
     `ckpt` may also be a Hub id (cached, or fetched once; see owngpt.models.resolve_checkpoint)."""
-    from owngpt.checkpoint import DEFAULT_CONTEXT, open_checkpoint, position_table
-    from owngpt.decode_kernels import pack_for_decode
-    from owngpt.generation import quiet_loading
 
     ckpt = open_checkpoint(str(ckpt))
     path, meta, task = ckpt.path, ckpt.meta, ckpt.task

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from owngpt.errors import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -198,8 +200,6 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id
 def get_task(name: str) -> type[Task]:
     """The Task class of a task name (imports lazily, so a missing optional task cannot break the others)."""
     import importlib
-
-    from owngpt.errors import ConfigError
 
     modules = {
         "lm": ("owngpt.tasks.lm", "LMTask"),

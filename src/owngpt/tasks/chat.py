@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from owngpt.chat_format import render, stop_token_ids
 from owngpt.errors import DataError
 from owngpt.tasks.base import Batch, CausalLMTask, pad_examples
 
@@ -90,7 +91,6 @@ class ChatTask(ExampleTask):
         return len(self._split(split)[1]) - 1
 
     def render_example(self, split: str, i: int) -> tuple[Sequence[int], Sequence[int]]:
-        from owngpt.chat_format import render
 
         ids, offsets, mask = self._split(split)
         a, b = int(offsets[i]), int(offsets[i + 1])
@@ -101,6 +101,5 @@ class ChatTask(ExampleTask):
         return render(self.tokenizer, messages, max_tokens=limit, train_on_prompt=self.cfg.train_on_prompt)
 
     def generation_eos_ids(self) -> list[int] | None:
-        from owngpt.chat_format import stop_token_ids
 
         return stop_token_ids(self.tokenizer)  # <|im_end|> ends a reply; <|endoftext|> too

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from owngpt.augment import Augmenter, example_rng
 from owngpt.errors import ConfigError, DataError
+from owngpt.metrics import classification_metrics
 from owngpt.tasks.base import Batch, Task, epoch_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -186,8 +188,6 @@ class ClassifyTask(Task):
             raise ConfigError(f"augment={cfg.augment}: the probability of augmenting an example must be in [0, 1]")
         self.augmenter = None
         if cfg.augment > 0:
-            from owngpt.augment import Augmenter
-
             self.augmenter = Augmenter(texts)
 
     # --- data -------------------------------------------------------------------------------------------------
@@ -223,8 +223,6 @@ class ClassifyTask(Task):
         texts, y = self._split(split)
         idx = [r[0] if isinstance(r, tuple) else int(r) for r in rows]
         if split == "train" and self.augmenter is not None:
-            from owngpt.augment import example_rng
-
             seqs = []
             for r, i in zip(rows, idx):
                 draw = r[1] if isinstance(r, tuple) else i
@@ -281,7 +279,6 @@ class ClassifyTask(Task):
         return probs, y[:n]
 
     def evaluate(self, model: Any, max_batches: int = 0, batch_size: int = 8, split: str = "val") -> dict[str, float]:
-        from owngpt.metrics import classification_metrics
 
         probs, y = self.predict_split(model, split, max_batches, batch_size)
         if len(y) == 0:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from owngpt.chat_format import mmi_pairs, render_mmi
 from owngpt.errors import DataError
 from owngpt.tasks.chat import ExampleTask
 
@@ -23,7 +24,6 @@ class MMITask(ExampleTask):
         self._pairs: dict[str, list[tuple[str, list[str]]]] = {}
 
     def pairs(self, split: str) -> list[tuple[str, list[str]]]:
-        from owngpt.chat_format import mmi_pairs
 
         if split not in self._pairs:
             f = self.data.path / f"{split}.jsonl"
@@ -46,7 +46,6 @@ class MMITask(ExampleTask):
         return len(self.pairs(split))
 
     def render_example(self, split: str, i: int) -> tuple[Sequence[int], Sequence[int]]:
-        from owngpt.chat_format import render_mmi
 
         reply, history = self.pairs(split)[i]
         return render_mmi(self.tokenizer, reply, history, max_tokens=self.block_size + 1)

@@ -15,8 +15,9 @@ from typing import Any
 
 from owngpt.config import TrainConfig, coerce, field_types
 from owngpt.console import say_above_bar
-from owngpt.errors import ConfigError, OwnGPTError
+from owngpt.errors import ConfigError, OwnGPTError, require
 from owngpt.outdir import TUNE, check_out, kind_of
+from owngpt.report import report_after_run
 from owngpt.tune.report import TuneResult, write_report
 from owngpt.tune.space import Param, check_field, default_space, format_value, metric_for
 
@@ -31,7 +32,6 @@ class _TrialFailed(Exception):
 
 
 def _optuna():
-    from owngpt.errors import require
 
     optuna = require("optuna", "tune")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # we log trials ourselves
@@ -156,9 +156,9 @@ def tune(
     if base.data is None:
         raise ConfigError("no data: pass --data DIR (a dir made by `owngpt prepare`) or set data: in --config")
     if train_fn is None and base.cv:  # objective: the mean over K folds of cross-validation
-        from owngpt.cv import cross_validate as train_fn
+        pass
     if train_fn is None:
-        from owngpt.train import train as train_fn
+        pass
     out = Path(out)
     check_out(out, [("data dir (--data)", base.data), ("model (--model)", base.model)], suggest="tune")
     if out.is_dir() and any(out.iterdir()) and kind_of(out) != TUNE:  # a study resumes only in its own dir
@@ -290,8 +290,6 @@ def tune(
             raise OwnGPTError(f"{MAX_FAILURES} trials in a row failed, the last with: {last_error[0]}")
     result = write_report(study, out, metric=metric, direction=direction, url=url, command=run_tag, log=log)
     if base.report and not base.cv and result.best_trial is not None:  # the best trial's report card (never fails)
-        from owngpt.report import report_after_run
-
         report_after_run(out / f"trial_{result.best_trial:04d}")
     return result
 
