@@ -194,7 +194,7 @@ def ppl_ab(ckpt: str, data: str, block_size: int, max_tokens: int) -> None:
     batch-1 decoding computes): the issue's bound is int8 within +2% of fp32."""
     import torch
 
-    from owngpt.export import eval_tokens, load_fp32, perplexity
+    from owngpt.measure import eval_tokens, load_fp32, perplexity
     from owngpt.quantize import _int8_linear_class, quantize_model
 
     model, tok, _, _ = load_fp32(Path(ckpt))

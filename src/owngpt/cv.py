@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from owngpt import atomic
 from owngpt.config import TrainConfig, save_config
 from owngpt.data.datadir import RaggedWriter, building, open_data_dir, write_json
 from owngpt.errors import ConfigError, DataError
@@ -295,6 +296,4 @@ def format_cv(r: CVResult) -> str:
 def _write_summary(r: CVResult) -> None:
 
     write_json(r.run_dir / "cv.json", r.to_dict())
-    tmp = r.run_dir / "cv.md.tmp"
-    tmp.write_text(format_cv(r) + "\n", encoding="utf-8")
-    tmp.replace(r.run_dir / "cv.md")
+    atomic.write_text(r.run_dir / "cv.md", format_cv(r) + "\n")

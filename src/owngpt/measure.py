@@ -19,12 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from owngpt.checkpoint import check_adapter_dir, load_model, read_meta
+from owngpt.checkpoint import DEFAULT_CONTEXT, check_adapter_dir, open_checkpoint, position_table
 from owngpt.data.datadir import META, open_data_dir, write_json
 from owngpt.errors import CheckpointError, ConfigError, DataError
 from owngpt.evaluate import check_same_tokenizer, lm_stream_loss
-from owngpt.generation import trained_context
-from owngpt.models import resolve_checkpoint
 from owngpt.tokenizer import load_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".gguf")
@@ -45,16 +43,16 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
     dir (adapter_config.json at the top) is merged onto its base with peft's `merge_and_unload`.
     """
 
-    given = Path(ckpt)
-    is_adapter = (given / "adapter_config.json").is_file() and not (given / "config.json").is_file()
-    path = given if is_adapter else Path(resolve_checkpoint(str(ckpt)))
-    meta = read_meta(path)
-    if meta.get("quantization"):
+    c = open_checkpoint(ckpt)
+    path, meta = c.path, c.meta
+    if c.quantization:
         raise CheckpointError(
-            f"{path} is already quantized ({meta['quantization'].get('method')}); export or prune "
+            f"{path} is already quantized ({c.quantization.get('method')}); export or prune "
             "the fp32 checkpoint it came from"
         )
-    if (path / "adapter_config.json").is_file():  # with a config.json too, transformers would apply it itself
+    if (path / "adapter_config.json").is_file():
+        # a peft adapter: merged onto its base here, also when a config.json sits beside it (transformers would
+        # otherwise apply the adapter itself, unmerged)
         from peft import PeftModel
 
         check_adapter_dir(path)  # peft would torch.load an adapter_model.bin: refused here
@@ -62,16 +60,15 @@ def load_fp32(ckpt: str | os.PathLike) -> tuple[Any, Any, dict[str, Any], Path]:
         base_spec = cfg.get("base_model_name_or_path")
         if not base_spec:
             raise CheckpointError(f"{path}/adapter_config.json has no base_model_name_or_path: cannot merge the LoRA")
-        base = load_model(resolve_checkpoint(base_spec), task=meta.get("task", "lm"))
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-        tok_dir = path if (path / "tokenizer_config.json").exists() else Path(resolve_checkpoint(base_spec))
-        tokenizer = load_tokenizer(tok_dir)
+        base = open_checkpoint(base_spec)
+        model = PeftModel.from_pretrained(base.model(c.task), str(path)).merge_and_unload()
+        # the tokenizer as saved (Checkpoint.tokenizer() would add a pad token, which the export would then carry)
+        tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").exists() else base.path)
     else:
-        model = load_model(path, task=meta.get("task", "lm"))
+        model = c.model(int8=False)
         tokenizer = load_tokenizer(path)
     model.eval()
-
-    model.owngpt_context = trained_context(meta, model.config)  # the context it was trained for (GGUF states it)
+    model.owngpt_context = c.trained_context  # the context it was trained for (GGUF states it)
     return model, tokenizer, meta, path
 
 
@@ -121,11 +118,8 @@ def eval_tokens(
 
 
 def context_length(config: Any) -> int:
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 1024
+    """Positions the architecture has room for (owngpt.checkpoint's rule and fallback): the longest window measured."""
+    return position_table(config) or DEFAULT_CONTEXT
 
 
 def perplexity(model: Any, tokens: Any, block_size: int = 256) -> float:

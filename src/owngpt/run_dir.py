@@ -17,11 +17,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from owngpt import atomic
+from owngpt.atomic import recover_old
 from owngpt.checkpoint import read_meta
 from owngpt.config import TrainConfig
 from owngpt.distributed import Dist
 from owngpt.errors import ConfigError
-from owngpt.outdir import RUN, Replacement, check_replaceable, kind_of, recover_old, swap_in
+from owngpt.outdir import RUN, Replacement, check_replaceable, kind_of
 from owngpt.trainer_state import STATE_DIR
 
 
@@ -90,13 +92,9 @@ def reconcile_best(ckpts: Path, state: dict[str, Any], metric: str, dist: Dist) 
     if best_step is None or (held is not None and held >= best_step):
         return best, best_step
     if best_step == state["step"]:  # checkpoints/last holds the best weights: copy them (without trainer state)
-        if dist.main:
-            import tempfile
-
-            tmp = Path(tempfile.mkdtemp(prefix=".best.tmp-", dir=ckpts))
-            shutil.rmtree(tmp)
-            shutil.copytree(ckpts / "last", tmp, ignore=shutil.ignore_patterns(STATE_DIR))
-            swap_in(tmp, best_dir)
+        if dist.main:  # checkpoints are private to their owner (save_checkpoint's mode)
+            with atomic.directory(best_dir, create=False, mode=0o700) as tmp:
+                shutil.copytree(ckpts / "last", tmp, ignore=shutil.ignore_patterns(STATE_DIR))
         dist.say(f"checkpoints/best held step {held}, not the best step {best_step}: restored from checkpoints/last")
         return best, best_step
     if held is None:

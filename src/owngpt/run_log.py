@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from owngpt import atomic
 from owngpt.errors import CheckpointError
 
 
@@ -38,9 +38,7 @@ class RunLog:
                     rec = json.loads(line)
                     if rec.get("step", 0) <= resume_step:
                         self.history.append(rec)
-        tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
-        os.replace(tmp, f)
+        atomic.write_text(f, "".join(json.dumps(r) + "\n" for r in self.history))
         # TensorBoard event files through tensorboardX (a core dependency of ~5 MB: protobuf, no TensorBoard server,
         # grpcio or werkzeug; docs/benchmarks.md has the install sizes); torch's writer where only tensorboard is
         # installed; no events at all without either (metrics.jsonl has the same numbers)
@@ -90,10 +88,9 @@ class RunLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.run_dir / "loss.png.tmp"
         try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, self.run_dir / "loss.png")
+            with atomic.aside(self.run_dir / "loss.png") as tmp:
+                fig.savefig(tmp, format="png")
         except OSError as e:
             raise CheckpointError(
                 f"cannot write {self.run_dir / 'loss.png'}: {e.strerror or e} (disk full?); "

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from owngpt.chat_format import CHAT_TEMPLATE
-from owngpt.checkpoint import check_adapter_dir, load_model, read_meta, run_relative, save_checkpoint
+from owngpt.checkpoint import check_adapter_dir, load_model, read_meta, run_relative, save_checkpoint, training_meta
 from owngpt.config import TrainConfig, save_config
 from owngpt.data.datadir import open_data_dir
 from owngpt.device import Placement, announce, autocast_dtype, configure_matmul
@@ -308,17 +308,17 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], dist: Dist, guard: Repla
             gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         if gen is not None:  # transformers' own generate stops at the trained context (docs/architecture.md)
             gen.max_length = trained_ctx
-        meta = {
-            "task": cfg.task,
-            **_portable_source(source, out),
-            "step": step,
-            "metrics": metrics,
-            "block_size": block_size,
-            "trained_context": trained_ctx,
-            "lora": cfg.lora,
-            "data": data_summary,
-            **task.checkpoint_meta(),
-        }
+        meta = training_meta(
+            task=cfg.task,
+            source=_portable_source(source, out),
+            step=step,
+            metrics=metrics,
+            block_size=block_size,
+            trained_context=trained_ctx,
+            lora=cfg.lora,
+            data=data_summary,
+            task_meta=task.checkpoint_meta(),
+        )
         extra: dict[str, bytes] = {}
         if adapter:
             extra.update(_adapter_files(raw))

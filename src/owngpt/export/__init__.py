@@ -11,8 +11,8 @@ Targets (this module is the dispatcher, `export(...)`, and writes hf itself):
   - onnx: owngpt.export.onnx: `model.onnx` with a KV cache, checked against PyTorch at export.
   - gguf: owngpt.export.gguf: GPT-2 and LLaMA architectures, llama.cpp's tensor names and metadata.
 
-`atomic_dir`, `load_fp32` and `context_length` stay importable from here (owngpt.quantize imports `atomic_dir`) until
-the atomic-write module and the checkpoint object of issue 21 replace them.
+The measurement harness the report uses (`load_fp32`, `measure`, `context_length`) is owngpt.measure, shared with
+owngpt.prune and bench/bench_optimize.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from owngpt.checkpoint import load_model, run_relative, save_checkpoint
 from owngpt.console import quiet, say
 from owngpt.device import check_spec, inference_device
 from owngpt.errors import ConfigError
-from owngpt.export.files import atomic_dir
 from owngpt.export.gguf import LlamaCppLM, export_gguf, find_llama_cpp
 from owngpt.export.onnx import ONNX_TOLERANCE, OnnxLM, export_onnx
 from owngpt.measure import (
@@ -42,7 +41,7 @@ from owngpt.measure import (
 from owngpt.outdir import CHECKPOINT, check_out, replacing
 from owngpt.quantize import save_quantized
 
-__all__ = ["TARGETS", "export", "export_hf", "atomic_dir", "context_length", "load_fp32"]
+__all__ = ["TARGETS", "export", "export_hf"]
 
 TARGETS = ("hf", "int8", "onnx", "gguf")
 

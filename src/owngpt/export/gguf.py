@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from owngpt.errors import CheckpointError, ConfigError, require
-from owngpt.export.files import atomic_dir
 from owngpt.measure import threads
+from owngpt.outdir import CHECKPOINT, replacing
 
 GGUF_TYPES = ("f32", "f16", "q8_0")  # --gguf-type choices: llama.cpp's own converter's names for the same file types
 SPM_SPACE = "\u2581"  # llama.cpp's SentencePiece tokenizer spells a space as U+2581 ("▁") in token texts
@@ -151,7 +151,7 @@ def export_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16") -> Pa
     conv = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
-    with atomic_dir(out) as tmp:
+    with replacing(out, kind=CHECKPOINT, overwrite=True, create=True) as tmp:  # built aside, swapped in
         f = tmp / "model.gguf"
         w = gguf.GGUFWriter(str(f), arch)
         w.add_name(Path(str(getattr(cfg, "name_or_path", "") or "owngpt")).name or "owngpt")

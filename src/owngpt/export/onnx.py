@@ -16,7 +16,7 @@ from typing import Any
 
 from owngpt.console import quiet, say
 from owngpt.errors import CheckpointError, require
-from owngpt.export.files import atomic_dir
+from owngpt.outdir import CHECKPOINT, replacing
 
 ONNX_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch fp32 accepted at export
 ONNX_OPSET = 17
@@ -99,7 +99,7 @@ def export_onnx(model: Any, tokenizer: Any, out: Path, meta: dict[str, Any]) -> 
         torch.tensor([[1, 2]]),
         *[torch.zeros(1, kv, 1, hd) for _ in range(2 * layers)],
     )
-    with atomic_dir(out) as tmp:
+    with replacing(out, kind=CHECKPOINT, overwrite=True, create=True) as tmp:  # built aside, swapped in
         say(f"exporting to ONNX (opset {ONNX_OPSET})...")
         with quiet(), torch.no_grad():
             torch.onnx.export(

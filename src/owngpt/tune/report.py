@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shlex
 import sys
 import warnings
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owngpt import atomic
 from owngpt.console import say_above_bar
 from owngpt.tune.space import format_value
 
@@ -38,12 +38,6 @@ class TuneResult:
     summary: Path
     plots: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_report(
@@ -89,7 +83,7 @@ def write_report(
                 f"# Train it: owngpt train --config {out / 'best.yaml'}\n"
             )
             best_path = out / "best.yaml"
-            _atomic_write(best_path, header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+            atomic.write_text(best_path, header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
         else:
             notes.append(f"trial {best.number} has no stored config (it was not created by owngpt tune)")
 
@@ -142,12 +136,12 @@ def write_report(
     for name, path in plots.items():
         md.append(f"![{name}]({path.name})")
     md += [f"Note: {n}" for n in notes]
-    _atomic_write(out / "summary.md", "\n".join(md) + "\n")
+    atomic.write_text(out / "summary.md", "\n".join(md) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header_row)
     writer.writerows(rows)
-    _atomic_write(out / "summary.csv", buf.getvalue())
+    atomic.write_text(out / "summary.csv", buf.getvalue())
 
     print(table, end="")
     if best is not None:
@@ -197,10 +191,11 @@ def _plots(study: Any, out: Path, plots: dict[str, Path], metric: str) -> list[s
             fig.set_size_inches(8, 5)
             fig.tight_layout()
             path = out / f"{name}.png"
-            tmp = out / f".{name}.{os.getpid()}.tmp.png"
-            fig.savefig(tmp, dpi=100, format="png")
-            plt.close(fig)
-            os.replace(tmp, path)
+            try:
+                with atomic.aside(path) as tmp:
+                    fig.savefig(tmp, dpi=100, format="png")
+            finally:
+                plt.close(fig)
             plots[name] = path
         except Exception as e:  # e.g. importances of a study whose parameters never varied
             notes.append(f"no {name} plot: {type(e).__name__}: {e}")
