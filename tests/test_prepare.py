@@ -392,7 +392,6 @@ def test_json_array_files_report_true_line_numbers(tmp_path):
 
 
 def test_chat_exports_plug_in_through_personal_read_exports(tmp_path, monkeypatch):
-    import sys
     import types
 
     seen = {}
@@ -407,11 +406,10 @@ def test_chat_exports_plug_in_through_personal_read_exports(tmp_path, monkeypatc
             "line": 9,
         }
 
-    import owngpt.data
+    import owngpt.data.prepare
 
     fake = types.SimpleNamespace(read_exports=read_exports)
-    monkeypatch.setitem(sys.modules, "owngpt.data.personal", fake)
-    monkeypatch.setattr(owngpt.data, "personal", fake, raising=False)  # in case the real one was imported
+    monkeypatch.setattr(owngpt.data.prepare, "personal", fake)  # the module prepare dispatches --from to
     f = write(tmp_path / "export.txt", "whatever the export looks like")
     r = run(tmp_path, f, source_format="whatsapp", me="Zhang San")
     assert seen == {"paths": [f], "me": "Zhang San"}

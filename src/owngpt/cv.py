@@ -35,6 +35,7 @@ from owngpt.config import TrainConfig, save_config
 from owngpt.data.datadir import RaggedWriter, building, open_data_dir, write_json
 from owngpt.errors import ConfigError, DataError
 from owngpt.report import report_after_run
+from owngpt.train import train
 
 LOWER_IS_BETTER = ("val_loss",)
 
@@ -204,8 +205,7 @@ def cross_validate(cfg: TrainConfig, callbacks: Sequence[Any] = (), train_fn: An
     `best_metric` (mean over folds) is what `owngpt tune` optimises when its base config sets cv=K.
     """
 
-    if train_fn is None:
-        pass
+    train_fn = train_fn or train
     k = cfg.cv
     if k < 2:
         raise ConfigError(f"cv={k}: cross-validation needs cv=K with K >= 2")

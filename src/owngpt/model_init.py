@@ -8,10 +8,11 @@ applies what the run asks for (dropout, freezing, LoRA through peft).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
-from owngpt.checkpoint import load_config, load_model, read_meta, trained_context
+from owngpt.checkpoint import Checkpoint, open_checkpoint, position_table
 from owngpt.errors import CheckpointError, ConfigError
 from owngpt.models import ModelSource, preset_arch
 from owngpt.tokenizer import load_tokenizer
@@ -30,13 +31,13 @@ _DROPOUT_KEYS = (
 )
 
 
-def model_context(config: Any) -> int | None:
-    """The longest sequence the model's position embeddings allow (None when it does not say)."""
-    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+def source_checkpoint(source: ModelSource) -> Checkpoint:
+    """The checkpoint a pretrained `--model` names, opened once per ModelSource: a training start reads its
+    config.json and owngpt.json once, however many of the functions below ask."""
+    ckpt = source.__dict__.get("_checkpoint")
+    if ckpt is None:
+        ckpt = source.__dict__["_checkpoint"] = open_checkpoint(source.path)
+    return ckpt
 
 
 def check_block_size(block_size: int, context: int | None, source: ModelSource) -> None:
@@ -51,7 +52,9 @@ def resolve_block_size(requested: int | None, source: ModelSource) -> int:
     """The run's block size: `requested` (--block-size), checked against the model's context, or by default
     min(context, 256)."""
 
-    context = source.preset["n_positions"] if source.kind == "preset" else model_context(load_config(source.path))
+    context = (
+        source.preset["n_positions"] if source.kind == "preset" else position_table(source_checkpoint(source).config)
+    )
     block = requested or min(context or 256, 256)
     check_block_size(block, context, source)
     return block
@@ -64,7 +67,7 @@ def trained_context_after(source: ModelSource, block_size: int) -> int:
     if source.kind == "preset":
         return block_size
 
-    return max(block_size, trained_context(read_meta(source.path), load_config(source.path)))
+    return max(block_size, source_checkpoint(source).trained_context)
 
 
 def model_vocab(source: ModelSource, tokenizer: Any) -> int:
@@ -72,7 +75,7 @@ def model_vocab(source: ModelSource, tokenizer: Any) -> int:
 
     if source.kind == "preset":
         return len(tokenizer)
-    return int(getattr(load_config(source.path), "vocab_size", 0) or 0) or len(tokenizer)
+    return int(getattr(source_checkpoint(source).config, "vocab_size", 0) or 0) or len(tokenizer)
 
 
 def check_tokenizer(data_tokenizer: Any, data_path: Path, source: ModelSource, model_vocab: int) -> None:
@@ -176,19 +179,20 @@ def build_model(source: ModelSource, tokenizer: Any, task: Any, cfg: Any) -> Any
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
         return preset_model_class(config, task.model_kind)(config)
 
-    if read_meta(source.path).get("quantization"):
+    ckpt = source_checkpoint(source)
+    if ckpt.quantization:
         raise CheckpointError(
             f"{source.path} is an int8 export for inference: train from the fp32 checkpoint it was exported from "
             "(int8 weights have no gradients)"
         )
-    config = load_config(source.path)
+    config = copy.deepcopy(ckpt.config)  # this run's dropout and task fields, not the checkpoint's cached config
     set_dropout(config, cfg.dropout)
     for k, v in overrides.items():
         setattr(config, k, v)
     kind = "classify" if task.model_kind == "sequence_classification" else "lm"
     torch.manual_seed(cfg.seed)  # a new classification head is initialised randomly
     kwargs = {"ignore_mismatched_sizes": True} if kind == "classify" else {}
-    return load_model(source.path, task=kind, config=config, **kwargs)
+    return ckpt.model(kind, config=config, **kwargs)
 
 
 def blocks(model: Any) -> Any:

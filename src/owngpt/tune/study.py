@@ -15,9 +15,11 @@ from typing import Any
 
 from owngpt.config import TrainConfig, coerce, field_types
 from owngpt.console import say_above_bar
+from owngpt.cv import cross_validate
 from owngpt.errors import ConfigError, OwnGPTError, require
 from owngpt.outdir import TUNE, check_out, kind_of
 from owngpt.report import report_after_run
+from owngpt.train import train
 from owngpt.tune.report import TuneResult, write_report
 from owngpt.tune.space import Param, check_field, default_space, format_value, metric_for
 
@@ -155,10 +157,8 @@ def tune(
         raise ConfigError(f"--trials {trials}: must be at least 1")
     if base.data is None:
         raise ConfigError("no data: pass --data DIR (a dir made by `owngpt prepare`) or set data: in --config")
-    if train_fn is None and base.cv:  # objective: the mean over K folds of cross-validation
-        pass
-    if train_fn is None:
-        pass
+    if train_fn is None:  # objective: one run, or the mean over K folds of cross-validation
+        train_fn = cross_validate if base.cv else train
     out = Path(out)
     check_out(out, [("data dir (--data)", base.data), ("model (--model)", base.model)], suggest="tune")
     if out.is_dir() and any(out.iterdir()) and kind_of(out) != TUNE:  # a study resumes only in its own dir
