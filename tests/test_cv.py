@@ -132,7 +132,7 @@ def test_cv_trains_k_folds_on_their_own_data_dirs(tmp_path, cls_data, capsys, mo
         assert f'data-key="cv.{f["fold"]}.accuracy" data-run="0" data-value="{f["accuracy"]!r}"' in html
 
 
-def test_tune_optimises_the_cross_validated_mean(tmp_path, cls_data):
+def test_tune_optimises_the_cross_validated_mean(tmp_path, cls_data, monkeypatch):
     pytest.importorskip("optuna")
     from owngpt.tune import tune
 
@@ -142,17 +142,13 @@ def test_tune_optimises_the_cross_validated_mean(tmp_path, cls_data):
         calls.append(cfg)
         return CVResult(tmp_path, cfg.cv, "accuracy", [], {"accuracy": cfg.lr * 100}, {}, 4, cfg.lr * 100)
 
-    import owngpt.cv as cvmod
+    import owngpt.tune.study as study
 
-    real = cvmod.cross_validate
-    cvmod.cross_validate = fake_cv
-    try:
-        base = TrainConfig(task="classify", data=str(cls_data), cv=3, lr=1e-3, max_steps=4)
-        from owngpt.tune import Param
+    monkeypatch.setattr(study, "cross_validate", fake_cv)  # where the study looks its objective up
+    base = TrainConfig(task="classify", data=str(cls_data), cv=3, lr=1e-3, max_steps=4)
+    from owngpt.tune import Param
 
-        r = tune(base, out=tmp_path / "t", trials=2, space={"lr": Param("lr", "float", 1e-3, 2e-3)}, log=lambda m: None)
-    finally:
-        cvmod.cross_validate = real
+    r = tune(base, out=tmp_path / "t", trials=2, space={"lr": Param("lr", "float", 1e-3, 2e-3)}, log=lambda m: None)
     assert len(calls) == 2 and all(c.cv == 3 for c in calls)
     assert r.best_value == pytest.approx(max(c.lr for c in calls) * 100)
 

@@ -25,6 +25,7 @@ from train_helpers import quick_cfg, weights
 
 from owngpt import atomic, outdir
 from owngpt import checkpoint as ckpt_mod
+from owngpt import train as train_mod
 from owngpt.checkpoint import read_meta
 from owngpt.cli import main
 from owngpt.errors import ConfigError
@@ -267,7 +268,7 @@ def crash_on_second_save(monkeypatch, step: int) -> None:
                 raise Crash
         return real(out_dir, model, tokenizer, meta, extra_files)
 
-    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save)  # where the loop looks it up
 
 
 def best_step_reported(capsys) -> int:

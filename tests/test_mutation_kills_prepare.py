@@ -317,6 +317,7 @@ def test_the_tokenizer_gets_batches_bounded_by_the_memory_budget(tmp_path, monke
     # the document. Counting the tokens of dropped records flushes a batch once it reaches that size, so its last piece
     # may take it past the bound, never to twice it. Spy on the real encoder. 128 MB: 131,072 characters.
     from owngpt import tokenizer as T
+    from owngpt.data import prepare as prepare_module
 
     real, batches = T.encode_batch, []
 
@@ -324,7 +325,7 @@ def test_the_tokenizer_gets_batches_bounded_by_the_memory_budget(tmp_path, monke
         batches.append(list(texts))
         return real(enc, texts)
 
-    monkeypatch.setattr(T, "encode_batch", spy)
+    monkeypatch.setattr(prepare_module, "encode_batch", spy)  # where prepare looks it up
     doc = " ".join(f"w{i % 1000}" for i in range(200_000))  # about 1M characters, one document
     bound = 128 * 1024
     assert len(doc) > 4 * bound
