@@ -120,3 +120,51 @@ def test_a_run_says_what_it_trains_before_its_first_step(tmp_path, tiny_lm_data,
     n = sum(p.numel() for p in load_model(res.last_checkpoint).parameters())
     assert f"parameters: {n:,} ({n:,} trained); block size 32; task lm" in err
     assert "optimizer: AdamW (lr 0.001" in err
+
+
+# --- written against the survivors of the loop's eighth fresh sample (#25, seed 8) ----------------------------------
+
+
+def test_a_run_with_nothing_to_train_is_refused_before_its_first_step(tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch):
+    """Every parameter frozen (here by the task's model surgery, as a classifier's frozen body would): refused with
+    the reason, not an optimizer's 'empty parameter list' or a Muon refusal that names the wrong cause."""
+    from owngpt.tasks.lm import LMTask
+
+    def freeze_all(self, model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    monkeypatch.setattr(LMTask, "prepare_model", freeze_all, raising=False)
+    with pytest.raises(ConfigError, match="nothing to train: every parameter is frozen"):
+        train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=2))
+    assert not (tmp_path / "run" / "checkpoints" / "last").exists()
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_a_data_dir_without_validation_split_is_evaluated_on_train_with_a_warning(
+    tmp_path, tiny_ckpt, capsys, with_val
+):
+    import json
+
+    import fixtures
+
+    data = fixtures.write_lm_data_dir(tmp_path / "data")
+    if not with_val:  # the val split emptied, as `owngpt prepare --val-fraction 0` leaves it
+        meta = json.loads((data / "meta.json").read_text())
+        meta["splits"]["val"]["documents"] = 0
+        (data / "meta.json").write_text(json.dumps(meta))
+    res = train(quick_cfg(data, tmp_path / "run", tiny_ckpt, max_steps=2, eval_every=2))
+    err = capsys.readouterr().err
+    assert ("warning: no validation split; evaluating on the train split" in err) == (not with_val)
+    assert res.best_checkpoint is not None  # evaluated (on whichever split) and kept its best
+
+
+def test_the_run_sets_up_matmul_precision_for_its_device(tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch):
+    """TF32 on cuda is decided by owngpt.device.configure_matmul (tests/test_device.py); the loop must call it with
+    the device it trains on, or fp32 runs on a GPU lose their TF32 speed-up."""
+    import owngpt.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "configure_matmul", lambda device: calls.append(str(device)))
+    train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1))
+    assert calls == ["cpu"]
