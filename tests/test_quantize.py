@@ -175,3 +175,21 @@ def test_int8_linear_does_not_saturate_at_full_range():
     s = torch.full((16,), 1 / 127)
     x = torch.ones(1, 64)
     assert torch.allclose(_int8_linear(q, s, None)(x), torch.full((1, 16), 64.0), rtol=1e-3)
+
+
+def test_save_quantized_never_replaces_a_users_folder(tiny_ckpt, tmp_path):
+    """Called from Python with a folder of the user's, the int8 writer refuses and leaves it whole (it replaces only
+    an owngpt checkpoint, as the export command does)."""
+    from owngpt.errors import OwnGPTError
+    from owngpt.quantize import save_quantized
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "diary.txt").write_text("mine")
+    model = load_model(tiny_ckpt)
+    with pytest.raises(OwnGPTError, match="notes"):
+        save_quantized(model, None, folder, {"task": "lm"})
+    assert (folder / "diary.txt").read_text() == "mine" and sorted(p.name for p in folder.iterdir()) == ["diary.txt"]
+    out = save_quantized(model, None, tmp_path / "int8", {"task": "lm"})
+    save_quantized(model, None, out, {"task": "lm"})  # its own output is replaced
+    assert (out / "model.safetensors").is_file()

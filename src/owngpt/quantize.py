@@ -54,10 +54,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from owngpt import atomic
 from owngpt.checkpoint_files import load_config, write_meta
 from owngpt.errors import CheckpointError
 from owngpt.native_kernels import native_gemv
+from owngpt.outdir import CHECKPOINT, replacing
 
 METHOD = "int8-dynamic"
 FORMAT_VERSION = 1
@@ -358,12 +358,13 @@ def load_quantized(path: str | os.PathLike, info: dict[str, Any], task: str = "l
 
 
 def save_quantized(model: Any, tokenizer: Any, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write the int8 checkpoint dir atomically (aside, then swapped in) from a loaded fp32 model."""
+    """Write the int8 checkpoint dir atomically (aside, then swapped in) from a loaded fp32 model. An existing
+    `out_dir` is replaced only when it is an owngpt checkpoint (owngpt.outdir): never a user's folder."""
     from safetensors.torch import save_file
 
     tensors, info = quantize_state_dict(model)
     meta = {**meta, "quantization": info}
-    with atomic.directory(out_dir) as tmp:
+    with replacing(out_dir, kind=CHECKPOINT, overwrite=True, create=True) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "owngpt": METHOD})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
