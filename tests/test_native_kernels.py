@@ -221,6 +221,29 @@ def test_the_int8_kernel_applies_each_activation_the_step_fuses(native, post):
     torch.testing.assert_close(got, POSTS[post](want.float()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("few", [1, 4])
+def test_packed_linear_sends_a_few_rows_to_the_kernel_and_more_to_onednn(native, monkeypatch, few):
+    """owngpt.decode_kernels' PackedLinear: kernel(one_row=True) is the native kernel; kernel(one_row=False) (a
+    decode step's batch) is the native kernel up to `batch_rows` rows (the CPU's BATCH_ROWS entry: 16 on AVX2, 1 on
+    AVX-512, where oneDNN measured faster) and oneDNN's product (the module's forward) above it."""
+    from owngpt.decode_kernels import _packed_linear_class
+
+    monkeypatch.setitem(native_kernels.BATCH_ROWS, native.level, few)
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(40, 70, generator=g), torch.randn(40, generator=g)
+    lin = _packed_linear_class()(w, b, native=native)
+    direct = native.kernel(native.pack(w), 40, 70, b, ("none", ""))
+    x = torch.randn(7, 70, generator=g)
+    assert native.batch_rows == few
+    for rows in range(1, 8):
+        got, onednn = lin.kernel(False)(x[:rows]), lin(x[:rows])
+        torch.testing.assert_close(got, x[:rows] @ w.T + b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, direct(x[:rows]) if few > 1 and rows <= few else onednn), rows
+        assert torch.equal(lin.kernel(True)(x[:rows]), direct(x[:rows]))
+    # the two kernels sum in different orders: bitwise equality above says which one ran
+    assert not torch.equal(direct(x), lin(x))
+
+
 def test_int8_linear_uses_the_kernel_at_one_row_and_fbgemm_otherwise(native):
     """owngpt.quantize's Int8Linear: kernel(one_row=True) on one row is the native kernel's product, on several rows
     (and the module's forward, and kernel(one_row=False)) fbgemm's op."""

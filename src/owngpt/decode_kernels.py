@@ -33,8 +33,10 @@ every layer: it also beat MKL on cache-resident models, `mini` 0.28 vs 0.39 ms f
 vocabulary 0.92 vs 1.05, a char `tiny` a tie at 0.12, so the [in, out] copy is kept only where the native kernel is
 not available). Measured on a shared machine (gpt2 size, the 49 products; medians of the ratio of two runs timed
 next to each other, which see the same load): 1.05x oneDNN's speed on one thread and 1.10x on two, the whole step
-1.14x and 1.06x (docs/benchmarks.md, decode-step); at 8 rows the native kernel ran 0.74-0.86x oneDNN's, so batches
-and prompts keep oneDNN. The cost is that second copy of the weights (+0.5 GB at gpt2 size).
+1.14x and 1.06x (docs/benchmarks.md, decode-step). At 8 rows the native kernel ran 0.74-0.86x oneDNN's on that
+AVX-512 CPU, so batches keep oneDNN there; on the AVX2 CPU (AMD EPYC) it ran 1.24x (one thread) and 1.33x (two) at
+8 rows, so there a decode step's batch of up to 16 rows goes to it too (owngpt.native_kernels.BATCH_ROWS; the whole
+batch-8 step 1.20x, one thread). Prompts keep oneDNN everywhere. The cost is that second copy of the weights (+0.5 GB at gpt2 size).
 
 The tied LM head (GPT-2, owngpt's LLaMA presets) is packed as a second copy of the embedding (+154 MB at gpt2 size):
 reading the embedding as stored ([V, C], MKL) costs 9.0 ms a step vs 3.9 ms packed (gpt2 size, one thread, out of
@@ -123,16 +125,23 @@ def _packed_linear_class():
         def kernel(self, one_row: bool, post: tuple[str, str] = ("none", "")) -> Any:
             """A callable (B, in) -> (B, out) computing post(x W^T + b) with the fastest kernel here: for one row
             owngpt's native kernel where it is available, else MKL's sgemm on [in, out] for a cache-resident model
-            (no oneDNN call overhead); otherwise oneDNN on the packed weight with the post-op fused."""
+            (no oneDNN call overhead); otherwise oneDNN on the packed weight with the post-op fused, except that a
+            few rows go to the native kernel too on CPUs where it beats oneDNN there (`NativeGemv.batch_rows`)."""
             w, b = self.packed, self.bias
-            if one_row and self.native_packed is not None:
-                return self.native.kernel(self.native_packed, self.out_features, self.in_features, b, post)
+            attr, algorithm = post
+            if self.native_packed is not None:
+                native = self.native.kernel(self.native_packed, self.out_features, self.in_features, b, post)
+                few = self.native.batch_rows
+                if one_row:
+                    return native
+                if few > 1:
+                    # the row count is known only per call (a batch shrinks as its rows finish)
+                    return lambda x: native(x) if x.shape[0] <= few else lp(x, w, b, attr, [], algorithm)
             if one_row and self.weight_io is not None:
                 w_io, act = self.weight_io, post_ops[post]
                 if b is None:
                     return lambda x: act(torch.mm(x, w_io))
                 return lambda x: act(torch.addmm(b, x, w_io))
-            attr, algorithm = post
             return lambda x: lp(x, w, b, attr, [], algorithm)
 
         def extra_repr(self) -> str:

@@ -11,8 +11,10 @@
 // does what llama.cpp's does: one sequential stream of weights, x held in registers, several output rows per pass,
 // ~1 us a call. Measured on a shared machine (gpt2 size, medians of the ratio of runs timed next to each other):
 // 1.05x oneDNN's speed on one thread and 1.10x on two, the whole decode step 1.14x / 1.06x; 1.4x MKL's on a model
-// that fits in the cache (`mini`). At 8 rows it was slower than oneDNN (0.74-0.86x), which keeps batches. Tables:
-// docs/benchmarks.md (decode-step and decode sections).
+// that fits in the cache (`mini`). At 8 rows it was slower than oneDNN there (0.74-0.86x), which keeps batches on
+// AVX-512; on an AVX2 CPU (AMD EPYC, 2 cores) it was 1.24x / 1.33x oneDNN at 8 rows (1 / 2 threads), so there it
+// takes a decode step's few rows too (native_kernels.BATCH_ROWS). Tables: docs/benchmarks.md (decode-step and
+// decode sections).
 //
 // Layout (made once by owngpt_pack): the [out, in] weight is cut into blocks of R = 8 output rows; inside a block the
 // columns go in chunks of 16 floats, and for each chunk the 8 rows' 16 floats are stored one after another:

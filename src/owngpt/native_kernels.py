@@ -6,7 +6,8 @@ stream from memory. torch's best kernel for that (oneDNN's inner product on weig
 owngpt.decode_kernels uses for several rows) took 13.9 ms for gpt2's 49 products on one thread and 11.1 ms on two,
 where llama.cpp's whole step took 13.2 and 10.6 ms (quiet machine): no step built on torch's kernels reaches
 llama.cpp there, so native_gemv.cpp does that product by hand (why and how: the comment at its top; its numbers:
-docs/benchmarks.md, decode-step section). Several rows (batch 8, a prompt) keep oneDNN, which was faster there.
+docs/benchmarks.md, decode-step section). Several rows (batch 8, a prompt) keep oneDNN on AVX-512, where it was
+faster; on AVX2 a decode step's few rows come here too (BATCH_ROWS).
 
 How it is built: with the system C++ compiler (`$CXX`, else g++, c++ or clang++), no torch headers (about a second),
 into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions/owngpt/), once per machine
@@ -49,6 +50,13 @@ SOURCES = [SOURCE, SOURCE.with_name("native_gemv_int8.cpp")]  # compiled into on
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
 OPENMP = ["-fopenmp"]  # threads; without it (a compiler lacking OpenMP) the kernel runs on one thread
 
+# Up to how many rows (a decode step's batch) the fp32 kernel beats oneDNN's packed inner product, per instruction
+# set; more rows (prompts, big batches) keep oneDNN. Measured with bench/bench_decode_step.py (gpt2 size, the 49
+# products alone, medians of paired ratios): on the 2-core AVX2 CPU (AMD EPYC) the kernel ran 1.24x oneDNN at 8 rows
+# on one thread and 1.33x on two (quiet machine), and 1.05-1.17x at 2 to 16 rows on one thread beside other work;
+# on the 2-core AVX-512 CPU it ran 0.74-0.86x oneDNN at 8 rows, so there batches keep oneDNN.
+BATCH_ROWS = {1: 16, 2: 1}
+
 _loaded: dict[str, Any] = {}  # "kernel": NativeGemv | None once tried (one build attempt per process)
 
 
@@ -74,6 +82,11 @@ class NativeGemv:
     @property
     def isa(self) -> str:
         return {2: "avx512", 1: "avx2"}[self.level]
+
+    @property
+    def batch_rows(self) -> int:
+        """The most rows a decode step sends to this kernel rather than oneDNN (see BATCH_ROWS)."""
+        return BATCH_ROWS[self.level]
 
     @property
     def isa_int8(self) -> str:
