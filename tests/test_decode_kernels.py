@@ -188,6 +188,65 @@ def test_the_hand_written_step_serves_only_models_it_implements(tok):
     assert pack_for_decode(classifier) > 0 and decode_step_for(classifier) is None
 
 
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+@pytest.mark.parametrize("scale_attn,n_embd", [(True, 64), (False, 36)])  # 36: rows and heads (9) off 8's multiples
+def test_the_native_gpt2_block_equals_the_python_step(tok, activation, scale_attn, n_embd, monkeypatch):
+    """GPT-2's blocks in one native call each (native_block.cpp) against the same step's Python blocks on the same
+    packed weights and caches: one row, then rows of different lengths (padding columns masked), and a batch above
+    the native kernel's rows (the Python step's, with oneDNN). Tolerance: the order of the sums, ~1e-6 here."""
+    if native_kernels.native_gemv() is None:
+        pytest.skip("owngpt's native kernel does not build here")
+    monkeypatch.setattr(native_kernels, "BATCH_ROWS", {1: 3, 2: 3})
+    cfg = copy.deepcopy(fixtures.tiny_gpt2(tok, n_positions=64, n_embd=n_embd, n_head=4).config)
+    cfg.activation_function, cfg.scale_attn_weights = activation, scale_attn
+    cfg.n_inner = None if n_embd == 64 else 147  # an MLP width off 8's multiples too
+    torch.manual_seed(0)
+    ref = type(fixtures.tiny_gpt2(tok))(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0, 0.5)  # random biases and norms: a dropped or swapped one shows
+            if name.endswith("mlp.c_fc.weight"):
+                p.mul_(20)  # GELU's inputs of a few units, where its tanh and erf forms part
+    fast = copy.deepcopy(ref)
+    pack_for_decode(fast)
+    step = decode_step_for(fast)
+    blocks = step.native_block
+    assert blocks is not None and blocks.max_rows == 3 and blocks.gelu_tanh == (activation == "gelu_new")
+    g = torch.Generator().manual_seed(0)
+    L, cap = 9, 16
+    for rows, valid_from in ((1, None), (3, torch.tensor([0, 4, 8])), (4, torch.tensor([2, 0, 5, 1]))):
+        keys = [torch.randn(rows + 1, 4, cap, n_embd // 4, generator=g) for _ in fast.transformer.h]
+        values = [torch.randn(rows + 1, 4, cap, n_embd // 4, generator=g) for _ in fast.transformer.h]
+        ids, pos = torch.randint(0, len(tok), (rows,), generator=g), torch.arange(rows) + 3
+        outs = []
+        for use_native in (True, False):
+            step.native_block = blocks if use_native else None
+            k, v = [x.clone() for x in keys], [x.clone() for x in values]
+            with torch.no_grad():
+                outs.append((step(ids, pos, k, v, rows, L, valid_from), k, v))
+        (got, gk, gv), (want, wk, wv) = outs
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(gk + gv, wk + wv):  # this step's keys and values written in column L, nothing else moved
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert torch.equal(a[:, :, :L], b[:, :, :L]) and torch.equal(a[:, :, L + 1 :], b[:, :, L + 1 :])
+        if rows > 3:  # above the native rows: both are the Python step
+            assert torch.equal(got, want)
+
+
+def test_int8_gpt2_and_torch_kernels_keep_the_python_blocks(tok, monkeypatch):
+    from owngpt.quantize import quantize_model
+
+    ref, fast, _ = models(tok, "gpt2")
+    assert (decode_step_for(fast).native_block is not None) == (native_kernels.native_gemv() is not None)
+    with torch.no_grad():
+        assert decode_step_for(quantize_model(ref)).native_block is None
+    monkeypatch.setenv(native_kernels.ENV, "0")
+    off = copy.deepcopy(ref)
+    pack_for_decode(off)
+    assert decode_step_for(off).native_block is None
+
+
 @pytest.mark.parametrize("preset", [None, "0"])
 def test_decode_commands_ask_torch_for_huge_pages_unless_the_user_chose(tiny_ckpt, monkeypatch, capsys, preset):
     from owngpt.cli import main

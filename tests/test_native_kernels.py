@@ -311,3 +311,18 @@ def test_the_build_goes_to_the_extension_cache_and_is_reused(fresh, native, caps
     again = native_kernels.native_gemv()
     assert again is not None and again.path == built.path
     assert capsys.readouterr().err == ""
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """The library is built from its sources on the user's machine: each must be package data of a non-editable
+    install (pyproject's [tool.setuptools.package-data]), or an installed owngpt cannot build it."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["owngpt"]
+    package = Path(native_kernels.__file__).parent
+    for source in native_kernels.SOURCES:
+        name = source.relative_to(package).as_posix()
+        assert source.is_file() and any(fnmatch.fnmatch(name, p) for p in patterns), name

@@ -25,6 +25,10 @@ callable, and the int8 embedding is looked up through its module. At gpt2 size, 
 9.1 ms a step at batch 1 against transformers' forward over the same int8 modules (bench/bench_int8_kernels.py
 --decode); one row's logits equal that forward's exactly on fbgemm's op, and within a rounding step where the step
 calls owngpt's one-row int8 kernel (owngpt.native_kernels; tests/test_decode_kernels.py bounds both).
+GPT-2's blocks go further where owngpt's native library is built (owngpt.native_kernels): each block is one call
+into native_block.cpp (layer norms, the products on the native kernel, the KV writes, attention, GELU in C), for
+the batches the native kernel serves (`_NativeGPT2Blocks`); measured beside other work (gpt2 size, one thread,
+paired): the step 1.17x at batch 1 and 1.11x at batch 8 over the Python blocks. LLaMA blocks stay in Python.
 What did not pay and is not here: torch.compile of the step (see owngpt.decode_kernels: 38 s to the first token, no
 gain).
 
@@ -158,14 +162,19 @@ class _GPT2Step(DecodeStep):
         # the kernels for one row and for several (owngpt.decode_kernels.PackedLinear.kernel)
         self.layers = {False: kernels(False), True: kernels(True)}
         self.head = {False: model.lm_head.kernel(False), True: model.lm_head.kernel(True)}
+        self.native_block = _NativeGPT2Blocks.of(model)  # each block in one native call, where it can be
 
     def __call__(self, ids, pos, keys, values, rows, length, valid_from):
         F = self.F
         B, H, D = rows, self.n_head, self.head_dim
         C = H * D
         eps = self.eps
-        mask = _padding_mask(valid_from, length)
         h = self.tokens(ids) + F.embedding(pos, self.wpe)  # (B, C)
+        blocks = self.native_block
+        if blocks is not None and B <= blocks.max_rows:
+            blocks(h, keys, values, B, length, valid_from)
+            return self.head[B == 1](F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
+        mask = _padding_mask(valid_from, length)
         for i, ((ln1, ln2), (c_attn, c_proj, c_fc, m_proj)) in enumerate(zip(self.ln, self.layers[B == 1])):
             qkv = c_attn(F.layer_norm(h, (C,), ln1[0], ln1[1], eps)).view(B, 3, H, 1, D)  # q, k, v of every head
             k_buf, v_buf = keys[i], values[i]
@@ -175,6 +184,75 @@ class _GPT2Step(DecodeStep):
             h = h + c_proj(o.view(B, C))
             h = h + m_proj(c_fc(F.layer_norm(h, (C,), ln2[0], ln2[1], eps)))
         return self.head[B == 1](F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
+
+
+class _NativeGPT2Blocks:
+    """GPT-2's blocks through owngpt's native library, one call per block (native_block.cpp: the layer norms, the
+    four products on the native kernel's packed weights, the KV writes, attention and GELU in C), for batches the
+    native kernel serves (one row, or up to `NativeGemv.batch_rows`). Why: around its products the Python step made
+    ~25 torch calls per block, dispatch time in which the memory bus idles (measured in docs/benchmarks.md, decode)."""
+
+    @staticmethod
+    def of(model: Any) -> _NativeGPT2Blocks | None:
+        """The blocks of a packed GPT-2 whose every projection carries the native kernel's fp32 copy, else None
+        (OWNGPT_NATIVE_KERNELS=0, no compiler, int8 models, an activation the C code does not have)."""
+        t, cfg = model.transformer, model.config
+        forms = {"gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu": 0}
+        if cfg.activation_function not in forms:
+            return None
+        projections = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
+        native = getattr(projections[0][0], "native", None)
+        if native is None or any(
+            type(m).__name__ != "PackedLinear" or m.native is not native or m.native_packed is None
+            for layer in projections
+            for m in layer
+        ):
+            return None
+        return _NativeGPT2Blocks(model, native, forms[cfg.activation_function])
+
+    def __init__(self, model: Any, native: Any, gelu_tanh: int) -> None:
+        import torch
+
+        t, cfg = model.transformer, model.config
+        self.native, self.fn, self.torch = native, native.lib.owngpt_gpt2_block, torch
+        self.C, self.H = cfg.n_embd, cfg.n_head
+        self.inner = t.h[0].mlp.c_fc.out_features  # the MLP's width
+        D = self.C // self.H
+        self.scale = D**-0.5 if cfg.scale_attn_weights else 1.0
+        self.eps, self.gelu_tanh = cfg.layer_norm_epsilon, gelu_tanh
+        self.max_rows = max(1, native.batch_rows)
+
+        def ptr(x: Any) -> int | None:
+            return None if x is None else x.data_ptr()
+
+        self.weights = []  # per block: the pointers native_block.cpp reads, in its argument order
+        self.keep_alive = []  # the tensors behind them
+        for b in t.h:
+            lns = [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias]
+            lns = [x.detach().float().contiguous() for x in lns]
+            mods = (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+            products = [p for m in mods for p in (m.native_packed, m.bias)]
+            self.keep_alive.append((lns, products))
+            self.weights.append(([ptr(x) for x in lns], [ptr(p) for p in products]))
+
+    def __call__(self, h: Any, keys: list[Any], values: list[Any], rows: int, length: int, valid_from: Any) -> None:
+        """Every block, in place on h (rows, C) fp32 contiguous; keys/values: the engine's per-layer buffers."""
+        torch = self.torch
+        C, inner = self.C, self.inner
+        scratch = torch.empty(rows * (5 * C + inner), dtype=torch.float32)
+        vf = None
+        if valid_from is not None:
+            valid_from = valid_from.to(torch.int64).contiguous()
+            vf = valid_from.data_ptr()
+        threads, level = torch.get_num_threads(), self.native.level
+        hp, sp = h.data_ptr(), scratch.data_ptr()
+        for (lns, products), k, v in zip(self.weights, keys, values):
+            if not (k.is_contiguous() and v.is_contiguous()):
+                raise ValueError("the native block needs contiguous KV buffers")
+            self.fn(
+                hp, rows, C, self.H, inner, *lns, self.eps, *products, self.gelu_tanh,
+                k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level,
+            )  # fmt: skip
 
 
 class _LlamaStep(DecodeStep):

@@ -44,7 +44,8 @@ log = logging.getLogger("owngpt.native_kernels")
 
 ENV = "OWNGPT_NATIVE_KERNELS"  # "0" turns the kernel off
 SOURCE = Path(__file__).with_name("native_gemv.cpp")
-SOURCES = [SOURCE, SOURCE.with_name("native_gemv_int8.cpp")]  # compiled into one library
+# compiled into one library: the fp32 and int8 products, and GPT-2's whole decode block (native_block.cpp)
+SOURCES = [SOURCE, SOURCE.with_name("native_gemv_int8.cpp"), SOURCE.with_name("native_block.cpp")]
 # -O3 without -march: the AVX-512 and AVX2 functions carry their own target attributes and are chosen at run time
 # from the CPU's flags, so the library runs on any x86-64 CPU (owngpt_isa() says 0 where neither set exists)
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
@@ -74,6 +75,10 @@ class NativeGemv:
         lib.owngpt_int8_quantize.argtypes, lib.owngpt_int8_quantize.restype = [ptr, i64, i64, ptr, ptr], None
         lib.owngpt_int8_gemv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, c_int, c_int]
         lib.owngpt_int8_gemv.restype = None
+        f32 = ctypes.c_float
+        lib.owngpt_gpt2_block.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr]
+        lib.owngpt_gpt2_block.argtypes += [ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int]
+        lib.owngpt_gpt2_block.restype = None
         self.lib, self.path = lib, path
         self.level = isa  # 2: AVX-512F, 1: AVX2 + FMA (tests lower it to check the AVX2 code)
         # the int8 kernel's: 3 AVX512-VNNI, 2 AVX512BW, 1 AVX2 + FMA, 0 none (then Int8Linear keeps fbgemm)
