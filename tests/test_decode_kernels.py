@@ -234,10 +234,57 @@ def test_the_native_gpt2_block_equals_the_python_step(tok, activation, scale_att
             assert torch.equal(got, want)
 
 
-def test_int8_gpt2_and_torch_kernels_keep_the_python_blocks(tok, monkeypatch):
+@pytest.mark.parametrize(
+    "hidden,heads,kv_heads,inner,bias",
+    # 36: rows and heads (18) off 8's multiples; grouped-query heads 2 of 4, 1 of 2, 1 of 4
+    [(64, 4, 4, 88, False), (36, 2, 1, 90, True), (64, 4, 2, 88, False), (64, 4, 1, 88, True)],
+)
+def test_the_native_llama_block_equals_the_python_step(tok, hidden, heads, kv_heads, inner, bias, monkeypatch):
+    """LLaMA's blocks in one native call each against the same step's Python blocks (as the GPT-2 test above):
+    RMSNorm, the rotary embedding at each row's own position, grouped-query heads, SiLU, optional biases."""
+    if native_kernels.native_gemv() is None:
+        pytest.skip("owngpt's native kernel does not build here")
+    monkeypatch.setattr(native_kernels, "BATCH_ROWS", {1: 3, 2: 3})
+    cfg = copy.deepcopy(fixtures.tiny_llama(tok, n_positions=64, n_embd=hidden, n_head=heads).config)
+    cfg.num_key_value_heads, cfg.intermediate_size = kv_heads, inner
+    cfg.attention_bias = cfg.mlp_bias = bias
+    torch.manual_seed(0)
+    ref = type(fixtures.tiny_llama(tok))(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.5)  # a dropped or swapped norm or bias shows
+    fast = copy.deepcopy(ref)
+    pack_for_decode(fast)
+    step = decode_step_for(fast)
+    blocks = step.native_block
+    assert blocks is not None and blocks.max_rows == 3
+    g = torch.Generator().manual_seed(0)
+    L, cap, D = 9, 16, hidden // heads
+    for rows, valid_from in ((1, None), (3, torch.tensor([0, 4, 8])), (4, torch.tensor([2, 0, 5, 1]))):
+        keys = [torch.randn(rows + 1, kv_heads, cap, D, generator=g) for _ in fast.model.layers]
+        values = [torch.randn(rows + 1, kv_heads, cap, D, generator=g) for _ in fast.model.layers]
+        ids, pos = torch.randint(0, len(tok), (rows,), generator=g), torch.tensor([9, 5, 1, 7])[:rows]
+        outs = []
+        for use_native in (True, False):
+            step.native_block = blocks if use_native else None
+            k, v = [x.clone() for x in keys], [x.clone() for x in values]
+            with torch.no_grad():
+                outs.append((step(ids, pos, k, v, rows, L, valid_from), k, v))
+        (got, gk, gv), (want, wk, wv) = outs
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(gk + gv, wk + wv):  # this step's keys (rotated) and values in column L, nothing else moved
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert torch.equal(a[:, :, :L], b[:, :, :L]) and torch.equal(a[:, :, L + 1 :], b[:, :, L + 1 :])
+        if rows > 3:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_models_and_torch_kernels_keep_the_python_blocks(tok, arch, monkeypatch):
     from owngpt.quantize import quantize_model
 
-    ref, fast, _ = models(tok, "gpt2")
+    ref, fast, _ = models(tok, arch)
     assert (decode_step_for(fast).native_block is not None) == (native_kernels.native_gemv() is not None)
     with torch.no_grad():
         assert decode_step_for(quantize_model(ref)).native_block is None

@@ -25,10 +25,12 @@ callable, and the int8 embedding is looked up through its module. At gpt2 size, 
 9.1 ms a step at batch 1 against transformers' forward over the same int8 modules (bench/bench_int8_kernels.py
 --decode); one row's logits equal that forward's exactly on fbgemm's op, and within a rounding step where the step
 calls owngpt's one-row int8 kernel (owngpt.native_kernels; tests/test_decode_kernels.py bounds both).
-GPT-2's blocks go further where owngpt's native library is built (owngpt.native_kernels): each block is one call
-into native_block.cpp (layer norms, the products on the native kernel, the KV writes, attention, GELU in C), for
-the batches the native kernel serves (`_NativeGPT2Blocks`); measured beside other work (gpt2 size, one thread,
-paired): the step 1.17x at batch 1 and 1.11x at batch 8 over the Python blocks. LLaMA blocks stay in Python.
+Where owngpt's native library is built (owngpt.native_kernels), each block goes further: one call into
+native_block.cpp (norms, the products on the native kernel, the KV writes, RoPE, attention, GELU / SiLU in C) for
+the batches the native kernel serves (`_NativeGPT2Blocks`, `_NativeLlamaBlocks`; LLaMA only inside its RoPE table).
+Measured beside other work (one thread, paired): gpt2 size, the step 1.17x at batch 1 and 1.11x at batch 8 over
+the Python blocks; the engine end to end on 4-layer, 128-dim char models (greedy, 200 tokens): GPT-2 2.97x at
+batch 1 and 1.99x at batch 8, LLaMA 3.77x and 2.07x (bench/bench_native_block.py, docs/benchmarks.md).
 What did not pay and is not here: torch.compile of the step (see owngpt.decode_kernels: 38 s to the first token, no
 gain).
 
@@ -202,11 +204,7 @@ class _NativeGPT2Blocks:
             return None
         projections = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
         native = getattr(projections[0][0], "native", None)
-        if native is None or any(
-            type(m).__name__ != "PackedLinear" or m.native is not native or m.native_packed is None
-            for layer in projections
-            for m in layer
-        ):
+        if native is None or not all(_native_packed(m, native) for layer in projections for m in layer):
             return None
         return _NativeGPT2Blocks(model, native, forms[cfg.activation_function])
 
@@ -222,9 +220,6 @@ class _NativeGPT2Blocks:
         self.eps, self.gelu_tanh = cfg.layer_norm_epsilon, gelu_tanh
         self.max_rows = max(1, native.batch_rows)
 
-        def ptr(x: Any) -> int | None:
-            return None if x is None else x.data_ptr()
-
         self.weights = []  # per block: the pointers native_block.cpp reads, in its argument order
         self.keep_alive = []  # the tensors behind them
         for b in t.h:
@@ -233,26 +228,105 @@ class _NativeGPT2Blocks:
             mods = (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
             products = [p for m in mods for p in (m.native_packed, m.bias)]
             self.keep_alive.append((lns, products))
-            self.weights.append(([ptr(x) for x in lns], [ptr(p) for p in products]))
+            self.weights.append(([_ptr(x) for x in lns], [_ptr(p) for p in products]))
 
     def __call__(self, h: Any, keys: list[Any], values: list[Any], rows: int, length: int, valid_from: Any) -> None:
         """Every block, in place on h (rows, C) fp32 contiguous; keys/values: the engine's per-layer buffers."""
         torch = self.torch
         C, inner = self.C, self.inner
         scratch = torch.empty(rows * (5 * C + inner), dtype=torch.float32)
-        vf = None
-        if valid_from is not None:
-            valid_from = valid_from.to(torch.int64).contiguous()
-            vf = valid_from.data_ptr()
+        valid_from = None if valid_from is None else valid_from.to(torch.int64).contiguous()  # alive for vf
+        vf = _ptr(valid_from)
         threads, level = torch.get_num_threads(), self.native.level
         hp, sp = h.data_ptr(), scratch.data_ptr()
         for (lns, products), k, v in zip(self.weights, keys, values):
-            if not (k.is_contiguous() and v.is_contiguous()):
-                raise ValueError("the native block needs contiguous KV buffers")
+            _check_buffers(k, v)
             self.fn(
                 hp, rows, C, self.H, inner, *lns, self.eps, *products, self.gelu_tanh,
                 k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level,
             )  # fmt: skip
+
+
+class _NativeLlamaBlocks:
+    """LLaMA's blocks through owngpt's native library, one call per block (native_block.cpp: RMSNorm, the seven
+    products on the native kernel, the rotary embedding from the step's table, grouped-query attention, SiLU, in C),
+    for the batches the native kernel serves; as `_NativeGPT2Blocks` for GPT-2."""
+
+    @staticmethod
+    def of(model: Any, table: tuple[Any, Any]) -> _NativeLlamaBlocks | None:
+        """The blocks of a packed LLaMA whose every projection carries the native kernel's fp32 copy, else None."""
+        layers = model.model.layers
+        if getattr(model.config, "hidden_act", None) != "silu":
+            return None
+        mods = [_llama_projections(b) for b in layers]
+        native = getattr(mods[0][0], "native", None)
+        if native is None or not all(_native_packed(m, native) for layer in mods for m in layer):
+            return None
+        return _NativeLlamaBlocks(model, native, table, mods)
+
+    def __init__(self, model: Any, native: Any, table: tuple[Any, Any], mods: list[tuple[Any, ...]]) -> None:
+        import torch
+
+        cfg, layers = model.config, model.model.layers
+        self.native, self.fn, self.torch = native, native.lib.owngpt_llama_block, torch
+        self.C = cfg.hidden_size
+        self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.D = getattr(cfg, "head_dim", None) or self.C // self.H
+        self.inner = mods[0][4].out_features  # the MLP's width
+        self.scale = self.D**-0.5
+        self.max_rows = max(1, native.batch_rows)
+        self.table = tuple(t.detach().float().contiguous() for t in table)
+        self.weights, self.keep_alive = [], []
+        for b, projections in zip(layers, mods):
+            n1, n2 = b.input_layernorm, b.post_attention_layernorm
+            norms = [n1.weight.detach().float().contiguous(), n2.weight.detach().float().contiguous()]
+            products = [p for m in projections for p in (m.native_packed, m.bias)]
+            self.keep_alive.append((norms, products))
+            self.weights.append(
+                (
+                    [_ptr(x) for x in norms],
+                    [float(n1.variance_epsilon), float(n2.variance_epsilon)],
+                    [_ptr(p) for p in products],
+                )
+            )
+
+    def __call__(self, h: Any, keys: list[Any], values: list[Any], rows: int, length: int, valid_from: Any, pos: Any):
+        """Every block, in place on h (rows, C) fp32; pos: (rows,) each row's position (inside the table)."""
+        torch = self.torch
+        C, qd, kvd, inner = self.C, self.H * self.D, self.Hkv * self.D, self.inner
+        scratch = torch.empty(rows * (2 * C + 2 * qd + 2 * kvd + 2 * inner) + self.D, dtype=torch.float32)
+        pos = pos.to(torch.int64).contiguous()
+        valid_from = None if valid_from is None else valid_from.to(torch.int64).contiguous()  # alive for vf
+        vf = _ptr(valid_from)
+        threads, level = torch.get_num_threads(), self.native.level
+        shape = (C, self.H, self.Hkv, self.D, inner)
+        cos, sin = self.table[0].data_ptr(), self.table[1].data_ptr()
+        hp, sp, pp = h.data_ptr(), scratch.data_ptr(), pos.data_ptr()
+        for (norms, eps, products), k, v in zip(self.weights, keys, values):
+            _check_buffers(k, v)
+            self.fn(
+                hp, rows, *shape, *norms, *eps, *products, cos, sin, pp,
+                k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level,
+            )  # fmt: skip
+
+
+def _llama_projections(block: Any) -> tuple[Any, ...]:
+    a, m = block.self_attn, block.mlp
+    return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+
+
+def _native_packed(module: Any, native: Any) -> bool:
+    """A packed fp32 projection carrying `native`'s copy of its weight (owngpt.decode_kernels.PackedLinear)."""
+    return type(module).__name__ == "PackedLinear" and module.native is native and module.native_packed is not None
+
+
+def _ptr(x: Any) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def _check_buffers(k: Any, v: Any) -> None:
+    if not (k.is_contiguous() and v.is_contiguous()) or k.dtype != v.dtype or k.element_size() != 4:
+        raise ValueError("the native block needs the engine's contiguous fp32 KV buffers")
 
 
 class _LlamaStep(DecodeStep):
@@ -315,12 +389,18 @@ class _LlamaStep(DecodeStep):
 
         self.layers = {False: kernels(False), True: kernels(True)}
         self.head = {False: model.lm_head.kernel(False), True: model.lm_head.kernel(True)}
+        # each block in one native call, where it can be (needs the default RoPE's table)
+        self.native_block = _NativeLlamaBlocks.of(model, self.table) if self.table is not None else None
 
     def __call__(self, ids, pos, keys, values, rows, length, valid_from):
         B, H, Hkv, D = rows, self.n_head, self.n_kv, self.head_dim
-        mask = _padding_mask(valid_from, length)
         h = self.tokens(ids)  # (B, C)
         table = self.table if self.table is not None and length < len(self.table[0]) else None
+        blocks = self.native_block
+        if blocks is not None and table is not None and B <= blocks.max_rows:
+            blocks(h, keys, values, B, length, valid_from, pos)
+            return self.head[B == 1](_rms_norm(h, *self.norm))
+        mask = _padding_mask(valid_from, length)
         if table is not None:  # positions <= length: inside the table
             cos, sin = table[0][pos].view(B, 1, 1, D), table[1][pos].view(B, 1, 1, D)
         else:

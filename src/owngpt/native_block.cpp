@@ -1,13 +1,13 @@
-// One GPT-2 block of a decode step in one call: y = h + attn(LN1(h)), then y + mlp(LN2(y)), for a few rows, each
-// with its own KV cache in the engine's buffers. Built into owngpt's native library with native_gemv.cpp (its
+// One block of a decode step in one call, GPT-2's or LLaMA's: y = h + attn(norm1(h)), then y + mlp(norm2(y)), for
+// a few rows, each with its own KV cache in the engine's buffers. Built into owngpt's native library with native_gemv.cpp (its
 // products go through owngpt_gemv) and called by owngpt.decode_step through ctypes.
 //
 // Why by hand: at gpt2 size a decode step's 49 products stream the weights at the memory's speed, and around them
 // the Python step (owngpt.decode_step) made ~25 torch calls per block (layer norms, the KV writes, slicing,
 // scaled_dot_product_attention, GELU, residual adds), each a few microseconds of dispatch for a few microseconds of
 // work: on the 2-core AVX2 CPU that was ~10-20% of a batch-1 step and more at batch 8, time in which the memory bus
-// sits idle. llama.cpp's step does the same work in C with no dispatch; so does this, for GPT-2's block only (LLaMA
-// blocks and batches of more than a few rows keep the Python step). The arithmetic is the model's (fp32
+// sits idle. llama.cpp's step does the same work in C with no dispatch; so does this, for GPT-2's and LLaMA's blocks
+// (batches of more than a few rows, and positions past LLaMA's rotary table, keep the Python step). The arithmetic is the model's (fp32
 // throughout), in another order of the sums: tests/test_decode_kernels.py checks greedy tokens against the unpacked
 // model and the logits against a fresh forward.
 //
@@ -128,6 +128,43 @@ OWNGPT_AVX2 void layer_norm(const float* x, const float* w, const float* b, floa
   for (; i < n; ++i) y[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
+// y = x / sqrt(mean(x^2) + eps) * w over one row of n (LlamaRMSNorm, fp32)
+OWNGPT_AVX2 void rms_norm(const float* x, const float* w, float eps, float* y, int64_t n) {
+  __m256 s = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    s = _mm256_fmadd_ps(v, v, s);
+  }
+  float ss = hsum(s);
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
+  for (; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// gate = silu(gate) * up, in place on gate (LLaMA's MLP)
+OWNGPT_AVX2 void silu_mul(float* gate, const float* up, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sg = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(sg, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// rotary embedding of one head vector in place: x cos + rotate_half(x) sin, with rotate_half's sign already in
+// `sin` (owngpt.decode_step's table): out[i] = x[i] cos[i] + x[(i + D/2) mod D] sin[i]
+void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
+  const int64_t half = D / 2;
+  std::copy(x, x + D, tmp);
+  for (int64_t i = 0; i < D; ++i) x[i] = tmp[i] * cos[i] + tmp[(i + half) % D] * sin[i];
+}
+
 // softmax(q . k_t * scale) over t in [t0, t1], times v_t, into o (D floats); scores: room for t1 - t0 + 1 floats
 OWNGPT_AVX2 void attend_one(const float* q, const float* k, const float* v, int64_t t0, int64_t t1, int64_t D,
                             float scale, float* scores, float* o) {
@@ -206,6 +243,70 @@ void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, 
   owngpt_gemv(x, rows, fc_w, fc_b, mid, I, C, threads, level);
   gelu(mid, rows * I, gelu_tanh != 0);
   owngpt_gemv(mid, rows, mproj_w, mproj_b, out, C, I, threads, level);
+  add_into(out, h, rows * C);
+}
+
+// One LLaMA block for `rows` rows, in place on h (rows, C): RMSNorm, q/k/v products (H and Hkv heads of D), the
+// rotary embedding from the step's table (cos, sin: (positions, D) rows, sin with rotate_half's sign; row b at
+// pos[b]), grouped-query attention over the row's columns, o product, residual; RMSNorm, SiLU(gate) * up, down
+// product, residual. Weights packed by owngpt_pack ([out, in]); biases may be null. kbuf, vbuf: (B_cap, Hkv, l_cap,
+// D) contiguous. scratch: rows * (C + 2 H D + 2 Hkv D + 2 I + C) + D floats.
+void owngpt_llama_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t Hkv, int64_t D, int64_t I,
+                        const float* norm1, const float* norm2, float eps1, float eps2, const float* q_w,
+                        const float* q_b, const float* k_w, const float* k_b, const float* v_w, const float* v_b,
+                        const float* o_w, const float* o_b, const float* gate_w, const float* gate_b,
+                        const float* up_w, const float* up_b, const float* down_w, const float* down_b,
+                        const float* cos, const float* sin, const int64_t* pos, float* kbuf, float* vbuf,
+                        int64_t l_cap, int64_t length, const int64_t* valid_from, float scale, float* scratch,
+                        int threads, int level) {
+  const int64_t qd = H * D, kvd = Hkv * D, group = H / Hkv;
+  float* x = scratch;            // rows * C
+  float* q = x + rows * C;       // rows * qd
+  float* k = q + rows * qd;      // rows * kvd
+  float* v = k + rows * kvd;     // rows * kvd
+  float* att = v + rows * kvd;   // rows * qd
+  float* gate = att + rows * qd;  // rows * I
+  float* up = gate + rows * I;   // rows * I
+  float* out = up + rows * I;    // rows * C
+  float* tmp = out + rows * C;   // D
+
+  for (int64_t b = 0; b < rows; ++b) rms_norm(h + b * C, norm1, eps1, x + b * C, C);
+  owngpt_gemv(x, rows, q_w, q_b, q, qd, C, threads, level);
+  owngpt_gemv(x, rows, k_w, k_b, k, kvd, C, threads, level);
+  owngpt_gemv(x, rows, v_w, v_b, v, kvd, C, threads, level);
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* c = cos + pos[b] * D;
+    const float* s = sin + pos[b] * D;
+    for (int64_t hh = 0; hh < H; ++hh) rope(q + b * qd + hh * D, c, s, D, tmp);
+    for (int64_t hh = 0; hh < Hkv; ++hh) {
+      float* kh = k + b * kvd + hh * D;
+      rope(kh, c, s, D, tmp);
+      const int64_t slot = ((b * Hkv + hh) * l_cap + length) * D;
+      std::copy(kh, kh + D, kbuf + slot);
+      std::copy(v + b * kvd + hh * D, v + b * kvd + (hh + 1) * D, vbuf + slot);
+    }
+  }
+  const int64_t pairs = rows * H;
+  const bool parallel = threads > 1 && pairs * (length + 1) * D >= (1 << 16);
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    std::vector<float> scores(static_cast<size_t>(length + 1));
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int64_t b = p / H, hh = p % H, kv = hh / group;
+      const float* kb = kbuf + (b * Hkv + kv) * l_cap * D;
+      const float* vb = vbuf + (b * Hkv + kv) * l_cap * D;
+      const int64_t t0 = valid_from ? valid_from[b] : 0;
+      attend_one(q + b * qd + hh * D, kb, vb, t0, length, D, scale, scores.data(), att + b * qd + hh * D);
+    }
+  }
+  owngpt_gemv(att, rows, o_w, o_b, out, C, qd, threads, level);
+  add_into(out, h, rows * C);
+  for (int64_t b = 0; b < rows; ++b) rms_norm(h + b * C, norm2, eps2, x + b * C, C);
+  owngpt_gemv(x, rows, gate_w, gate_b, gate, I, C, threads, level);
+  owngpt_gemv(x, rows, up_w, up_b, up, I, C, threads, level);
+  silu_mul(gate, up, rows * I);
+  owngpt_gemv(gate, rows, down_w, down_b, out, C, I, threads, level);
   add_into(out, h, rows * C);
 }
 

@@ -79,6 +79,9 @@ class NativeGemv:
         lib.owngpt_gpt2_block.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr]
         lib.owngpt_gpt2_block.argtypes += [ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int]
         lib.owngpt_gpt2_block.restype = None
+        lib.owngpt_llama_block.argtypes = [ptr, *[i64] * 6, ptr, ptr, f32, f32, *[ptr] * 14, ptr, ptr, ptr]
+        lib.owngpt_llama_block.argtypes += [ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int]
+        lib.owngpt_llama_block.restype = None
         self.lib, self.path = lib, path
         self.level = isa  # 2: AVX-512F, 1: AVX2 + FMA (tests lower it to check the AVX2 code)
         # the int8 kernel's: 3 AVX512-VNNI, 2 AVX512BW, 1 AVX2 + FMA, 0 none (then Int8Linear keeps fbgemm)
