@@ -6,7 +6,8 @@
 What runs (every contestant greedy, KV cache, exactly batch x new-tokens tokens, no early stop):
 - owngpt fp32: `owngpt.generation.generate_batch` (the decode engine `owngpt.engine` that the CLI, the chat, the API
   and the server share) on the model as `load_for_generation` prepares it (weights packed for oneDNN,
-  owngpt.decode_kernels; each cached step through the hand-written owngpt.decode_step);
+  owngpt.decode_kernels; each cached step through the hand-written owngpt.decode_step, each block one call into
+  owngpt's native_block.cpp where the native kernel serves the batch);
 - owngpt fp32, torch kernels only: the same, without owngpt's own one-row kernel (owngpt.native_kernels; what a
   machine without a C++ compiler or OWNGPT_NATIVE_KERNELS=0 gets: oneDNN at every batch size);
 - owngpt fp32, reference kernels: the same engine on the unpacked model (transformers' forward, MKL's kernels);
@@ -371,9 +372,11 @@ def render(
         f"early stop, the same thread count for everyone; median of {args.repeats} alternating runs each. owngpt is "
         "`owngpt.generation.generate_batch`, the decode engine `owngpt.engine` behind `owngpt generate`, `chat`, the "
         "API and the server, on the model as `load_for_generation` prepares it (fp32 projections packed once for "
-        "oneDNN, owngpt.decode_kernels, one-row products through owngpt's own kernel, owngpt.native_kernels, each "
-        "cached step through owngpt.decode_step); *torch kernels only* is that without owngpt's kernel "
-        "(`OWNGPT_NATIVE_KERNELS=0`: oneDNN for one row too); *reference kernels* is the same "
+        "oneDNN, owngpt.decode_kernels, one-row products (and, on an AVX2 CPU, batches of up to 16 rows) through "
+        "owngpt's own kernel, owngpt.native_kernels, each cached step through owngpt.decode_step, whose blocks are "
+        "one native call each, `src/owngpt/native_block.cpp`, where the native kernel serves the batch); *torch "
+        "kernels only* is that without owngpt's native library (`OWNGPT_NATIVE_KERNELS=0`: oneDNN for every "
+        "product, the blocks in Python); *reference kernels* is the same "
         "engine on the unpacked model (transformers' forward); int8 is "
         "`owngpt export --to int8` of the same weights. llama.cpp runs `owngpt export --to gguf` f32 of the same "
         "weights and llama.cpp's own q8_0 quantization of that file, batched through its C API (one `llama_batch`, "

@@ -395,8 +395,9 @@ def write_doc(
         f"step, median (and minimum) of {args.repeats} interleaved repeats. *kernels* rows: the 49 products of one "
         "step with nothing around them: oneDNN's inner product on weights packed once (torch's fastest here) and "
         "owngpt's own kernel (`src/owngpt/native_gemv.cpp`, owngpt.native_kernels). *owngpt step*: the whole "
-        "hand-written step (owngpt.decode_step) with the native kernel at one row, and with torch's kernels only "
-        "(`OWNGPT_NATIVE_KERNELS=0`). *llama.cpp f32 step*: its decode step on the same weights (owngpt's GGUF "
+        "hand-written step (owngpt.decode_step) with the native kernel and each block one native call "
+        "(`src/owngpt/native_block.cpp`), and with torch's kernels only (`OWNGPT_NATIVE_KERNELS=0`: oneDNN, the "
+        "blocks in Python). *llama.cpp f32 step*: its decode step on the same weights (owngpt's GGUF "
         "export, its C API). " + bandwidth_note,
         "",
         "| threads | row | ms (median) | ms (min) | GB/s of weights | llama.cpp step / this |",
