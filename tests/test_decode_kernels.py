@@ -280,6 +280,29 @@ def test_the_native_llama_block_equals_the_python_step(tok, hidden, heads, kv_he
             assert torch.equal(got, want)
 
 
+def test_the_native_blocks_refuse_kv_buffers_they_cannot_index(tok):
+    """The C code reads raw pointers: buffers that are not the engine's contiguous fp32 layout are refused, not read
+    out of bounds."""
+    if native_kernels.native_gemv() is None:
+        pytest.skip("owngpt's native kernel does not build here")
+    _, fast, _ = models(tok, "gpt2")
+    blocks = decode_step_for(fast).native_block
+    n = len(fast.transformer.h)
+
+    def run(keys, values):
+        blocks(torch.zeros(1, 64), keys, values, 1, 3, None)
+
+    good = [torch.zeros(2, 4, 8, 16) for _ in range(n)]
+    run(good, [x.clone() for x in good])
+    for bad in (
+        [x.transpose(2, 3) for x in good],  # not contiguous
+        [x.double() for x in good],  # not fp32
+        good[:1],  # a layer short
+    ):
+        with pytest.raises(ValueError, match="native blocks"):
+            run(bad, [x.clone() for x in bad])
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_int8_models_and_torch_kernels_keep_the_python_blocks(tok, arch, monkeypatch):
     from owngpt.quantize import quantize_model

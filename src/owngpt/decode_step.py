@@ -239,8 +239,8 @@ class _NativeGPT2Blocks:
         vf = _ptr(valid_from)
         threads, level = torch.get_num_threads(), self.native.level
         hp, sp = h.data_ptr(), scratch.data_ptr()
+        _check_buffers(keys, values, len(self.weights))
         for (lns, products), k, v in zip(self.weights, keys, values):
-            _check_buffers(k, v)
             self.fn(
                 hp, rows, C, self.H, inner, *lns, self.eps, *products, self.gelu_tanh,
                 k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level,
@@ -302,8 +302,8 @@ class _NativeLlamaBlocks:
         shape = (C, self.H, self.Hkv, self.D, inner)
         cos, sin = self.table[0].data_ptr(), self.table[1].data_ptr()
         hp, sp, pp = h.data_ptr(), scratch.data_ptr(), pos.data_ptr()
+        _check_buffers(keys, values, len(self.weights))
         for (norms, eps, products), k, v in zip(self.weights, keys, values):
-            _check_buffers(k, v)
             self.fn(
                 hp, rows, *shape, *norms, *eps, *products, cos, sin, pp,
                 k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level,
@@ -324,9 +324,16 @@ def _ptr(x: Any) -> int | None:
     return None if x is None else x.data_ptr()
 
 
-def _check_buffers(k: Any, v: Any) -> None:
-    if not (k.is_contiguous() and v.is_contiguous()) or k.dtype != v.dtype or k.element_size() != 4:
-        raise ValueError("the native block needs the engine's contiguous fp32 KV buffers")
+def _check_buffers(keys: list[Any], values: list[Any], layers: int) -> None:
+    """The C code indexes the KV buffers as contiguous fp32 (B_cap, heads, L_cap, D): the engine allocates every
+    layer's alike (engine._SlotCache), so the first layer's stand for all (a check per layer cost ~1% of a step)."""
+    import torch
+
+    k, v = keys[0], values[0]
+    if len(keys) != layers or len(values) != layers or k.shape != v.shape:
+        raise ValueError(f"the native blocks need {layers} layers' KV buffers of one shape")
+    if not (k.is_contiguous() and v.is_contiguous()) or k.dtype != torch.float32 or v.dtype != torch.float32:
+        raise ValueError("the native blocks need the engine's contiguous fp32 KV buffers")
 
 
 class _LlamaStep(DecodeStep):
