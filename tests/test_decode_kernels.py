@@ -304,17 +304,53 @@ def test_the_native_blocks_refuse_kv_buffers_they_cannot_index(tok):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_int8_models_and_torch_kernels_keep_the_python_blocks(tok, arch, monkeypatch):
+def test_torch_kernels_keep_the_python_blocks_and_int8_blocks_take_one_row(tok, arch, monkeypatch):
     from owngpt.quantize import quantize_model
 
     ref, fast, _ = models(tok, arch)
-    assert (decode_step_for(fast).native_block is not None) == (native_kernels.native_gemv() is not None)
+    native = native_kernels.native_gemv()
+    assert (decode_step_for(fast).native_block is not None) == (native is not None)
     with torch.no_grad():
-        assert decode_step_for(quantize_model(ref)).native_block is None
+        int8_blocks = decode_step_for(quantize_model(copy.deepcopy(ref))).native_block
+    if native is not None and native.int8_level > 0:  # int8 projections: the int8 kernel serves one row only
+        assert int8_blocks is not None and int8_blocks.max_rows == 1
     monkeypatch.setenv(native_kernels.ENV, "0")
     off = copy.deepcopy(ref)
     pack_for_decode(off)
     assert decode_step_for(off).native_block is None
+    with torch.no_grad():
+        assert decode_step_for(quantize_model(copy.deepcopy(ref))).native_block is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_native_int8_block_equals_the_python_step_within_an_activation_rounding(tok, arch):
+    """An int8 model's blocks in one native call (the int8 kernel for its products) against the same step's Python
+    blocks at one row: the products are the same kernel's, so the logits differ only where the norms' order of sums
+    moves an activation across an int8 rounding boundary (one step of a 127-level scale), and otherwise by ~1e-6."""
+    ref, int8 = _int8_native_models(tok, arch)
+    step = decode_step_for(int8)
+    blocks = step.native_block
+    assert blocks is not None
+    calls, fn = [], blocks.fn
+    blocks.fn = lambda *a: calls.append(1) or fn(*a)  # the C code really ran (an int8 head can hide small changes)
+    layers = int8.transformer.h if arch == "gpt2" else int8.model.layers
+    kv_heads, D = 4, 16
+    g = torch.Generator().manual_seed(1)
+    L, cap = 9, 16
+    worst = []
+    for _ in range(6):
+        keys = [torch.randn(1, kv_heads, cap, D, generator=g) for _ in layers]
+        values = [torch.randn(1, kv_heads, cap, D, generator=g) for _ in layers]
+        ids, pos = torch.randint(0, len(tok), (1,), generator=g), torch.tensor([L])
+        outs = []
+        for use_native in (True, False):
+            step.native_block = blocks if use_native else None
+            k, v = [x.clone() for x in keys], [x.clone() for x in values]
+            with torch.no_grad():
+                outs.append(step(ids, pos, k, v, 1, L, None))
+        worst.append(float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()))
+    assert len(calls) == 6 * len(layers)
+    assert max(worst) <= 0.02 and sorted(worst)[len(worst) // 2] <= 1e-3, worst
 
 
 @pytest.mark.parametrize("preset", [None, "0"])

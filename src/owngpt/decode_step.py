@@ -204,11 +204,11 @@ class _NativeGPT2Blocks:
             return None
         projections = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
         native = getattr(projections[0][0], "native", None)
-        if native is None or not all(_native_packed(m, native) for layer in projections for m in layer):
+        if native is None or not all(_native_product(m, native) for layer in projections for m in layer):
             return None
-        return _NativeGPT2Blocks(model, native, forms[cfg.activation_function])
+        return _NativeGPT2Blocks(model, native, forms[cfg.activation_function], projections)
 
-    def __init__(self, model: Any, native: Any, gelu_tanh: int) -> None:
+    def __init__(self, model: Any, native: Any, gelu_tanh: int, projections: list[tuple[Any, ...]]) -> None:
         import torch
 
         t, cfg = model.transformer, model.config
@@ -218,17 +218,15 @@ class _NativeGPT2Blocks:
         D = self.C // self.H
         self.scale = D**-0.5 if cfg.scale_attn_weights else 1.0
         self.eps, self.gelu_tanh = cfg.layer_norm_epsilon, gelu_tanh
-        self.max_rows = max(1, native.batch_rows)
+        self.max_rows = _max_rows(native, projections)
 
-        self.weights = []  # per block: the pointers native_block.cpp reads, in its argument order
-        self.keep_alive = []  # the tensors behind them
-        for b in t.h:
+        self.weights = []  # per block: what native_block.cpp reads, in its argument order
+        self.keep_alive = []  # the tensors behind the pointers
+        for b, mods in zip(t.h, projections):
             lns = [b.ln_1.weight, b.ln_1.bias, b.ln_2.weight, b.ln_2.bias]
             lns = [x.detach().float().contiguous() for x in lns]
-            mods = (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
-            products = [p for m in mods for p in (m.native_packed, m.bias)]
-            self.keep_alive.append((lns, products))
-            self.weights.append(([_ptr(x) for x in lns], [_ptr(p) for p in products]))
+            self.keep_alive.append(lns)
+            self.weights.append(([_ptr(x) for x in lns], _products(native, mods)))
 
     def __call__(self, h: Any, keys: list[Any], values: list[Any], rows: int, length: int, valid_from: Any) -> None:
         """Every block, in place on h (rows, C) fp32 contiguous; keys/values: the engine's per-layer buffers."""
@@ -237,13 +235,13 @@ class _NativeGPT2Blocks:
         scratch = torch.empty(rows * (5 * C + inner), dtype=torch.float32)
         valid_from = None if valid_from is None else valid_from.to(torch.int64).contiguous()  # alive for vf
         vf = _ptr(valid_from)
-        threads, level = torch.get_num_threads(), self.native.level
+        threads, level, level8 = torch.get_num_threads(), self.native.level, self.native.int8_level
         hp, sp = h.data_ptr(), scratch.data_ptr()
         _check_buffers(keys, values, len(self.weights))
         for (lns, products), k, v in zip(self.weights, keys, values):
             self.fn(
-                hp, rows, C, self.H, inner, *lns, self.eps, *products, self.gelu_tanh,
-                k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level,
+                hp, rows, C, self.H, inner, *lns, self.eps, products, self.gelu_tanh,
+                k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level, level8,
             )  # fmt: skip
 
 
@@ -260,7 +258,7 @@ class _NativeLlamaBlocks:
             return None
         mods = [_llama_projections(b) for b in layers]
         native = getattr(mods[0][0], "native", None)
-        if native is None or not all(_native_packed(m, native) for layer in mods for m in layer):
+        if native is None or not all(_native_product(m, native) for layer in mods for m in layer):
             return None
         return _NativeLlamaBlocks(model, native, table, mods)
 
@@ -274,21 +272,15 @@ class _NativeLlamaBlocks:
         self.D = getattr(cfg, "head_dim", None) or self.C // self.H
         self.inner = mods[0][4].out_features  # the MLP's width
         self.scale = self.D**-0.5
-        self.max_rows = max(1, native.batch_rows)
+        self.max_rows = _max_rows(native, mods)
         self.table = tuple(t.detach().float().contiguous() for t in table)
         self.weights, self.keep_alive = [], []
         for b, projections in zip(layers, mods):
             n1, n2 = b.input_layernorm, b.post_attention_layernorm
             norms = [n1.weight.detach().float().contiguous(), n2.weight.detach().float().contiguous()]
-            products = [p for m in projections for p in (m.native_packed, m.bias)]
-            self.keep_alive.append((norms, products))
-            self.weights.append(
-                (
-                    [_ptr(x) for x in norms],
-                    [float(n1.variance_epsilon), float(n2.variance_epsilon)],
-                    [_ptr(p) for p in products],
-                )
-            )
+            self.keep_alive.append(norms)
+            eps = [float(n1.variance_epsilon), float(n2.variance_epsilon)]
+            self.weights.append(([_ptr(x) for x in norms], eps, _products(native, projections)))
 
     def __call__(self, h: Any, keys: list[Any], values: list[Any], rows: int, length: int, valid_from: Any, pos: Any):
         """Every block, in place on h (rows, C) fp32; pos: (rows,) each row's position (inside the table)."""
@@ -298,15 +290,15 @@ class _NativeLlamaBlocks:
         pos = pos.to(torch.int64).contiguous()
         valid_from = None if valid_from is None else valid_from.to(torch.int64).contiguous()  # alive for vf
         vf = _ptr(valid_from)
-        threads, level = torch.get_num_threads(), self.native.level
+        threads, level, level8 = torch.get_num_threads(), self.native.level, self.native.int8_level
         shape = (C, self.H, self.Hkv, self.D, inner)
         cos, sin = self.table[0].data_ptr(), self.table[1].data_ptr()
         hp, sp, pp = h.data_ptr(), scratch.data_ptr(), pos.data_ptr()
         _check_buffers(keys, values, len(self.weights))
         for (norms, eps, products), k, v in zip(self.weights, keys, values):
             self.fn(
-                hp, rows, *shape, *norms, *eps, *products, cos, sin, pp,
-                k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level,
+                hp, rows, *shape, *norms, *eps, products, cos, sin, pp,
+                k.data_ptr(), v.data_ptr(), k.shape[2], length, vf, self.scale, sp, threads, level, level8,
             )  # fmt: skip
 
 
@@ -315,9 +307,34 @@ def _llama_projections(block: Any) -> tuple[Any, ...]:
     return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
 
 
-def _native_packed(module: Any, native: Any) -> bool:
-    """A packed fp32 projection carrying `native`'s copy of its weight (owngpt.decode_kernels.PackedLinear)."""
-    return type(module).__name__ == "PackedLinear" and module.native is native and module.native_packed is not None
+def _native_product(module: Any, native: Any) -> tuple[Any, Any, Any] | None:
+    """(packed weight, int8 scales or None, bias or None) of a projection carrying `native`'s copy of its weight:
+    a packed fp32 one (owngpt.decode_kernels.PackedLinear) or an int8 one (owngpt.quantize.Int8Linear); else None."""
+    if getattr(module, "native", None) is not native or getattr(module, "native_packed", None) is None:
+        return None
+    kind = type(module).__name__
+    if kind == "PackedLinear":
+        return module.native_packed, None, module.bias
+    if kind == "Int8Linear":
+        return module.native_packed, module.native_scale, module.native_bias
+    return None
+
+
+def _products(native: Any, projections: tuple[Any, ...]) -> Any:
+    """The block's projections as native_block.cpp's array of OwngptProduct (it keeps the tensors alive)."""
+    from owngpt.native_kernels import Product
+
+    parts = [_native_product(m, native) for m in projections]
+    array = (Product * len(parts))(*[Product(*(_ptr(x) for x in p)) for p in parts])
+    array.keep_alive = parts  # the pointers are valid while these tensors live
+    return array
+
+
+def _max_rows(native: Any, projections: list[tuple[Any, ...]]) -> int:
+    """The most rows the native blocks take: the fp32 kernel's batch rows; int8 projections, one row (their batches
+    keep fbgemm: owngpt.quantize)."""
+    int8 = any(type(m).__name__ == "Int8Linear" for layer in projections for m in layer)
+    return 1 if int8 else max(1, native.batch_rows)
 
 
 def _ptr(x: Any) -> int | None:

@@ -11,7 +11,8 @@
 // throughout), in another order of the sums: tests/test_decode_kernels.py checks greedy tokens against the unpacked
 // model and the logits against a fresh forward.
 //
-// Compiled with AVX2 + FMA (every CPU the gemv kernel runs on has them); the products use the gemv kernel's level.
+// Compiled with AVX2 + FMA (every CPU the gemv kernels run on has them); the products go through the fp32 or the int8
+// kernel (owngpt_gemv, owngpt_int8_gemv) at the level the Python side passes.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -21,8 +22,27 @@
 
 extern "C" void owngpt_gemv(const float* x, int64_t rows, const float* packed, const float* bias, float* y,
                             int64_t out, int64_t in, int threads, int level);
+extern "C" void owngpt_int8_gemv(const float* x, int64_t rows, const int8_t* packed, const float* scale,
+                                 const float* bias, float* y, int64_t out, int64_t in, int threads, int level);
+
+// One projection of a block: a weight packed by owngpt_pack (fp32, scale null) or by owngpt_int8_pack (int8, with
+// its per-output-channel scales), and its bias (may be null).
+struct OwngptProduct {
+  const void* w;
+  const float* scale;
+  const float* bias;
+};
 
 namespace {
+
+// y (rows, out) = x (rows, in) W^T + b through the kernel of the projection's kind
+void product(const OwngptProduct& p, const float* x, int64_t rows, float* y, int64_t out, int64_t in, int threads,
+             int level, int int8_level) {
+  if (p.scale)
+    owngpt_int8_gemv(x, rows, static_cast<const int8_t*>(p.w), p.scale, p.bias, y, out, in, threads, int8_level);
+  else
+    owngpt_gemv(x, rows, static_cast<const float*>(p.w), p.bias, y, out, in, threads, level);
+}
 
 #define OWNGPT_AVX2 __attribute__((target("avx2,fma")))
 
@@ -196,17 +216,16 @@ OWNGPT_AVX2 void attend_one(const float* q, const float* k, const float* v, int6
 
 extern "C" {
 
-// One GPT-2 block for `rows` rows, in place on h (rows, C). Weights: each projection packed by owngpt_pack
-// ([out, in] = c_attn [3C, C], c_proj [C, C], c_fc [I, C], mlp c_proj [C, I]) with its bias (may be null).
-// kbuf, vbuf: this layer's engine buffers (B_cap, H, l_cap, D) contiguous; this step's key and value go to column
-// `length`, and row b attends to columns valid_from[b] .. length (valid_from null: from 0). scratch: rows * (5C + I)
-// floats. gelu_tanh: 1 for GPT-2's tanh GELU, 0 for the erf form. level: owngpt_gemv's instruction set.
+// One GPT-2 block for `rows` rows, in place on h (rows, C). p: its 4 projections ([out, in] = c_attn [3C, C],
+// c_proj [C, C], c_fc [I, C], mlp c_proj [C, I]), fp32 or int8. kbuf, vbuf: this layer's engine buffers (B_cap, H,
+// l_cap, D) contiguous; this step's key and value go to column `length`, and row b attends to columns
+// valid_from[b] .. length (valid_from null: from 0). scratch: rows * (5C + I) floats. gelu_tanh: 1 for GPT-2's tanh
+// GELU, 0 for the erf form. level, int8_level: the instruction sets of owngpt_gemv and owngpt_int8_gemv.
 void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, const float* ln1_w,
-                       const float* ln1_b, const float* ln2_w, const float* ln2_b, float eps, const float* attn_w,
-                       const float* attn_b, const float* proj_w, const float* proj_b, const float* fc_w,
-                       const float* fc_b, const float* mproj_w, const float* mproj_b, int gelu_tanh, float* kbuf,
-                       float* vbuf, int64_t l_cap, int64_t length, const int64_t* valid_from, float scale,
-                       float* scratch, int threads, int level) {
+                       const float* ln1_b, const float* ln2_w, const float* ln2_b, float eps, const OwngptProduct* p,
+                       int gelu_tanh, float* kbuf, float* vbuf, int64_t l_cap, int64_t length,
+                       const int64_t* valid_from, float scale, float* scratch, int threads, int level,
+                       int int8_level) {
   const int64_t D = C / H;
   float* x = scratch;             // rows * C: a layer norm's output
   float* qkv = x + rows * C;      // rows * 3C
@@ -215,7 +234,7 @@ void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, 
   float* out = x;                 // rows * C: a product added into h (x is free by then)
 
   for (int64_t b = 0; b < rows; ++b) layer_norm(h + b * C, ln1_w, ln1_b, eps, x + b * C, C);
-  owngpt_gemv(x, rows, attn_w, attn_b, qkv, 3 * C, C, threads, level);
+  product(p[0], x, rows, qkv, 3 * C, C, threads, level, int8_level);
 
   // the heads: write this step's key and value, attend over the row's columns; rows x heads in parallel when the
   // work pays for a second thread's wake-up
@@ -237,28 +256,25 @@ void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, 
     }
   }
 
-  owngpt_gemv(att, rows, proj_w, proj_b, out, C, C, threads, level);
+  product(p[1], att, rows, out, C, C, threads, level, int8_level);
   add_into(out, h, rows * C);
   for (int64_t b = 0; b < rows; ++b) layer_norm(h + b * C, ln2_w, ln2_b, eps, x + b * C, C);
-  owngpt_gemv(x, rows, fc_w, fc_b, mid, I, C, threads, level);
+  product(p[2], x, rows, mid, I, C, threads, level, int8_level);
   gelu(mid, rows * I, gelu_tanh != 0);
-  owngpt_gemv(mid, rows, mproj_w, mproj_b, out, C, I, threads, level);
+  product(p[3], mid, rows, out, C, I, threads, level, int8_level);
   add_into(out, h, rows * C);
 }
 
 // One LLaMA block for `rows` rows, in place on h (rows, C): RMSNorm, q/k/v products (H and Hkv heads of D), the
 // rotary embedding from the step's table (cos, sin: (positions, D) rows, sin with rotate_half's sign; row b at
 // pos[b]), grouped-query attention over the row's columns, o product, residual; RMSNorm, SiLU(gate) * up, down
-// product, residual. Weights packed by owngpt_pack ([out, in]); biases may be null. kbuf, vbuf: (B_cap, Hkv, l_cap,
-// D) contiguous. scratch: rows * (C + 2 H D + 2 Hkv D + 2 I + C) + D floats.
+// product, residual. p: its 7 projections (q, k, v, o, gate, up, down; [out, in]), fp32 or int8. kbuf, vbuf:
+// (B_cap, Hkv, l_cap, D) contiguous. scratch: rows * (C + 2 H D + 2 Hkv D + 2 I + C) + D floats.
 void owngpt_llama_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t Hkv, int64_t D, int64_t I,
-                        const float* norm1, const float* norm2, float eps1, float eps2, const float* q_w,
-                        const float* q_b, const float* k_w, const float* k_b, const float* v_w, const float* v_b,
-                        const float* o_w, const float* o_b, const float* gate_w, const float* gate_b,
-                        const float* up_w, const float* up_b, const float* down_w, const float* down_b,
+                        const float* norm1, const float* norm2, float eps1, float eps2, const OwngptProduct* p,
                         const float* cos, const float* sin, const int64_t* pos, float* kbuf, float* vbuf,
                         int64_t l_cap, int64_t length, const int64_t* valid_from, float scale, float* scratch,
-                        int threads, int level) {
+                        int threads, int level, int int8_level) {
   const int64_t qd = H * D, kvd = Hkv * D, group = H / Hkv;
   float* x = scratch;            // rows * C
   float* q = x + rows * C;       // rows * qd
@@ -271,9 +287,9 @@ void owngpt_llama_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t Hk
   float* tmp = out + rows * C;   // D
 
   for (int64_t b = 0; b < rows; ++b) rms_norm(h + b * C, norm1, eps1, x + b * C, C);
-  owngpt_gemv(x, rows, q_w, q_b, q, qd, C, threads, level);
-  owngpt_gemv(x, rows, k_w, k_b, k, kvd, C, threads, level);
-  owngpt_gemv(x, rows, v_w, v_b, v, kvd, C, threads, level);
+  product(p[0], x, rows, q, qd, C, threads, level, int8_level);
+  product(p[1], x, rows, k, kvd, C, threads, level, int8_level);
+  product(p[2], x, rows, v, kvd, C, threads, level, int8_level);
   for (int64_t b = 0; b < rows; ++b) {
     const float* c = cos + pos[b] * D;
     const float* s = sin + pos[b] * D;
@@ -300,13 +316,13 @@ void owngpt_llama_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t Hk
       attend_one(q + b * qd + hh * D, kb, vb, t0, length, D, scale, scores.data(), att + b * qd + hh * D);
     }
   }
-  owngpt_gemv(att, rows, o_w, o_b, out, C, qd, threads, level);
+  product(p[3], att, rows, out, C, qd, threads, level, int8_level);
   add_into(out, h, rows * C);
   for (int64_t b = 0; b < rows; ++b) rms_norm(h + b * C, norm2, eps2, x + b * C, C);
-  owngpt_gemv(x, rows, gate_w, gate_b, gate, I, C, threads, level);
-  owngpt_gemv(x, rows, up_w, up_b, up, I, C, threads, level);
+  product(p[4], x, rows, gate, I, C, threads, level, int8_level);
+  product(p[5], x, rows, up, I, C, threads, level, int8_level);
   silu_mul(gate, up, rows * I);
-  owngpt_gemv(gate, rows, down_w, down_b, out, C, I, threads, level);
+  product(p[6], gate, rows, out, C, I, threads, level, int8_level);
   add_into(out, h, rows * C);
 }
 

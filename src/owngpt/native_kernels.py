@@ -61,6 +61,13 @@ BATCH_ROWS = {1: 16, 2: 1}
 _loaded: dict[str, Any] = {}  # "kernel": NativeGemv | None once tried (one build attempt per process)
 
 
+class Product(ctypes.Structure):
+    """One projection of a native decode block (native_block.cpp's OwngptProduct): the packed weight, its per-channel
+    scales (int8; None for fp32) and its bias (or None)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
 class NativeGemv:
     """The loaded library: `pack` a weight once, then `kernel` gives the y = act(x W^T + b) callable."""
 
@@ -75,12 +82,12 @@ class NativeGemv:
         lib.owngpt_int8_quantize.argtypes, lib.owngpt_int8_quantize.restype = [ptr, i64, i64, ptr, ptr], None
         lib.owngpt_int8_gemv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, c_int, c_int]
         lib.owngpt_int8_gemv.restype = None
-        f32 = ctypes.c_float
-        lib.owngpt_gpt2_block.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr]
-        lib.owngpt_gpt2_block.argtypes += [ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int]
+        f32, products = ctypes.c_float, ctypes.POINTER(Product)
+        lib.owngpt_gpt2_block.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, products, c_int]
+        lib.owngpt_gpt2_block.argtypes += [ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int, c_int]
         lib.owngpt_gpt2_block.restype = None
-        lib.owngpt_llama_block.argtypes = [ptr, *[i64] * 6, ptr, ptr, f32, f32, *[ptr] * 14, ptr, ptr, ptr]
-        lib.owngpt_llama_block.argtypes += [ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int]
+        lib.owngpt_llama_block.argtypes = [ptr, *[i64] * 6, ptr, ptr, f32, f32, products, ptr, ptr, ptr]
+        lib.owngpt_llama_block.argtypes += [ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int, c_int]
         lib.owngpt_llama_block.restype = None
         self.lib, self.path = lib, path
         self.level = isa  # 2: AVX-512F, 1: AVX2 + FMA (tests lower it to check the AVX2 code)
