@@ -30,7 +30,8 @@ native_block.cpp (norms, the products on the native kernel, the KV writes, RoPE,
 the batches the native kernel serves (`_NativeGPT2Blocks`, `_NativeLlamaBlocks`; LLaMA only inside its RoPE table).
 Measured beside other work (one thread, paired): gpt2 size, the step 1.17x at batch 1 and 1.11x at batch 8 over
 the Python blocks; the engine end to end on 4-layer, 128-dim char models (greedy, 200 tokens): GPT-2 2.97x at
-batch 1 and 1.99x at batch 8, LLaMA 3.77x and 2.07x (bench/bench_native_block.py, docs/benchmarks.md).
+batch 1 and 1.99x at batch 8, LLaMA 3.77x and 2.07x (bench/bench_native_block.py, docs/benchmarks.md). int8
+models too, at one row (their products through the int8 kernel; batches keep fbgemm): gpt2 size, the step 1.40x.
 What did not pay and is not here: torch.compile of the step (see owngpt.decode_kernels: 38 s to the first token, no
 gain).
 
