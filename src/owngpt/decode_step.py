@@ -46,6 +46,7 @@ from __future__ import annotations
 from typing import Any
 
 from owngpt.decode_kernels import PACKABLE_MODEL_TYPES
+from owngpt.native_kernels import Product
 
 
 def decode_step_for(model: Any) -> DecodeStep | None:
@@ -323,8 +324,6 @@ def _native_product(module: Any, native: Any) -> tuple[Any, Any, Any] | None:
 
 def _products(native: Any, projections: tuple[Any, ...]) -> Any:
     """The block's projections as native_block.cpp's array of OwngptProduct (it keeps the tensors alive)."""
-    from owngpt.native_kernels import Product
-
     parts = [_native_product(m, native) for m in projections]
     array = (Product * len(parts))(*[Product(*(_ptr(x) for x in p)) for p in parts])
     array.keep_alive = parts  # the pointers are valid while these tensors live
