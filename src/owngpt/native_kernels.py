@@ -9,7 +9,7 @@ llama.cpp there, so native_gemv.cpp does that product by hand (why and how: the 
 docs/benchmarks.md, decode-step section). Several rows (batch 8, a prompt) keep oneDNN on AVX-512, where it was
 faster; on AVX2 a decode step's few rows come here too (BATCH_ROWS).
 
-How it is built: with the system C++ compiler (`$CXX`, else g++, c++ or clang++), no torch headers (about a second),
+How it is built: with the system C++ compiler (`$CXX`, else g++, c++ or clang++), no torch headers (a few seconds for the three sources),
 into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions/owngpt/), once per machine
 and source version; one line on stderr says so. Builds of several processes at once wait on a file lock; the library
 is written aside and renamed, so a half-written file is never loaded. It is loaded with ctypes (plain C functions).
@@ -282,7 +282,7 @@ def _build(cxx: str, lib_path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same library: wait for it, then reuse it
         if lib_path.exists():
             return
-        print("building owngpt's CPU decode kernel (once, ~2 s)", file=sys.stderr, flush=True)
+        print("building owngpt's CPU decode kernels (once, a few seconds)", file=sys.stderr, flush=True)
         tmp = lib_path.with_name(f"{lib_path.name}.{os.getpid()}.tmp")
         t = time.perf_counter()
         errors = []
