@@ -61,6 +61,7 @@ MODULES: dict[str, list[str]] = {
     # the modules split out of train.py: the same tests see them (through the loop, and their own helpers)
     "distributed": ["tests/test_mutation_kills_train_loop.py", "tests/test_distributed.py"],
     "trainer_state": [
+        "tests/test_mutation_kills_trainer_state.py",  # each rank's generators, optimizer state by name, refusals
         "tests/test_mutation_kills_train.py",  # the RNG state's JSON round trip, corrupt or missing state
         "tests/test_mutation_kills_train_loop.py",
         "tests/test_resume.py::test_stopped_and_resumed_equals_uninterrupted",
@@ -130,12 +131,14 @@ MODULES: dict[str, list[str]] = {
     ],
     # the request-to-engine bridge of the server (prompts, settings, chunks, usage); test_serve.py drives it over HTTP
     "serve/bridge": [
+        "tests/test_mutation_kills_serve_bridge.py",  # health without an engine, no model named, a failed row's 500
         "tests/test_serve_bridge.py",
         "tests/test_frontends.py",
         "tests/test_serve.py",
     ],
     # the sampling and device flags of the commands (moved out of generation.py and device.py)
     "commands/flags": [
+        "tests/test_mutation_kills_flags.py",  # the default length owngpt generate gets, --device
         "tests/test_mutation_kills_generation_contract.py",  # every flag and its default, unescape
         "tests/test_mutation_kills_generation.py",
         "tests/test_generate.py",
