@@ -138,7 +138,6 @@ MODULES: dict[str, list[str]] = {
     ],
     # the sampling and device flags of the commands (moved out of generation.py and device.py)
     "commands/flags": [
-        "tests/test_mutation_kills_flags.py",  # the default length owngpt generate gets, --device
         "tests/test_mutation_kills_generation_contract.py",  # every flag and its default, unescape
         "tests/test_mutation_kills_generation.py",
         "tests/test_generate.py",
