@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_helpers import quick_cfg
+import torch
+from train_helpers import quick_cfg, weights
 
 from owngpt.errors import ConfigError
 from owngpt.train import train
@@ -168,3 +169,70 @@ def test_the_run_sets_up_matmul_precision_for_its_device(tmp_path, tiny_lm_data,
     monkeypatch.setattr(train_mod, "configure_matmul", lambda device: calls.append(str(device)))
     train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1))
     assert calls == ["cpu"]
+
+
+# --- written against the survivors of the loop's ninth fresh sample (#25, seed 9) -----------------------------------
+
+
+@pytest.mark.parametrize("freeze", [dict(freeze_embeddings=True), dict(freeze_layers=1)])
+def test_a_run_with_frozen_parameters_says_how_many_tensors_it_froze(tmp_path, tiny_lm_data, tiny_ckpt, capsys, freeze):
+    """The line that tells the user a freeze took effect; oracle: the tensors of the modules frozen, counted on the
+    checkpoint (GPT-2's token and position tables; the head is tied to the token table; or the first block)."""
+    from owngpt.checkpoint import load_model
+
+    model = load_model(tiny_ckpt)
+    if "freeze_embeddings" in freeze:
+        want = len([*model.transformer.wte.parameters(), *model.transformer.wpe.parameters()])
+    else:
+        want = len(list(model.transformer.h[0].parameters()))
+    train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1, **freeze))
+    assert f"frozen: {want} parameter tensors" in capsys.readouterr().err
+
+
+def test_grad_clip_0_turns_clipping_off(tmp_path, tiny_lm_data, tiny_ckpt):
+    """grad_clip=0 is documented as "no clipping": the same weights as a bound no gradient reaches (clipping then
+    scales by exactly 1.0). Clipping to a norm of 0 would zero every gradient and leave only the weight decay."""
+    kw = dict(lr=1e-3, max_steps=2, eval_every=2)
+    off = train(quick_cfg(tiny_lm_data, tmp_path / "off", tiny_ckpt, grad_clip=0.0, **kw))
+    huge = train(quick_cfg(tiny_lm_data, tmp_path / "huge", tiny_ckpt, grad_clip=1e9, **kw))
+    a, b, start = weights(off.last_checkpoint), weights(huge.last_checkpoint), weights(tiny_ckpt)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_evaluation(tmp_path, tiny_lm_data, tiny_ckpt):
+    """`--resume` on a run that had reached its last step: no step, no new record, and the result carries the
+    metrics of its last evaluation (oracle: what the finished run returned), not an empty dict."""
+    run = tmp_path / "run"
+    kw = dict(lr=1e-3, max_steps=2, eval_every=1)
+    first = train(quick_cfg(tiny_lm_data, run, tiny_ckpt, **kw))
+    records = (run / "metrics.jsonl").read_text()
+    again = train(quick_cfg(tiny_lm_data, run, tiny_ckpt, resume=True, **kw))
+    assert first.metrics and again.metrics == first.metrics
+    assert (again.steps, again.best_metric, again.stopped_early) == (2, first.best_metric, False)
+    assert (run / "metrics.jsonl").read_text() == records
+
+
+def test_the_progress_bar_counts_one_per_optimizer_step(tmp_path, tiny_lm_data, tiny_ckpt, capsys):
+    """The bar on stderr ends at total/total; a resumed run's bar starts at the step it resumes from."""
+    kw = dict(lr=1e-3, max_steps=3, eval_every=1)
+    with pytest.raises(_Stop):
+        train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, **kw), callbacks=[_stop_at(1)])
+    err = capsys.readouterr().err
+    assert "| 1/3 [" in err and "| 2/3 [" not in err
+    train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, resume=True, **kw))
+    err = capsys.readouterr().err
+    assert "| 1/3 [" in err and "| 3/3 [" in err and "| 4/3 [" not in err and "| 5/3 [" not in err
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(k):
+    def cb(step, metrics):
+        if step == k:
+            raise _Stop
+
+    return cb

@@ -13,6 +13,8 @@ not mutated. Each mutant runs only its module's tests (MODULES below), in a copy
 subprocesses tests start (`python -m owngpt`, torchrun) load the mutant too; the worktree is never modified.
 A mutant is killed when the tests fail or run past the timeout (3x the unmutated run, at least +60 s).
 score = killed / (mutants run - equivalent); equivalent mutants are listed with the reason in tools/equivalent.txt.
+An id is module:line:col:kind, so an edit above a listed mutant moves it: every run (and --list) names the listed ids
+of its modules that match no mutant any more; fix them, or the mutant they were written for runs again.
 
 Why not mutmut or cosmic-ray: mutmut 3.8 was tried here first (docs/testing.md): it rewrote the whole of src/
 (39 MB of trampolines, 17 minutes) before running anything, made 342 mutants of quantize.py alone, mostly of
@@ -59,6 +61,7 @@ MODULES: dict[str, list[str]] = {
     # the modules split out of train.py: the same tests see them (through the loop, and their own helpers)
     "distributed": ["tests/test_mutation_kills_train_loop.py", "tests/test_distributed.py"],
     "trainer_state": [
+        "tests/test_mutation_kills_trainer_state.py",  # each rank's generators, optimizer state by name, refusals
         "tests/test_mutation_kills_train.py",  # the RNG state's JSON round trip, corrupt or missing state
         "tests/test_mutation_kills_train_loop.py",
         "tests/test_resume.py::test_stopped_and_resumed_equals_uninterrupted",
@@ -128,6 +131,7 @@ MODULES: dict[str, list[str]] = {
     ],
     # the request-to-engine bridge of the server (prompts, settings, chunks, usage); test_serve.py drives it over HTTP
     "serve/bridge": [
+        "tests/test_mutation_kills_serve_bridge.py",  # health without an engine, no model named, a failed row's 500
         "tests/test_serve_bridge.py",
         "tests/test_frontends.py",
         "tests/test_serve.py",
@@ -422,6 +426,13 @@ def load_equivalent(path: Path) -> dict[str, str]:
     return out
 
 
+def stale_equivalents(module: str, equivalent: dict[str, str]) -> list[str]:
+    """The ids tools/equivalent.txt lists for `module` that name no mutant of its source now: the line moved or the
+    code changed, so the mutant the reason was written for is no longer skipped (and another may be)."""
+    ids = {m.id for m, _ in mutants_of(ROOT / "src" / "owngpt" / f"{module}.py", module)}
+    return sorted(i for i in equivalent if i.split(":", 1)[0] == module and i not in ids)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("modules", nargs="*", help=f"modules to mutate (default: all): {', '.join(MODULES)}")
@@ -453,6 +464,10 @@ def main() -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    for m in modules:
+        stale = stale_equivalents(m, equivalent)
+        if stale:
+            print(f"{m}: tools/equivalent.txt lists ids that match no mutant (moved lines? fix them): {stale}")
     if args.list:
         for m in modules:
             n = len(mutants_of(ROOT / "src" / "owngpt" / f"{m}.py", m, functions))
