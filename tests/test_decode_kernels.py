@@ -234,6 +234,35 @@ def test_the_native_gpt2_block_equals_the_python_step(tok, activation, scale_att
             assert torch.equal(got, want)
 
 
+def test_the_native_blocks_attend_on_two_threads_as_on_one(tok):
+    """A long cache splits the heads' attention over the threads (each with its own slice of the scores buffer):
+    the logits and KV writes equal one thread's, and the Python step's."""
+    if native_kernels.native_gemv() is None:
+        pytest.skip("owngpt's native kernel does not build here")
+    _, fast, _ = models(tok, "gpt2")
+    step = decode_step_for(fast)
+    blocks = step.native_block
+    g = torch.Generator().manual_seed(2)
+    rows, L, cap = 1, 400, 512  # 4 heads x 401 columns x 16 >= the C code's threshold for a second thread
+    keys = [torch.randn(rows, 4, cap, 16, generator=g) for _ in fast.transformer.h]
+    values = [torch.randn(rows, 4, cap, 16, generator=g) for _ in fast.transformer.h]
+    ids, pos = torch.tensor([3]), torch.tensor([40])
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads, use_native in ((1, True), (2, True), (1, False)):
+            torch.set_num_threads(threads)
+            step.native_block = blocks if use_native else None
+            k, v = [x.clone() for x in keys], [x.clone() for x in values]
+            with torch.no_grad():
+                outs.append((step(ids, pos, k, v, rows, L, None), k, v))
+    finally:
+        torch.set_num_threads(before)
+    (one, k1, v1), (two, k2, v2), (py, _, _) = outs
+    assert torch.equal(one, two) and all(torch.equal(a, b) for a, b in zip(k1 + v1, k2 + v2))
+    torch.testing.assert_close(one, py, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "hidden,heads,kv_heads,inner,bias",
     # 36: rows and heads (18) off 8's multiples; grouped-query heads 2 of 4, 1 of 2, 1 of 4

@@ -234,10 +234,12 @@ class _NativeGPT2Blocks:
         """Every block, in place on h (rows, C) fp32 contiguous; keys/values: the engine's per-layer buffers."""
         torch = self.torch
         C, inner = self.C, self.inner
-        scratch = torch.empty(rows * (5 * C + inner), dtype=torch.float32)
+        threads = torch.get_num_threads()
+        # the C code allocates nothing: its buffers, each thread's attention scores included, come from here
+        scratch = torch.empty(rows * (5 * C + inner) + threads * (length + 1), dtype=torch.float32)
         valid_from = None if valid_from is None else valid_from.to(torch.int64).contiguous()  # alive for vf
         vf = _ptr(valid_from)
-        threads, level, level8 = torch.get_num_threads(), self.native.level, self.native.int8_level
+        level, level8 = self.native.level, self.native.int8_level
         hp, sp = h.data_ptr(), scratch.data_ptr()
         _check_buffers(keys, values, len(self.weights))
         for (lns, products), k, v in zip(self.weights, keys, values):
@@ -288,11 +290,14 @@ class _NativeLlamaBlocks:
         """Every block, in place on h (rows, C) fp32; pos: (rows,) each row's position (inside the table)."""
         torch = self.torch
         C, qd, kvd, inner = self.C, self.H * self.D, self.Hkv * self.D, self.inner
-        scratch = torch.empty(rows * (2 * C + 2 * qd + 2 * kvd + 2 * inner) + self.D, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        # the C code allocates nothing: its buffers, each thread's attention scores included, come from here
+        size = rows * (2 * C + 2 * qd + 2 * kvd + 2 * inner) + self.D + threads * (length + 1)
+        scratch = torch.empty(size, dtype=torch.float32)
         pos = pos.to(torch.int64).contiguous()
         valid_from = None if valid_from is None else valid_from.to(torch.int64).contiguous()  # alive for vf
         vf = _ptr(valid_from)
-        threads, level, level8 = torch.get_num_threads(), self.native.level, self.native.int8_level
+        level, level8 = self.native.level, self.native.int8_level
         shape = (C, self.H, self.Hkv, self.D, inner)
         cos, sin = self.table[0].data_ptr(), self.table[1].data_ptr()
         hp, sp, pp = h.data_ptr(), scratch.data_ptr(), pos.data_ptr()

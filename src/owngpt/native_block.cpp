@@ -18,7 +18,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 extern "C" void owngpt_gemv(const float* x, int64_t rows, const float* packed, const float* bias, float* y,
                             int64_t out, int64_t in, int threads, int level);
@@ -212,6 +214,16 @@ OWNGPT_AVX2 void attend_one(const float* q, const float* k, const float* v, int6
   for (t = 0; t < n; ++t) axpy(scores[t] * inv, v + (t0 + t) * D, o, D);
 }
 
+// this thread's slice of the attention scores buffer (one slice of `n` floats per thread; no allocation here, so
+// nothing can throw inside a parallel region or through the C interface)
+inline float* thread_scores(float* scores, int64_t n) {
+#ifdef _OPENMP
+  return scores + static_cast<int64_t>(omp_get_thread_num()) * n;
+#else
+  return scores;
+#endif
+}
+
 }  // namespace
 
 extern "C" {
@@ -219,7 +231,8 @@ extern "C" {
 // One GPT-2 block for `rows` rows, in place on h (rows, C). p: its 4 projections ([out, in] = c_attn [3C, C],
 // c_proj [C, C], c_fc [I, C], mlp c_proj [C, I]), fp32 or int8. kbuf, vbuf: this layer's engine buffers (B_cap, H,
 // l_cap, D) contiguous; this step's key and value go to column `length`, and row b attends to columns
-// valid_from[b] .. length (valid_from null: from 0). scratch: rows * (5C + I) floats. gelu_tanh: 1 for GPT-2's tanh
+// valid_from[b] .. length (valid_from null: from 0). scratch: rows * (5C + I) + threads * (length + 1) floats (the last
+// part: each thread's attention scores). gelu_tanh: 1 for GPT-2's tanh
 // GELU, 0 for the erf form. level, int8_level: the instruction sets of owngpt_gemv and owngpt_int8_gemv.
 void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, const float* ln1_w,
                        const float* ln1_b, const float* ln2_w, const float* ln2_b, float eps, const OwngptProduct* p,
@@ -232,6 +245,7 @@ void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, 
   float* att = qkv + rows * 3 * C;  // rows * C: the heads' outputs
   float* mid = att + rows * C;    // rows * I: the MLP's inner activations
   float* out = x;                 // rows * C: a product added into h (x is free by then)
+  float* scores = mid + rows * I;  // threads * (length + 1)
 
   for (int64_t b = 0; b < rows; ++b) layer_norm(h + b * C, ln1_w, ln1_b, eps, x + b * C, C);
   product(p[0], x, rows, qkv, 3 * C, C, threads, level, int8_level);
@@ -242,7 +256,7 @@ void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, 
   const bool parallel = threads > 1 && pairs * (length + 1) * D >= (1 << 16);
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    std::vector<float> scores(static_cast<size_t>(length + 1));
+    float* mine = thread_scores(scores, length + 1);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < pairs; ++p) {
       const int64_t b = p / H, hh = p % H;
@@ -252,7 +266,7 @@ void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, 
       std::copy(row + C + hh * D, row + C + (hh + 1) * D, kb + length * D);
       std::copy(row + 2 * C + hh * D, row + 2 * C + (hh + 1) * D, vb + length * D);
       const int64_t t0 = valid_from ? valid_from[b] : 0;
-      attend_one(row + hh * D, kb, vb, t0, length, D, scale, scores.data(), att + b * C + hh * D);
+      attend_one(row + hh * D, kb, vb, t0, length, D, scale, mine, att + b * C + hh * D);
     }
   }
 
@@ -269,7 +283,8 @@ void owngpt_gpt2_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t I, 
 // rotary embedding from the step's table (cos, sin: (positions, D) rows, sin with rotate_half's sign; row b at
 // pos[b]), grouped-query attention over the row's columns, o product, residual; RMSNorm, SiLU(gate) * up, down
 // product, residual. p: its 7 projections (q, k, v, o, gate, up, down; [out, in]), fp32 or int8. kbuf, vbuf:
-// (B_cap, Hkv, l_cap, D) contiguous. scratch: rows * (C + 2 H D + 2 Hkv D + 2 I + C) + D floats.
+// (B_cap, Hkv, l_cap, D) contiguous. scratch: rows * (C + 2 H D + 2 Hkv D + 2 I + C) + D + threads * (length + 1)
+// floats (the last part: each thread's attention scores).
 void owngpt_llama_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t Hkv, int64_t D, int64_t I,
                         const float* norm1, const float* norm2, float eps1, float eps2, const OwngptProduct* p,
                         const float* cos, const float* sin, const int64_t* pos, float* kbuf, float* vbuf,
@@ -285,6 +300,7 @@ void owngpt_llama_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t Hk
   float* up = gate + rows * I;   // rows * I
   float* out = up + rows * I;    // rows * C
   float* tmp = out + rows * C;   // D
+  float* scores = tmp + D;       // threads * (length + 1)
 
   for (int64_t b = 0; b < rows; ++b) rms_norm(h + b * C, norm1, eps1, x + b * C, C);
   product(p[0], x, rows, q, qd, C, threads, level, int8_level);
@@ -306,14 +322,14 @@ void owngpt_llama_block(float* h, int64_t rows, int64_t C, int64_t H, int64_t Hk
   const bool parallel = threads > 1 && pairs * (length + 1) * D >= (1 << 16);
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    std::vector<float> scores(static_cast<size_t>(length + 1));
+    float* mine = thread_scores(scores, length + 1);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < pairs; ++p) {
       const int64_t b = p / H, hh = p % H, kv = hh / group;
       const float* kb = kbuf + (b * Hkv + kv) * l_cap * D;
       const float* vb = vbuf + (b * Hkv + kv) * l_cap * D;
       const int64_t t0 = valid_from ? valid_from[b] : 0;
-      attend_one(q + b * qd + hh * D, kb, vb, t0, length, D, scale, scores.data(), att + b * qd + hh * D);
+      attend_one(q + b * qd + hh * D, kb, vb, t0, length, D, scale, mine, att + b * qd + hh * D);
     }
   }
   product(p[3], att, rows, out, C, qd, threads, level, int8_level);
