@@ -188,6 +188,26 @@ def test_the_hand_written_step_serves_only_models_it_implements(tok):
     assert pack_for_decode(classifier) > 0 and decode_step_for(classifier) is None
 
 
+def _native_step_equals_python_step(step, blocks, ids, pos, keys, values, rows, L, valid_from):
+    """One step with the native blocks and one with the Python blocks on copies of the same caches: equal logits and
+    KV writes (1e-5: the order of the sums), this step's keys and values in column L only; above the native rows
+    (3 in these tests) both are the Python step, bitwise."""
+    outs = []
+    for use_native in (True, False):
+        step.native_block = blocks if use_native else None
+        k, v = [x.clone() for x in keys], [x.clone() for x in values]
+        with torch.no_grad():
+            outs.append((step(ids, pos, k, v, rows, L, valid_from), k, v))
+    step.native_block = blocks
+    (got, gk, gv), (want, wk, wv) = outs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gk + gv, wk + wv):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a[:, :, :L], b[:, :, :L]) and torch.equal(a[:, :, L + 1 :], b[:, :, L + 1 :])
+    if rows > blocks.max_rows:
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
 @pytest.mark.parametrize("scale_attn,n_embd", [(True, 64), (False, 36)])  # 36: rows and heads (9) off 8's multiples
 def test_the_native_gpt2_block_equals_the_python_step(tok, activation, scale_attn, n_embd, monkeypatch):
@@ -219,19 +239,7 @@ def test_the_native_gpt2_block_equals_the_python_step(tok, activation, scale_att
         keys = [torch.randn(rows + 1, 4, cap, n_embd // 4, generator=g) for _ in fast.transformer.h]
         values = [torch.randn(rows + 1, 4, cap, n_embd // 4, generator=g) for _ in fast.transformer.h]
         ids, pos = torch.randint(0, len(tok), (rows,), generator=g), torch.arange(rows) + 3
-        outs = []
-        for use_native in (True, False):
-            step.native_block = blocks if use_native else None
-            k, v = [x.clone() for x in keys], [x.clone() for x in values]
-            with torch.no_grad():
-                outs.append((step(ids, pos, k, v, rows, L, valid_from), k, v))
-        (got, gk, gv), (want, wk, wv) = outs
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for a, b in zip(gk + gv, wk + wv):  # this step's keys and values written in column L, nothing else moved
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-            assert torch.equal(a[:, :, :L], b[:, :, :L]) and torch.equal(a[:, :, L + 1 :], b[:, :, L + 1 :])
-        if rows > 3:  # above the native rows: both are the Python step
-            assert torch.equal(got, want)
+        _native_step_equals_python_step(step, blocks, ids, pos, keys, values, rows, L, valid_from)
 
 
 def test_the_native_blocks_attend_on_two_threads_as_on_one(tok):
@@ -294,19 +302,7 @@ def test_the_native_llama_block_equals_the_python_step(tok, hidden, heads, kv_he
         keys = [torch.randn(rows + 1, kv_heads, cap, D, generator=g) for _ in fast.model.layers]
         values = [torch.randn(rows + 1, kv_heads, cap, D, generator=g) for _ in fast.model.layers]
         ids, pos = torch.randint(0, len(tok), (rows,), generator=g), torch.tensor([9, 5, 1, 7])[:rows]
-        outs = []
-        for use_native in (True, False):
-            step.native_block = blocks if use_native else None
-            k, v = [x.clone() for x in keys], [x.clone() for x in values]
-            with torch.no_grad():
-                outs.append((step(ids, pos, k, v, rows, L, valid_from), k, v))
-        (got, gk, gv), (want, wk, wv) = outs
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for a, b in zip(gk + gv, wk + wv):  # this step's keys (rotated) and values in column L, nothing else moved
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-            assert torch.equal(a[:, :, :L], b[:, :, :L]) and torch.equal(a[:, :, L + 1 :], b[:, :, L + 1 :])
-        if rows > 3:
-            assert torch.equal(got, want)
+        _native_step_equals_python_step(step, blocks, ids, pos, keys, values, rows, L, valid_from)
 
 
 def test_the_native_blocks_refuse_kv_buffers_they_cannot_index(tok):
