@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "optim",
             "decode_kernels",
             "decode_step",
+            "greedy_head",
             "engine",
             "tasks.*",
             "augment",

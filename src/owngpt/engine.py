@@ -510,7 +510,9 @@ class Decoder:
             ids = torch.tensor([r.ids[-1] for r in rows], dtype=torch.long)  # (B,)
             pos = torch.tensor([r.cached for r in rows], dtype=torch.long)  # (B,)
             valid_from = None if all(r.cached == L for r in rows) else L - pos  # rows' first cached columns
-            logits = self._fast_step(ids, pos, c.k, c.v, len(rows), L, valid_from)
+            # rows that only take the argmax (and keep no trace of their logits) let the step screen the LM head
+            greedy = all(r.settings.plain_greedy and r.trace is None for r in rows)
+            logits = self._fast_step(ids, pos, c.k, c.v, len(rows), L, valid_from, greedy=greedy)
         else:
             logits = self._forward_one(rows, L)
         c.L += 1

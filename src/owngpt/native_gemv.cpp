@@ -36,6 +36,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace {
@@ -116,6 +117,79 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* w, const float*
   for (int r = 0; r < R; ++r) sums[r] = hsum256(a[r]);
 }
 
+// The same block over an fp16 copy of the packed weight: half the bytes to stream. Only for the greedy
+// head screen (owngpt.decode_kernels.GreedyHead), which bounds the rounding and recomputes its candidates in fp32.
+__attribute__((target("avx2,fma,f16c"))) void block_avx2_f16(const uint16_t* w, const float* x, int64_t in,
+                                                               float* sums) {
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  const int64_t full = in / CHUNK * CHUNK;
+  for (int64_t c = 0; c < in; c += CHUNK, w += R * CHUNK) {
+    __m256 lo, hi;
+    if (c < full) {
+      lo = _mm256_loadu_ps(x + c);
+      hi = _mm256_loadu_ps(x + c + 8);
+    } else {
+      lo = _mm256_maskload_ps(x + c, mask8(in - c));
+      hi = _mm256_maskload_ps(x + c + 8, mask8(in - c - 8));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 wl = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(w + r * CHUNK)));
+      const __m256 wh = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(w + r * CHUNK + 8)));
+      a[r] = _mm256_fmadd_ps(wl, lo, a[r]);
+      a[r] = _mm256_fmadd_ps(wh, hi, a[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = hsum256(a[r]);
+}
+
+__attribute__((target("avx512f,fma,f16c"))) void block_avx512_f16(const uint16_t* w, const float* x, int64_t in,
+                                                                   float* sums) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t full = in / CHUNK * CHUNK;
+  for (int64_t c = 0; c < in; c += CHUNK, w += R * CHUNK) {
+    const __m512 xv = c < full ? _mm512_loadu_ps(x + c)
+                               : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (in - c)) - 1), x + c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(w + r * CHUNK)));
+      acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// One output row of owngpt_gemv, by the very same arithmetic as its block functions (the same fused multiply-adds
+// in the same order per lane, the same horizontal sum): bitwise the value owngpt_gemv writes for that row.
+__attribute__((target("avx2,fma"))) float row_avx2(const float* w, const float* x, int64_t in) {
+  __m256 a = _mm256_setzero_ps();
+  const int64_t full = in / CHUNK * CHUNK;
+  for (int64_t c = 0; c < in; c += CHUNK, w += R * CHUNK) {
+    __m256 lo, hi;
+    if (c < full) {
+      lo = _mm256_loadu_ps(x + c);
+      hi = _mm256_loadu_ps(x + c + 8);
+    } else {
+      lo = _mm256_maskload_ps(x + c, mask8(in - c));
+      hi = _mm256_maskload_ps(x + c + 8, mask8(in - c - 8));
+    }
+    a = _mm256_fmadd_ps(_mm256_load_ps(w), lo, a);
+    a = _mm256_fmadd_ps(_mm256_load_ps(w + 8), hi, a);
+  }
+  return hsum256(a);
+}
+
+__attribute__((target("avx512f,fma"))) float row_avx512(const float* w, const float* x, int64_t in) {
+  __m512 acc = _mm512_setzero_ps();
+  const int64_t full = in / CHUNK * CHUNK;
+  for (int64_t c = 0; c < in; c += CHUNK, w += R * CHUNK) {
+    const __m512 xv = c < full ? _mm512_loadu_ps(x + c)
+                               : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (in - c)) - 1), x + c);
+    acc = _mm512_fmadd_ps(_mm512_load_ps(w), xv, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 int isa_level() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return 2;
@@ -140,6 +214,87 @@ void owngpt_pack(const float* w, float* dst, int64_t out, int64_t in) {
     float* block = dst + (o / R) * R * in_pad + (o % R) * CHUNK;
     for (int64_t i = 0; i < in; ++i) block[(i / CHUNK) * R * CHUNK + i % CHUNK] = w[o * in + i];
   }
+}
+
+// 1 where the CPU converts fp16 to fp32 in hardware (F16C; every AVX2 and AVX-512 CPU owngpt has met has it).
+int owngpt_has_f16c() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("f16c") ? 1 : 0;
+}
+
+// y (rows, out) = x (rows, in) H^T over an fp16 copy H of a weight in owngpt_pack's layout (the packed fp32 weight
+// converted element by element: the same positions, half the bytes), accumulated in fp32; no bias.
+void owngpt_gemv_f16(const float* x, int64_t rows, const uint16_t* packed, float* y, int64_t out, int64_t in,
+                     int threads, int level) {
+  if (level <= 0 || level > isa_level() || !owngpt_has_f16c()) return;  // the Python side checks first
+  const int64_t in_pad = round_up(in, CHUNK), blocks = round_up(out, R) / R;
+  const bool parallel = threads > 1 && blocks * R * in_pad >= (1 << 19);  // >= 1 MiB of halves (see owngpt_gemv)
+  const int64_t chunk = std::max<int64_t>(1, (1 << 16) / (R * in_pad));
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    float sums[R];
+#pragma omp for schedule(dynamic, chunk) nowait
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint16_t* wb = packed + b * R * in_pad;
+      const int64_t o0 = b * R, m = std::min(R, out - o0);
+      for (int64_t r = 0; r < rows; ++r) {  // the block (8 rows of halves) stays in L1 for every x row
+        if (level == 2) {
+          block_avx512_f16(wb, x + r * in, in, sums);
+        } else {
+          block_avx2_f16(wb, x + r * in, in, sums);
+        }
+        float* yr = y + r * out + o0;
+        for (int64_t j = 0; j < m; ++j) yr[j] = sums[j];
+      }
+    }
+  }
+}
+
+// The greedy head (owngpt/greedy_head.py explains the bound): y (rows, out) = x W^T + bias at every output that can be
+// its row's argmax, -inf elsewhere. Reads the fp16 copy for all outputs (owngpt_gemv_f16), bounds each approximate
+// value's distance from owngpt_gemv's fp32 value by scaled_norms[j] * ||x||_2 + c2 * ||x||_1 (+ 2^-20 (|y| + |bias|)
+// with a bias), and recomputes in fp32, by owngpt_gemv's own arithmetic (bitwise its values), the outputs whose upper
+// bound reaches the row's best lower bound. Returns 0, or 1 (y unusable: the caller takes the fp32 head) when a row's
+// norms are not finite or it has more than max_candidates candidates.
+int owngpt_greedy_head(const float* x, int64_t rows, const uint16_t* packed16, const float* packed,
+                       const float* bias, const float* scaled_norms, float c2, float* y, int64_t out, int64_t in,
+                       int threads, int level, int64_t max_candidates) {
+  if (level <= 0 || level > isa_level() || !owngpt_has_f16c()) return 1;
+  owngpt_gemv_f16(x, rows, packed16, y, out, in, threads, level);
+  const int64_t in_pad = round_up(in, CHUNK);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * in;
+    float* yr = y + r * out;
+    double s2 = 0.0, s1 = 0.0;
+    for (int64_t i = 0; i < in; ++i) {
+      s2 += static_cast<double>(xr[i]) * xr[i];
+      s1 += std::fabs(static_cast<double>(xr[i]));
+    }
+    const float l2 = static_cast<float>(std::sqrt(s2)), a1 = c2 * static_cast<float>(s1);
+    if (!std::isfinite(l2) || !std::isfinite(a1)) return 1;
+    auto err = [&](int64_t j) {
+      const float e = scaled_norms[j] * l2 + a1;
+      return bias ? e + 0x1p-20f * (std::fabs(yr[j]) + std::fabs(bias[j])) : e;
+    };
+    float best_low = -INFINITY;
+    for (int64_t j = 0; j < out; ++j) {
+      if (bias) yr[j] += bias[j];
+      best_low = std::max(best_low, yr[j] - err(j));
+    }
+    if (!std::isfinite(best_low)) return 1;
+    int64_t n = 0;
+    for (int64_t j = 0; j < out; ++j) n += yr[j] + err(j) >= best_low;
+    if (n > max_candidates) return 1;
+    for (int64_t j = 0; j < out; ++j) {
+      if (yr[j] + err(j) >= best_low) {
+        const float* w = packed + (j / R) * R * in_pad + (j % R) * CHUNK;
+        yr[j] = (level == 2 ? row_avx512(w, xr, in) : row_avx2(w, xr, in)) + (bias ? bias[j] : 0.0f);
+      } else {
+        yr[j] = -INFINITY;
+      }
+    }
+  }
+  return 0;
 }
 
 // y (rows, out) = x (rows, in) W^T + bias (bias may be null); x and y contiguous, `packed` from owngpt_pack.

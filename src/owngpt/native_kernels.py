@@ -82,6 +82,12 @@ class NativeGemv:
         lib.owngpt_int8_quantize.argtypes, lib.owngpt_int8_quantize.restype = [ptr, i64, i64, ptr, ptr], None
         lib.owngpt_int8_gemv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, c_int, c_int]
         lib.owngpt_int8_gemv.restype = None
+        lib.owngpt_has_f16c.argtypes, lib.owngpt_has_f16c.restype = [], c_int
+        lib.owngpt_gemv_f16.argtypes = [ptr, i64, ptr, ptr, i64, i64, c_int, c_int]
+        lib.owngpt_gemv_f16.restype = None
+        lib.owngpt_greedy_head.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, c_int, c_int]
+        lib.owngpt_greedy_head.argtypes += [i64]
+        lib.owngpt_greedy_head.restype = c_int
         f32, products = ctypes.c_float, ctypes.POINTER(Product)
         lib.owngpt_gpt2_block.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, products, c_int]
         lib.owngpt_gpt2_block.argtypes += [ptr, ptr, i64, i64, ptr, f32, ptr, c_int, c_int, c_int]
@@ -139,6 +145,45 @@ class NativeGemv:
 
         linear.keep_alive = (packed, bias)  # the raw pointers above are only valid while these tensors live
         return _then_in_place(linear, post)
+
+    @property
+    def has_f16c(self) -> bool:
+        """Whether the fp16 product (`pack_f16`, `gemv_f16`) runs here."""
+        return bool(self.lib.owngpt_has_f16c())
+
+    def pack_f16(self, packed: Any) -> Any:
+        """`pack`'s fp32 layout -> the same layout in fp16 (rounded to nearest by torch; the padding stays 0)."""
+        import torch
+
+        half = packed.to(torch.float16)
+        if half.data_ptr() % 64:  # the kernel's aligned loads (see pack)
+            raise RuntimeError("torch's allocation is not 64-byte aligned")
+        return half
+
+    def row_norms(self, packed: Any, out: int, in_: int) -> Any:
+        """The Euclidean norm of each of the `out` weight rows in `pack`'s layout, (out,) fp32."""
+        import torch
+
+        r, chunk = 8, 16  # native_gemv.cpp's R and CHUNK: [block][chunk][row in block][16 columns]
+        blocked = packed.view(-(-out // r), -(-in_ // chunk), r, chunk)
+        return torch.linalg.vector_norm(blocked, dim=(1, 3)).reshape(-1)[:out]
+
+    def gemv_f16(self, x: Any, packed: Any, out: int) -> Any:
+        """x (B, in) fp32 contiguous -> x H^T (B, out) fp32 over `packed` (from `pack_f16`), fp32 accumulation."""
+        import torch
+
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        self.lib.owngpt_gemv_f16(
+            x.data_ptr(),
+            x.shape[0],
+            packed.data_ptr(),
+            y.data_ptr(),
+            out,
+            x.shape[1],
+            torch.get_num_threads(),
+            self.level,
+        )
+        return y
 
     def pack_int8(self, q: Any) -> Any:
         """q [out, in] int8 -> the int8 kernel's blocked layout (a 1-D int8 tensor; see native_gemv_int8.cpp)."""
