@@ -70,9 +70,10 @@ def test_the_screened_heads_values_are_the_fp32_heads_at_its_candidates_with_the
 
 
 @needs_native
-def test_the_candidates_are_every_token_whose_upper_bound_reaches_the_best_lower_bound(streamed):
+@pytest.mark.parametrize("k", [1, 5])
+def test_the_candidates_are_every_token_whose_upper_bound_reaches_the_kth_lower_bound(streamed, k):
     """The screen's rule (module doc), recomputed here from the fp16 product and the bound: the tokens kept are
-    exactly those whose upper bound reaches the row's best lower bound (up to the bound's own float rounding)."""
+    exactly those whose upper bound reaches the row's k-th largest lower bound (up to the bound's float rounding)."""
     module, _w, _b = packed_head(1000, 96, seed=5)
     head = greedy_head_for(module)
     g = torch.Generator().manual_seed(6)
@@ -81,10 +82,10 @@ def test_the_candidates_are_every_token_whose_upper_bound_reaches_the_best_lower
         x = torch.randn(1, 96, generator=g)
         approx = NATIVE.gemv_f16(x, head.packed16, 1000)[0]
         err = head.scaled_norms * x.double().norm().float() + head.c2 * x.abs().sum()
-        best_low = (approx - err).max()
+        best_low = (approx - err).topk(k).values[-1]
         upper = approx + err
         tol = 1e-4 * float(err.min())
-        got = set(candidates(head(x))[0].tolist())
+        got = set(candidates(head(x, k))[0].tolist())
         assert set((upper >= best_low + tol).nonzero().squeeze(1).tolist()) <= got
         assert got <= set((upper >= best_low - tol).nonzero().squeeze(1).tolist())
         below_best_low += sum(float(approx[j]) < float(best_low) for j in got)
@@ -101,6 +102,30 @@ def test_a_row_with_too_many_candidates_takes_the_full_head(streamed):
     head = greedy_head_for(module)
     x = base.unsqueeze(0)
     assert torch.equal(head(x), module.kernel(True)(x))
+
+
+@needs_native
+@pytest.mark.parametrize("k", [2, 5, 40])
+def test_top_k_screening_keeps_every_token_of_the_fp32_top_k_and_the_same_sampling_distribution(streamed, k):
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    module, _w, _b = packed_head(1001, 147, bias=True, seed=7)
+    head = greedy_head_for(module)
+    full = module.kernel(True)
+    g = torch.Generator().manual_seed(8)
+    warp = [TemperatureLogitsWarper(0.7), TopKLogitsWarper(k), TopPLogitsWarper(0.9)]
+    for _ in range(20):
+        x = torch.randn(2, 147, generator=g)
+        want, got = full(x), head(x, k)
+        for r, idx in enumerate(candidates(got)):
+            kth = want[r].topk(k).values[-1]
+            assert set((want[r] >= kth).nonzero().squeeze(1).tolist()) <= set(idx.tolist())
+            assert torch.equal(got[r, idx], want[r, idx])
+            assert idx.numel() < 3 * k + 8  # it screens
+        a, b = want.clone(), got.clone()
+        for p in warp:
+            a, b = p(None, a), p(None, b)
+        assert torch.equal(torch.softmax(a, -1), torch.softmax(b, -1))
 
 
 @needs_native
@@ -182,9 +207,12 @@ PROMPTS = ["ROMEO:", "First Citizen:\nBefore we", "A", "KING " * 12]
 
 @needs_native
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_greedy_rows_decode_through_the_screened_head_and_sampled_rows_do_not(streamed, arch, monkeypatch):
-    """Through the engine: greedy tokens equal the unpacked model's and the packed model's without the screen; the
-    screen runs for batches of greedy rows and not for a batch with a sampled row, or a row keeping a trace."""
+def test_greedy_and_top_k_rows_decode_through_the_screened_head_and_rows_reading_every_logit_do_not(
+    streamed, arch, monkeypatch
+):
+    """Through the engine: greedy tokens and seeded top-k samples equal the unpacked model's (and the packed model's
+    without the screen); the screen runs for batches of such rows with the batch's largest k, and not for a batch
+    with a row that reads every logit (sampling without top-k, penalties) or keeps a trace of them."""
     monkeypatch.setattr(native_kernels, "BATCH_ROWS", {1: 16, 2: 16})
     tok = fixtures.char_tokenizer()
     make = fixtures.tiny_gpt2 if arch == "gpt2" else fixtures.tiny_llama
@@ -195,7 +223,9 @@ def test_greedy_rows_decode_through_the_screened_head_and_sampled_rows_do_not(st
     plain.get_output_embeddings().greedy_screen = False
     calls = []
     real_call = GreedyHead.__call__
-    monkeypatch.setattr(GreedyHead, "__call__", lambda self, x: calls.append(x.shape[0]) or real_call(self, x))
+    monkeypatch.setattr(
+        GreedyHead, "__call__", lambda self, x, k=1: calls.append((x.shape[0], k)) or real_call(self, x, k)
+    )
 
     def run(model, settings, trace=False, prompts=PROMPTS, context=24):
         rows = [Row(tok.encode(p), RowSettings(max_tokens=30, **s)) for p, s in zip(prompts, settings)]
@@ -209,14 +239,24 @@ def test_greedy_rows_decode_through_the_screened_head_and_sampled_rows_do_not(st
         want = run(ref, greedy[:prompts])
         assert run(plain, greedy[:prompts]) == want and not calls
         assert run(fast, greedy[:prompts]) == want
-        assert calls and max(calls) == prompts
+        assert calls and max(calls) == (prompts, 1)
         calls.clear()
-    # rows that stay in one batch to the end (no window moves: the context holds prompt and reply), one of them sampled
-    mixed = [*greedy[:3], {"temperature": 0.8, "top_k": 20, "seed": 3}]
+    # rows that stay in one batch to the end (no window moves: the context holds prompt and reply)
     together = {"prompts": PROMPTS[:3] + ["B"], "context": 64}
-    assert run(fast, mixed, **together) == run(ref, mixed, **together)
-    assert not calls  # a sampled row needs the whole distribution: every step of that batch keeps the full head
+    top_k = {"temperature": 0.8, "top_k": 12, "top_p": 0.9, "seed": 3}
+    for reads_all in (
+        {"temperature": 0.8, "seed": 3},
+        {**top_k, "repetition_penalty": 1.3},
+        {"temperature": 0, "no_repeat_ngram_size": 2},
+    ):
+        mixed = [*greedy[:3], reads_all]
+        assert run(fast, mixed, **together) == run(ref, mixed, **together)
+        assert not calls  # a row reading the whole distribution: every step of its batch keeps the full head
     assert run(fast, greedy, trace=True, **together) == run(ref, greedy, **together)
     assert not calls  # a traced row records its logits whole
     assert run(fast, greedy, **together) == run(ref, greedy, **together)
-    assert calls and max(calls) == 4
+    assert calls == [(4, 1)] * 29  # the first token of each row comes from its prefill
+    calls.clear()
+    mixed = [*greedy[:2], top_k, {**top_k, "top_k": 5, "seed": 4}]  # seeded top-k sampling: the same draws
+    assert run(fast, mixed, **together) == run(ref, mixed, **together)
+    assert calls == [(4, 12)] * 29  # the first token of each row comes from its prefill

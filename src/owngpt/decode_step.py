@@ -32,9 +32,10 @@ Measured beside other work (one thread, paired): gpt2 size, the step 1.17x at ba
 the Python blocks; the engine end to end on 4-layer, 128-dim char models (greedy, 200 tokens): GPT-2 2.97x at
 batch 1 and 1.99x at batch 8, LLaMA 3.77x and 2.07x (bench/bench_native_block.py, docs/benchmarks.md). int8
 models too, at one row (their products through the int8 kernel; batches keep fbgemm): gpt2 size, the step 1.40x.
-When every row of a step is plain greedy (the engine says so), the LM head is read from an fp16 copy and only the
-tokens that can be the argmax are recomputed in fp32 (owngpt.greedy_head): the same argmax as the fp32 head,
-bitwise, for half the head's bytes (154 of the 494 MB a `gpt2`-size step reads are the head).
+When every row of a step reads only its k largest logits (greedy: 1; top-k sampling without penalties: k; the
+engine says so), the LM head is read from an fp16 copy and only the tokens that can be among them are recomputed in
+fp32 (owngpt.greedy_head): bitwise the fp32 head's values there, for half the head's bytes (154 of the 494 MB a
+`gpt2`-size step reads are the head).
 What did not pay and is not here: torch.compile of the step (see owngpt.decode_kernels: 38 s to the first token, no
 gain).
 
@@ -107,9 +108,9 @@ class DecodeStep:
     ids, pos: (B,) the last token of each row and its position in the window. keys/values: per layer the engine's
     buffers (B_cap, H_kv, L_cap, D); columns [0, length) hold the rows' cached tokens, column `length` receives this
     step's. valid_from: None when every row's cache fills all `length` columns, else (B,) the first valid column of
-    each row (its tokens are right-aligned; the columns on the left are padding and are masked). greedy: every row
-    only takes the argmax of its logits; the step may then return logits exact at the tokens that can be the argmax
-    and -inf elsewhere (owngpt.greedy_head), whose argmax is the full logits' argmax.
+    each row (its tokens are right-aligned; the columns on the left are padding and are masked). top_k: k >= 1 when
+    every row reads only its k largest logits (1: greedy); the step may then return logits exact at the tokens that
+    can be among them and -inf elsewhere (owngpt.greedy_head). 0: the whole logits.
     """
 
     def __call__(
@@ -121,7 +122,7 @@ class DecodeStep:
         rows: int,
         length: int,
         valid_from: Any,
-        greedy: bool = False,
+        top_k: int = 0,
     ) -> Any:
         raise NotImplementedError
 
@@ -135,11 +136,13 @@ class DecodeStep:
         native = getattr(module, "native", None)
         self.greedy_rows = native.batch_rows if self.greedy_head is not None and native is not None else 0
 
-    def _head(self, rows: int, greedy: bool) -> Any:
-        """The head for this step: the screened one for a greedy batch the native kernel serves (its argmax is then
-        bitwise the full head's, which uses that kernel for those rows too), else the full fp32 head."""
-        if greedy and rows <= self.greedy_rows:
-            return self.greedy_head
+    def _head(self, rows: int, top_k: int) -> Any:
+        """The head for this step: the screened one for a batch reading only its top k that the native kernel
+        serves (its values there are then bitwise the full head's, which uses that kernel for those rows too), else
+        the full fp32 head."""
+        if top_k >= 1 and rows <= self.greedy_rows:
+            screened = self.greedy_head
+            return lambda x: screened(x, top_k)
         return self.head[rows == 1]
 
 
@@ -199,7 +202,7 @@ class _GPT2Step(DecodeStep):
         self._set_head(model.lm_head)
         self.native_block = _NativeGPT2Blocks.of(model)  # each block in one native call, where it can be
 
-    def __call__(self, ids, pos, keys, values, rows, length, valid_from, greedy=False):
+    def __call__(self, ids, pos, keys, values, rows, length, valid_from, top_k=0):
         F = self.F
         B, H, D = rows, self.n_head, self.head_dim
         C = H * D
@@ -208,7 +211,7 @@ class _GPT2Step(DecodeStep):
         blocks = self.native_block
         if blocks is not None and B <= blocks.max_rows:
             blocks(h, keys, values, B, length, valid_from)
-            return self._head(B, greedy)(F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
+            return self._head(B, top_k)(F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
         mask = _padding_mask(valid_from, length)
         for i, ((ln1, ln2), (c_attn, c_proj, c_fc, m_proj)) in enumerate(zip(self.ln, self.layers[B == 1])):
             qkv = c_attn(F.layer_norm(h, (C,), ln1[0], ln1[1], eps)).view(B, 3, H, 1, D)  # q, k, v of every head
@@ -218,7 +221,7 @@ class _GPT2Step(DecodeStep):
             o = _attend(qkv[:, 0], k_buf[:B, :, : length + 1], v_buf[:B, :, : length + 1], mask, self.scale)
             h = h + c_proj(o.view(B, C))
             h = h + m_proj(c_fc(F.layer_norm(h, (C,), ln2[0], ln2[1], eps)))
-        return self._head(B, greedy)(F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
+        return self._head(B, top_k)(F.layer_norm(h, (C,), self.ln_f[0], self.ln_f[1], eps))
 
 
 class _NativeGPT2Blocks:
@@ -452,14 +455,14 @@ class _LlamaStep(DecodeStep):
         # each block in one native call, where it can be (needs the default RoPE's table)
         self.native_block = _NativeLlamaBlocks.of(model, self.table) if self.table is not None else None
 
-    def __call__(self, ids, pos, keys, values, rows, length, valid_from, greedy=False):
+    def __call__(self, ids, pos, keys, values, rows, length, valid_from, top_k=0):
         B, H, Hkv, D = rows, self.n_head, self.n_kv, self.head_dim
         h = self.tokens(ids)  # (B, C)
         table = self.table if self.table is not None and length < len(self.table[0]) else None
         blocks = self.native_block
         if blocks is not None and table is not None and B <= blocks.max_rows:
             blocks(h, keys, values, B, length, valid_from, pos)
-            return self._head(B, greedy)(_rms_norm(h, *self.norm))
+            return self._head(B, top_k)(_rms_norm(h, *self.norm))
         mask = _padding_mask(valid_from, length)
         if table is not None:  # positions <= length: inside the table
             cos, sin = table[0][pos].view(B, 1, 1, D), table[1][pos].view(B, 1, 1, D)
@@ -482,7 +485,7 @@ class _LlamaStep(DecodeStep):
             h = h + o_proj(o.view(B, H * D))
             m = _rms_norm(h, *n2)
             h = h + down(gate(m) * up(m))
-        return self._head(B, greedy)(_rms_norm(h, *self.norm))
+        return self._head(B, top_k)(_rms_norm(h, *self.norm))
 
 
 def _then(kernel: Any, act: Any) -> Any:

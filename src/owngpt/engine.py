@@ -74,6 +74,15 @@ class RowSettings:
     def plain_greedy(self) -> bool:
         return self.greedy and self.repetition_penalty == 1.0 and self.no_repeat_ngram_size == 0
 
+    @property
+    def logits_read(self) -> int:
+        """How many of its largest logits the row's choice depends on: 1 (greedy), top_k (sampling among the top k:
+        temperature, top-k and top-p never look below them), or 0 = all of them (penalties change logits anywhere in
+        the vocabulary; sampling with no top-k limit)."""
+        if self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0:
+            return 0
+        return 1 if self.greedy else max(self.top_k, 0)
+
 
 class IncrementalDecoder:
     """Turns a stream of token ids into text pieces that never split a character.
@@ -510,9 +519,10 @@ class Decoder:
             ids = torch.tensor([r.ids[-1] for r in rows], dtype=torch.long)  # (B,)
             pos = torch.tensor([r.cached for r in rows], dtype=torch.long)  # (B,)
             valid_from = None if all(r.cached == L for r in rows) else L - pos  # rows' first cached columns
-            # rows that only take the argmax (and keep no trace of their logits) let the step screen the LM head
-            greedy = all(r.settings.plain_greedy and r.trace is None for r in rows)
-            logits = self._fast_step(ids, pos, c.k, c.v, len(rows), L, valid_from, greedy=greedy)
+            # rows that read only their k largest logits (and keep no trace of them) let the step screen the LM head
+            reads = [0 if r.trace is not None else r.settings.logits_read for r in rows]
+            top_k = 0 if 0 in reads else max(reads)
+            logits = self._fast_step(ids, pos, c.k, c.v, len(rows), L, valid_from, top_k=top_k)
         else:
             logits = self._forward_one(rows, L)
         c.L += 1

@@ -1,13 +1,15 @@
-"""The LM head of a greedy decode step read at half the bytes, with the same argmax as the fp32 head, exactly.
+"""The LM head of a greedy (or top-k) decode step read at half the bytes, with the fp32 head's choice exactly.
 
 What it is for: at batch 1 a decode step is bound by how fast it streams the weights, and the LM head is a large
-part of them (GPT-2's 50257 x 768 fp32 head: 154 MB of the 494 MB a `gpt2`-size step reads). A greedy row needs
-only the argmax of the logits, and most of the vocabulary is nowhere near it. So the step reads an fp16 copy of the
-head instead (half the bytes, fp32 accumulation: owngpt.native_kernels' `gemv_f16`), bounds how far each
-approximate logit can be from the fp32 kernel's, and recomputes in fp32 only the tokens whose bound reaches the
-best lower bound (`gemv_rows`: the fp32 kernel's own arithmetic for those outputs, so bitwise its values). Every
-other token's fp32 logit is provably below the candidates' best, so the argmax (ties to the lowest index, as
-`torch.argmax`) is the one the full fp32 head gives; on random `gpt2` weights 1-3 candidates a step.
+part of them (GPT-2's 50257 x 768 fp32 head: 154 MB of the 494 MB a `gpt2`-size step reads). A greedy row reads only
+the argmax of its logits, a top-k sampled row only its k largest (temperature, top-k and top-p never look below
+them), and most of the vocabulary is nowhere near them. So the step reads an fp16 copy of the head instead (half
+the bytes, fp32 accumulation: owngpt.native_kernels' `gemv_f16`), bounds how far each approximate logit can be from
+the fp32 kernel's, and recomputes in fp32 only the tokens whose upper bound reaches the k-th largest lower bound (by
+the fp32 kernel's own arithmetic, so bitwise its values: `owngpt_greedy_head` in native_gemv.cpp). Every other
+token's fp32 logit is provably below k tokens' logits, so it is not among the k largest (ties included): the argmax
+(ties to the lowest index, as `torch.argmax`) and the top-k filter's survivors, with their values, are those of the
+full fp32 head, and so is a seeded sample drawn from them. On random `gpt2` weights 1-3 candidates a greedy step.
 
 The bound, per output j, for x one row (in = n values) and the head's rows w_j (fp32) and h_j (fp16, round to
 nearest): fp16 rounding |w - h| <= 2^-11 |w| + 2^-25 (the second term for subnormal halves; a weight that rounds to inf
@@ -22,9 +24,11 @@ taken 1% larger, which also covers the rounding of the bound's own arithmetic an
 2^-20 (|logit| + |bias|) for its addition's rounding). Rows whose norms are not finite fall back to the full fp32
 head, as do rows with more than an eighth of the vocabulary as candidates (a degenerate input, e.g. all zeros).
 
-What it is not: for sampling, penalties, or any consumer of the whole logits vector (the engine's traces) the step
-keeps the full fp32 head (`owngpt.engine.Decoder` asks for this head only when every row of the step is plain
-greedy). The logits it returns are exact at the candidates and -inf elsewhere.
+What it is not: for sampling without a top-k limit, penalties (they change logits anywhere in the vocabulary), or
+any consumer of the whole logits vector (the engine's traces) the step keeps the full fp32 head:
+`owngpt.engine.Decoder` asks for this head only when every row of the step reads at most its top k
+(`RowSettings.logits_read`), with the batch's largest k. The logits returned are exact at the candidates and -inf
+elsewhere.
 
 Measured: bench/bench_decode.py ("owngpt fp32" against "owngpt fp32, full fp32 head", docs/benchmarks.md).
 Turned off with OWNGPT_GREEDY_HEAD=0, or per module with `module.greedy_screen = False` before the first step.
@@ -67,13 +71,17 @@ class GreedyHead:
         self.scaled_norms = torch.nextafter(norms, torch.tensor(float("inf")))
         self.max_candidates = max(1, int(self.out_features * MAX_CANDIDATE_SHARE))
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, k: int = 1) -> Any:
+        """Logits (B, out) exact at every token that can be among each row's k largest, -inf elsewhere."""
         import torch
 
         x = x.contiguous()
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"greedy head: expected (rows, {self.in_features}) fp32, got {tuple(x.shape)} {x.dtype}")
+        if not 1 <= k <= self.max_candidates // 2:  # the screen would keep too much of the vocabulary to pay
+            return self.full(x)
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        scratch = torch.empty(self.out_features if k > 1 else 0, dtype=torch.float32)
         failed = self.native.lib.owngpt_greedy_head(
             x.data_ptr(),
             x.shape[0],
@@ -87,6 +95,8 @@ class GreedyHead:
             self.in_features,
             torch.get_num_threads(),
             self.native.level,
+            k,
+            scratch.data_ptr() if k > 1 else None,
             self.max_candidates,
         )
         return self.full(x) if failed else y

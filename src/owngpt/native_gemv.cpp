@@ -38,6 +38,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 
 namespace {
 
@@ -250,16 +251,17 @@ void owngpt_gemv_f16(const float* x, int64_t rows, const uint16_t* packed, float
   }
 }
 
-// The greedy head (owngpt/greedy_head.py explains the bound): y (rows, out) = x W^T + bias at every output that can be
-// its row's argmax, -inf elsewhere. Reads the fp16 copy for all outputs (owngpt_gemv_f16), bounds each approximate
-// value's distance from owngpt_gemv's fp32 value by scaled_norms[j] * ||x||_2 + c2 * ||x||_1 (+ 2^-20 (|y| + |bias|)
-// with a bias), and recomputes in fp32, by owngpt_gemv's own arithmetic (bitwise its values), the outputs whose upper
-// bound reaches the row's best lower bound. Returns 0, or 1 (y unusable: the caller takes the fp32 head) when a row's
-// norms are not finite or it has more than max_candidates candidates.
+// The screened head (owngpt/greedy_head.py explains the bound): y (rows, out) = x W^T + bias at every output that
+// can be among its row's k largest, -inf elsewhere (k = 1: greedy). Reads the fp16 copy for all outputs
+// (owngpt_gemv_f16), bounds each approximate value's distance from owngpt_gemv's fp32 value by
+// scaled_norms[j] * ||x||_2 + c2 * ||x||_1 (+ 2^-20 (|y| + |bias|) with a bias), and recomputes in fp32, by
+// owngpt_gemv's own arithmetic (bitwise its values), the outputs whose upper bound reaches the row's k-th largest
+// lower bound. scratch: `out` floats (for k > 1). Returns 0, or 1 (y unusable: the caller takes the fp32 head) when
+// a row's norms are not finite or it has more than max_candidates candidates.
 int owngpt_greedy_head(const float* x, int64_t rows, const uint16_t* packed16, const float* packed,
                        const float* bias, const float* scaled_norms, float c2, float* y, int64_t out, int64_t in,
-                       int threads, int level, int64_t max_candidates) {
-  if (level <= 0 || level > isa_level() || !owngpt_has_f16c()) return 1;
+                       int threads, int level, int64_t k, float* scratch, int64_t max_candidates) {
+  if (level <= 0 || level > isa_level() || !owngpt_has_f16c() || k < 1 || k > out) return 1;
   owngpt_gemv_f16(x, rows, packed16, y, out, in, threads, level);
   const int64_t in_pad = round_up(in, CHUNK);
   for (int64_t r = 0; r < rows; ++r) {
@@ -276,10 +278,20 @@ int owngpt_greedy_head(const float* x, int64_t rows, const uint16_t* packed16, c
       const float e = scaled_norms[j] * l2 + a1;
       return bias ? e + 0x1p-20f * (std::fabs(yr[j]) + std::fabs(bias[j])) : e;
     };
+    // the k-th largest lower bound: no row has fewer than k fp32 values at or above it
     float best_low = -INFINITY;
     for (int64_t j = 0; j < out; ++j) {
       if (bias) yr[j] += bias[j];
-      best_low = std::max(best_low, yr[j] - err(j));
+      const float low = yr[j] - err(j);
+      if (k == 1) {
+        best_low = std::max(best_low, low);
+      } else {
+        scratch[j] = low;
+      }
+    }
+    if (k > 1) {
+      std::nth_element(scratch, scratch + (k - 1), scratch + out, std::greater<float>());
+      best_low = scratch[k - 1];
     }
     if (!std::isfinite(best_low)) return 1;
     int64_t n = 0;

@@ -86,7 +86,7 @@ class NativeGemv:
         lib.owngpt_gemv_f16.argtypes = [ptr, i64, ptr, ptr, i64, i64, c_int, c_int]
         lib.owngpt_gemv_f16.restype = None
         lib.owngpt_greedy_head.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, i64, i64, c_int, c_int]
-        lib.owngpt_greedy_head.argtypes += [i64]
+        lib.owngpt_greedy_head.argtypes += [i64, ptr, i64]
         lib.owngpt_greedy_head.restype = c_int
         f32, products = ctypes.c_float, ctypes.POINTER(Product)
         lib.owngpt_gpt2_block.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32, products, c_int]
