@@ -8,6 +8,8 @@ What runs (every contestant greedy, KV cache, exactly batch x new-tokens tokens,
   and the server share) on the model as `load_for_generation` prepares it (weights packed for oneDNN,
   owngpt.decode_kernels; each cached step through the hand-written owngpt.decode_step, each block one call into
   owngpt's native_block.cpp where the native kernel serves the batch);
+- owngpt fp32, full fp32 head: the same with owngpt.greedy_head's screen off (the LM head read whole in fp32 at every
+  step, as every other contestant reads it);
 - owngpt fp32, torch kernels only: the same, without owngpt's own one-row kernel (owngpt.native_kernels; what a
   machine without a C++ compiler or OWNGPT_NATIVE_KERNELS=0 gets: oneDNN at every batch size);
 - owngpt fp32, reference kernels: the same engine on the unpacked model (transformers' forward, MKL's kernels);
@@ -225,6 +227,9 @@ def main() -> int:
     int8_bytes = decode_weight_bytes(ref, 1)  # + one fp32 scale per output channel: under 0.2%
     packed = copy.deepcopy(ref)
     pack_for_decode(packed)  # as load_for_generation prepares a model
+    full_head = copy.deepcopy(ref)  # the same with the LM head read whole in fp32 at every step (no greedy screen)
+    pack_for_decode(full_head)
+    full_head.lm_head.greedy_screen = False
     torch_packed = copy.deepcopy(ref)  # the same without owngpt's native one-row kernel (OWNGPT_NATIVE_KERNELS=0)
     os.environ[NATIVE_ENV] = "0"
     try:
@@ -248,6 +253,7 @@ def main() -> int:
 
     contestants: dict[str, Callable[[list[list[int]]], list[list[int]]]] = {
         "owngpt fp32": engine(packed),
+        "owngpt fp32, full fp32 head": engine(full_head),
         "owngpt fp32, torch kernels only": engine(torch_packed),
         "owngpt fp32, reference kernels": engine(ref),
         "owngpt int8": engine(int8),
@@ -291,6 +297,7 @@ def main() -> int:
         want = outs["transformers generate fp32"]
         assert outs["owngpt fp32"] == want, "owngpt's packed fp32 greedy tokens differ from transformers'"
         assert outs["owngpt fp32, reference kernels"] == want, "owngpt's greedy tokens differ from transformers'"
+        assert outs["owngpt fp32, full fp32 head"] == want, "owngpt's full-head greedy tokens differ from transformers'"
         assert outs["owngpt fp32, torch kernels only"] == want, (
             "owngpt's oneDNN greedy tokens differ from transformers'"
         )
@@ -320,7 +327,8 @@ def main() -> int:
         print(f"threads {th}: copy bandwidth {bw[th]:.1f} GB/s (runs: {' '.join(f'{x:.1f}' for x in v)})")
     print(f"weights read per step: fp32 {fp32_bytes / 1e6:.0f} MB, int8 {int8_bytes / 1e6:.0f} MB")
     if not args.no_write:
-        write_section(render(args, rows, n_params, bw, fp32_bytes, int8_bytes, llama_version, llama_note))
+        head_bytes = ref.lm_head.weight.numel() * 4
+        write_section(render(args, rows, n_params, bw, fp32_bytes, int8_bytes, llama_version, llama_note, head_bytes))
         print(f"updated {DOC.relative_to(ROOT)}")
     return 0
 
@@ -351,6 +359,7 @@ def render(
     int8_bytes: float,
     llama_version: str | None,
     llama_note: str,
+    head_bytes: float = 0.0,
 ) -> str:
     import torch
     import transformers
@@ -374,7 +383,12 @@ def render(
         "API and the server, on the model as `load_for_generation` prepares it (fp32 projections packed once for "
         "oneDNN, owngpt.decode_kernels, one-row products (and, on an AVX2 CPU, batches of up to 16 rows) through "
         "owngpt's own kernel, owngpt.native_kernels, each cached step through owngpt.decode_step, whose blocks are "
-        "one native call each, `src/owngpt/native_block.cpp`, where the native kernel serves the batch); *torch "
+        "one native call each, `src/owngpt/native_block.cpp`, where the native kernel serves the batch, and the LM "
+        "head of greedy steps read from an fp16 copy with only the tokens that can be the argmax recomputed in fp32, "
+        "owngpt.greedy_head: the same tokens, "
+        f"{(fp32_bytes - head_bytes / 2) / 1e6:.0f} of the {fp32_bytes / 1e6:.0f} MB per step); *full fp32 head* is "
+        "that with the screen off (`OWNGPT_GREEDY_HEAD=0`: the head read whole in fp32, as every other contestant "
+        "does); *torch "
         "kernels only* is that without owngpt's native library (`OWNGPT_NATIVE_KERNELS=0`: oneDNN for every "
         "product, the blocks in Python); *reference kernels* is the same "
         "engine on the unpacked model (transformers' forward); int8 is "
@@ -384,9 +398,10 @@ def render(
         f"({', '.join(f'{v:.1f} GB/s on {th} thread(s)' for th, v in bw.items())}; bytes read + written, a 512 MiB "
         "tensor copy with torch on that many threads, measured between the repeats) / weight bytes "
         f"read per step ({fp32_bytes / 1e6:.0f} MB fp32, {int8_bytes / 1e6:.0f} MB int8 / q8_0, KV cache not "
-        "counted); a kernel that only reads can beat a copy's rate, so above 100% is possible. *Same tokens* is the "
+        "counted); a kernel that only reads can beat a copy's rate, and owngpt fp32's screened head reads fewer bytes, "
+        "so above 100% is possible. *Same tokens* is the "
         "share of greedy tokens equal to transformers' fp32 ones before the first difference (owngpt fp32 must be "
-        "100%: the benchmark stops otherwise; int8 and q8_0 round the weights, so their greedy paths may part, and "
+        "100%, with and without the screen: the benchmark stops otherwise; int8 and q8_0 round the weights, so their greedy paths may part, and "
         "early: random weights give nearly flat logits, where a small rounding changes the argmax).",
         "",
         "| threads | batch | contestant | tokens/s | vs transformers | vs llama.cpp same precision | % of bound "
