@@ -133,6 +133,10 @@ def owngpt_steps(cfg: Any, batch: int) -> tuple[dict[str, Callable[[], Any]], An
         with torch.no_grad():
             step(ids, pos, cache.k, cache.v, batch, n, None)
 
+    def fast_greedy() -> None:  # the step a greedy batch gets: the LM head screened (owngpt.greedy_head)
+        with torch.no_grad():
+            step(ids, pos, cache.k, cache.v, batch, n, None, top_k=1)
+
     # the same step on torch's kernels only (what owngpt does with OWNGPT_NATIVE_KERNELS=0 or without a compiler)
     torch_only = GPT2LMHeadModel(cfg).eval()
     torch_only.load_state_dict(ref.state_dict())
@@ -156,7 +160,11 @@ def owngpt_steps(cfg: Any, batch: int) -> tuple[dict[str, Callable[[], Any]], An
                 **{_cache_arg(model): cache.as_transformers_cache()},
             )
 
-    steps = {"owngpt step (decode_step)": fast, "owngpt step, torch kernels only": fast_torch}
+    steps = {
+        "owngpt step (decode_step)": fast,
+        "owngpt step, greedy (screened head)": fast_greedy,
+        "owngpt step, torch kernels only": fast_torch,
+    }
     return {**steps, "owngpt step (transformers forward)": hf}, ref
 
 
@@ -327,6 +335,7 @@ def main() -> int:
         for fast, slow in (
             (native_row, "kernels: oneDNN packed"),
             ("owngpt step (decode_step)", "owngpt step, torch kernels only"),
+            ("owngpt step, greedy (screened head)", "owngpt step (decode_step)"),
             (native8_row, "kernels: fbgemm int8 (linear_dynamic)"),
             ("owngpt int8 step, native kernel", "owngpt int8 step, fbgemm"),
             ("owngpt int8 step, native kernel", llama_row),
@@ -397,7 +406,9 @@ def write_doc(
         "owngpt's own kernel (`src/owngpt/native_gemv.cpp`, owngpt.native_kernels). *owngpt step*: the whole "
         "hand-written step (owngpt.decode_step) with the native kernel and each block one native call "
         "(`src/owngpt/native_block.cpp`), and with torch's kernels only (`OWNGPT_NATIVE_KERNELS=0`: oneDNN, the "
-        "blocks in Python). *llama.cpp f32 step*: its decode step on the same weights (owngpt's GGUF "
+        "blocks in Python); *greedy (screened head)*: the step a batch of greedy rows gets, its LM head read from "
+        "an fp16 copy with only the tokens that can be the argmax recomputed in fp32 (owngpt.greedy_head; its GB/s "
+        "counts the fp32 bytes it stands for, not the fewer it reads). *llama.cpp f32 step*: its decode step on the same weights (owngpt's GGUF "
         "export, its C API). " + bandwidth_note,
         "",
         "| threads | row | ms (median) | ms (min) | GB/s of weights | llama.cpp step / this |",
