@@ -260,3 +260,43 @@ def test_greedy_and_top_k_rows_decode_through_the_screened_head_and_rows_reading
     mixed = [*greedy[:2], top_k, {**top_k, "top_k": 5, "seed": 4}]  # seeded top-k sampling: the same draws
     assert run(fast, mixed, **together) == run(ref, mixed, **together)
     assert calls == [(4, 12)] * 29  # the first token of each row comes from its prefill
+
+
+@needs_native
+def test_the_bound_is_the_one_the_module_documents(streamed):
+    """The constants against the formula in owngpt.greedy_head's doc, derived here again: per output
+    1.01 (2^-11 + gamma_m (2 + 2^-11)) ||w_j||_2 (times 1 + 2 gamma_m for the fp32 norms), and
+    1.01 2^-25 (1 + gamma_m) per unit of ||x||_1, with gamma_m = m u / (1 - m u), u = 2^-24, m = in + 8."""
+    for in_ in (20, 768):
+        module, w, _ = packed_head(64, in_, seed=9)
+        head = greedy_head_for(module)
+        m, u = in_ + 8, 2.0**-24
+        gamma = m * u / (1 - m * u)
+        per_norm = 1.01 * (2.0**-11 + gamma * (2 + 2.0**-11)) * (1 + 2 * gamma)
+        want = w.double().norm(dim=1) * per_norm
+        assert torch.allclose(head.scaled_norms.double(), want, rtol=1e-6, atol=0)
+        assert bool((head.scaled_norms.double() >= want * (1 - 1e-6)).all())
+        assert head.c2 == pytest.approx(1.01 * 2.0**-25 * (1 + gamma), rel=1e-12)
+
+
+@needs_native
+def test_the_screen_takes_k_up_to_half_its_candidate_limit_and_refuses_other_inputs(streamed):
+    module, _w, _b = packed_head(800, 32, seed=10)
+    head = greedy_head_for(module)
+    x = torch.randn(1, 32)
+    top = head.max_candidates // 2  # 50 of 800
+    assert bool(torch.isneginf(head(x, top)).any())  # screened
+    assert bool(torch.isfinite(head(x, top + 1)).all())  # the whole fp32 head
+    assert torch.equal(head(x, top + 1), module.kernel(True)(x))
+    assert bool(torch.isfinite(head(x, 0)).all())
+    for bad in (torch.randn(1, 31), torch.randn(32), torch.randn(1, 32, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="greedy head"):
+            head(bad)
+
+
+@needs_native
+def test_a_head_is_screened_only_when_it_outgrows_the_cache(monkeypatch):
+    for cache, screened in ((4095, True), (4096, False)):  # a 64 x 16 fp32 head: 4096 bytes
+        monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda cache=cache: cache)
+        module = _packed_linear_class()(torch.randn(64, 16), None, native=NATIVE)
+        assert (greedy_head_for(module) is not None) == screened

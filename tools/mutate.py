@@ -175,6 +175,10 @@ MODULES: dict[str, list[str]] = {
         "tests/test_decode_kernels.py",
         "tests/test_engine.py",
     ],
+    # the screened LM head of greedy and top-k steps (its C half, owngpt_greedy_head, is not mutated here)
+    "greedy_head": [
+        "tests/test_greedy_head.py",
+    ],
     "quantize": [
         "tests/test_mutation_kills_quantize.py",
         "tests/test_split_scales_weights.py",
