@@ -47,6 +47,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_mutation_kills_train_run.py",  # --out against the inputs, the overwrite note, NaN patience, merged
         "tests/test_train.py::test_refuses_a_data_dir_from_another_tokenizer",
         "tests/test_classify_e2e.py::test_frozen_body_through_the_loop",  # the task's prepare_model applied by train
+        "tests/test_lora.py::test_lora_resume_is_exact",  # a LoRA run's adapter read back on resume
         "tests/test_mutation_kills_train_loop.py",  # the run record, best and last, overwrite, resume, generation config
         "tests/test_mutation_kills_train.py",
         "tests/test_train_oracles.py",
