@@ -81,6 +81,7 @@ def test_tensorboard_gets_each_finite_number_but_the_step(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3, 4]
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the empty record's legend: nothing to name
 def test_loss_png_draws_the_train_and_validation_curves_at_700_by_400(tmp_path):
     """loss.png is 700 x 400 and each curve changes it (compared with the plot of an empty record, pixel by pixel:
     colours and styles are matplotlib's, whatever its settings)."""
