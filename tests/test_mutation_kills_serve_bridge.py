@@ -109,3 +109,13 @@ def test_a_request_awaited_whole_fails_with_its_rows_error_and_stops_watching_th
         asyncio.run(run([("stop", None), ("error", "generation failed: boom")]))
     assert (e.value.status, e.value.type, e.value.message) == (500, "server_error", "generation failed: boom")
     assert seen[-1] == ["started", "stopped"]
+
+
+def test_a_classification_counts_its_input_tokens_and_no_completion_tokens(classifier):
+    texts = ["hello there", "bye", ""]
+    body = asyncio.run(classifier.classify(S.ClassifyRequest(input=texts)))
+    tok = fixtures.char_tokenizer()  # the checkpoint's tokenizer, built again here: one token a character
+    n = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert n == len("hello there") + len("bye")
+    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1, 2]

@@ -1,7 +1,9 @@
 """What a training run checks, says and writes, written against the mutants of train's loop that survived its fifth
 fresh sample (#25): an --out that is or holds the run's inputs, an interrupted --overwrite put back, a NaN first
-evaluation and the patience counter, the merged checkpoint only when asked for. Oracles: the file tree before and
-after (hashes of every file), the note the user is given, the evaluations replayed from metrics.jsonl."""
+evaluation and the patience counter, the merged checkpoint only when asked for; and (seed 10, 12-01 evening) the
+barriers around the run dir's repair, --compile in one process, epochs without max_steps, a tokenizer without a pad
+token. Oracles: the file tree before and after (hashes of every file), the note the user is given, the evaluations
+replayed from metrics.jsonl, the calls recorded by stand-ins, the examples written in the test."""
 
 from __future__ import annotations
 
@@ -236,3 +238,84 @@ def _stop_at(k):
             raise _Stop
 
     return cb
+
+
+def test_a_tokenizer_without_a_pad_token_pads_generation_with_its_end_token(tmp_path, tiny_ckpt):
+    """A data tokenizer with no pad token (GPT-2's own has none): generation_config.json pads with the end-of-text
+    id, the one id the lm task ends on (oracle: the tokenizer saved in the checkpoint)."""
+    from transformers import GenerationConfig
+
+    import fixtures
+    from owngpt.tokenizer import load_tokenizer
+
+    tok = fixtures.char_tokenizer()
+    tok.pad_token = None
+    data = fixtures.write_lm_data_dir(tmp_path / "data", tokenizer=tok)
+    res = train(quick_cfg(data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1))
+    saved = load_tokenizer(res.last_checkpoint)
+    assert saved.pad_token_id is None and saved.eos_token_id is not None
+    gen = GenerationConfig.from_pretrained(res.last_checkpoint)
+    assert gen.pad_token_id == gen.eos_token_id == saved.eos_token_id
+
+
+def test_every_rank_waits_for_rank_0s_recovery_before_looking_at_the_run_dir(
+    tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch
+):
+    """Under torchrun, rank 0 puts back what a killed save left before any rank decides whether the run dir holds a
+    run to resume, and every rank has decided before rank 0 writes into it: a barrier between each (the order is
+    what two processes rely on; one process sees the calls, which are no-ops there)."""
+    from owngpt import train as train_mod
+    from owngpt.distributed import Dist
+
+    events = []
+
+    def spy(name, fn=None):
+        def wrapped(*a, **k):
+            events.append(name)
+            if name == "check_writable":
+                raise _Enough
+            return fn(*a, **k) if fn else None
+
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "recover_interrupted_save", spy("recover", train_mod.recover_interrupted_save))
+    monkeypatch.setattr(train_mod, "prepare_run_dir", spy("prepare", train_mod.prepare_run_dir))
+    monkeypatch.setattr(train_mod, "check_writable", spy("check_writable"))
+    monkeypatch.setattr(Dist, "barrier", spy("barrier"))
+    with pytest.raises(_Enough):
+        train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt))
+    assert events == ["recover", "barrier", "prepare", "barrier", "check_writable"]
+
+
+class _Enough(Exception):
+    pass
+
+
+def test_one_process_with_compile_compiles_the_step_once_and_not_the_model(
+    tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch
+):
+    """Alone, --compile compiles forward + loss as one function (owngpt.train_step.forward_and_loss); the model
+    itself is compiled only when DDP or FSDP wraps it (two or more processes). torch.compile is stood in for by a
+    recorder that returns what it is given: no compile time, the same run."""
+    compiled = []
+
+    def record(fn, **kw):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    res = train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, compile=True, max_steps=1, eval_every=1))
+    assert res.steps == 1
+    assert len(compiled) == 1 and not isinstance(compiled[0], torch.nn.Module) and callable(compiled[0])
+
+
+@pytest.mark.parametrize(("epochs", "steps"), [(None, 2), (1.5, 3)])
+def test_without_max_steps_a_run_makes_its_epochs_of_passes_over_the_train_split(tmp_path, tiny_ckpt, epochs, steps):
+    """No --max-steps: `epochs` passes over the train split (one when not given), in global batches rounded up
+    (oracle: 8 conversations written, 4 per step)."""
+    from train_helpers import write_chat_data_dir
+
+    data = write_chat_data_dir(tmp_path / "chat", n_train=8, n_val=2)
+    cfg = quick_cfg(data, tmp_path / "run", tiny_ckpt, task="chat", max_steps=None, epochs=epochs, eval_every=100)
+    assert cfg.batch_size * cfg.grad_accum == 4
+    assert train(cfg).steps == steps

@@ -47,6 +47,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_mutation_kills_train_run.py",  # --out against the inputs, the overwrite note, NaN patience, merged
         "tests/test_train.py::test_refuses_a_data_dir_from_another_tokenizer",
         "tests/test_classify_e2e.py::test_frozen_body_through_the_loop",  # the task's prepare_model applied by train
+        "tests/test_lora.py::test_lora_resume_is_exact",  # a LoRA run's adapter read back on resume
         "tests/test_mutation_kills_train_loop.py",  # the run record, best and last, overwrite, resume, generation config
         "tests/test_mutation_kills_train.py",
         "tests/test_train_oracles.py",
@@ -59,7 +60,11 @@ MODULES: dict[str, list[str]] = {
         "tests/test_distributed.py",
     ],
     # the modules split out of train.py: the same tests see them (through the loop, and their own helpers)
-    "distributed": ["tests/test_mutation_kills_train_loop.py", "tests/test_distributed.py"],
+    "distributed": [
+        "tests/test_mutation_kills_distributed.py",  # Dist's collectives and setup, torch.distributed stood in for
+        "tests/test_mutation_kills_train_loop.py",
+        "tests/test_distributed.py",
+    ],
     "trainer_state": [
         "tests/test_mutation_kills_trainer_state.py",  # each rank's generators, optimizer state by name, refusals
         "tests/test_mutation_kills_train.py",  # the RNG state's JSON round trip, corrupt or missing state
@@ -69,12 +74,17 @@ MODULES: dict[str, list[str]] = {
         "tests/test_distributed.py",
     ],
     "run_dir": [
+        "tests/test_mutation_kills_run_dir.py",  # --out made, saves cut short put back, which best a resume keeps
         "tests/test_mutation_kills_train_run.py",
         "tests/test_mutation_kills_train_loop.py",
         "tests/test_mutation_kills_train.py",
         "tests/test_keep_user_work.py",
     ],
-    "run_log": ["tests/test_mutation_kills_train_loop.py", "tests/test_train.py::test_overfits_and_writes_the_run_dir"],
+    "run_log": [
+        "tests/test_mutation_kills_run_log.py",  # metrics.jsonl on resume, TensorBoard scalars, loss.png, write errors
+        "tests/test_mutation_kills_train_loop.py",
+        "tests/test_train.py::test_overfits_and_writes_the_run_dir",
+    ],
     "tasks/lm": [
         "tests/test_mutation_kills.py",
         "tests/test_train_oracles.py",

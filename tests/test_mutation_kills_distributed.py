@@ -1,0 +1,93 @@
+"""owngpt.distributed's Dist on its own (#25): a process's place in a torchrun job and its collectives, in one process
+with torch.distributed's calls stood in for (the two-process torchrun tests in test_distributed.py take minutes;
+these check which collective runs, on which ranks, with what, in milliseconds). Oracles: the calls recorded by the
+stand-ins and the values they return, written in the test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as td
+
+from owngpt.distributed import Dist
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """torch.distributed's collectives recorded; each does what a two-rank job of ranks 0 and 1 would."""
+    seen: list[tuple] = []
+
+    def all_gather_object(out, obj):
+        seen.append(("all_gather_object", len(out)))
+        for r in range(len(out)):
+            out[r] = (r, obj)
+
+    def broadcast_object_list(box, src):
+        seen.append(("broadcast_object_list", src))
+        box[0] = f"rank {src}'s object"
+
+    def all_reduce(t):
+        seen.append(("all_reduce", t.dtype))
+        t.mul_(2)  # rank 1 holds the same values
+
+    monkeypatch.setattr(td, "barrier", lambda: seen.append(("barrier",)))
+    monkeypatch.setattr(td, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(td, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(td, "all_reduce", all_reduce)
+    return seen
+
+
+def test_a_dist_built_by_hand_is_rank_0_of_1_on_the_cpu_or_on_the_device_given():
+    d = Dist()
+    assert (d.rank, d.world, d.local_rank, d.owns_group, d.device, d.main) == (
+        0,
+        1,
+        0,
+        False,
+        torch.device("cpu"),
+        True,
+    )
+    assert Dist(device=torch.device("meta")).device == torch.device("meta")
+    assert not Dist(rank=1, world=2).main
+
+
+def test_two_ranks_run_each_collective_and_one_process_none(calls):
+    two = Dist(rank=1, world=2)
+    two.barrier()
+    assert two.gather("mine") == [(0, "mine"), (1, "mine")]
+    assert two.broadcast("mine") == "rank 0's object"  # every rank gets rank 0's
+    assert two.all_sum([1.0, 2.5]) == [2.0, 5.0]
+    assert calls == [
+        ("barrier",),
+        ("all_gather_object", 2),
+        ("broadcast_object_list", 0),
+        ("all_reduce", torch.float64),
+    ]
+    calls.clear()
+    one = Dist()
+    one.barrier()
+    assert one.gather("mine") == ["mine"] and one.broadcast("mine") == "mine" and one.all_sum([1.0, 2.5]) == [1.0, 2.5]
+    assert calls == []
+
+
+def test_only_rank_0_says_anything(capsys):
+    Dist(rank=1, world=2).say("from rank 1")
+    Dist(rank=0, world=2).say("from rank 0")
+    assert capsys.readouterr().err == "from rank 0\n"
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_setup_joins_a_torchrun_job_of_two_with_gloo_on_the_cpu_and_runs_alone_otherwise(monkeypatch, world):
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(td, "is_initialized", lambda: False)
+    monkeypatch.setattr(td, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(td, "get_rank", lambda: 1)
+    monkeypatch.setattr(td, "get_world_size", lambda: 2)
+    d = Dist.setup("cpu")
+    if world == "1":
+        assert joined == [] and (d.rank, d.world, d.owns_group) == (0, 1, False)
+    else:
+        assert joined == ["gloo"]
+        assert (d.rank, d.world, d.local_rank, d.owns_group, d.device) == (1, 2, 1, True, torch.device("cpu"))
