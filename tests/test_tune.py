@@ -431,3 +431,22 @@ def test_two_processes_share_a_study(tmp_path):
     params = db_rows(db, "select group_concat(param_value) from trial_params group by trial_id")
     assert len(set(params)) == len(params)
     assert (out / "best.yaml").exists()
+
+
+def test_optunas_plots_leave_matplotlibs_settings_as_they_were(tmp_path):
+    """optuna's matplotlib plots switch the process to the ggplot style; the report's plots must not leak it into
+    the loss.png and report plots drawn later in the same process."""
+    import matplotlib
+    import optuna
+
+    from owngpt.tune.report import _plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.optimize(lambda t: (t.suggest_float("lr", 1e-4, 1e-2, log=True) - 1e-3) ** 2, n_trials=4)
+    before = dict(matplotlib.rcParams)
+    plots = {}
+    assert _plots(study, tmp_path, plots, "val_loss") == []
+    assert set(plots) == {"history", "importances"} and all(p.stat().st_size > 0 for p in plots.values())
+    assert matplotlib.rcParams["axes.facecolor"] == before["axes.facecolor"]  # ggplot's is #E5E5E5
+    assert {k: v for k, v in matplotlib.rcParams.items() if before.get(k) != v} == {}

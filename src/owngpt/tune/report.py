@@ -179,26 +179,31 @@ def _plots(study: Any, out: Path, plots: dict[str, Path], metric: str) -> list[s
         return ["no plots: matplotlib is not installed (pip install matplotlib)"]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     jobs = [("history", ovm.plot_optimization_history, 1), ("importances", ovm.plot_param_importances, 2)]
-    for name, fn, needed in jobs:
-        if len(complete) < needed:
-            notes.append(f"no {name} plot: it needs at least {needed} complete trial(s), the study has {len(complete)}")
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = fn(study, target_name=metric)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(8, 5)
-            fig.tight_layout()
-            path = out / f"{name}.png"
+    # optuna's plots call plt.style.use("ggplot"), which changes matplotlib's settings for the whole process (every
+    # later loss.png or report plot of the same process would come out in its style): restored when they are done
+    with matplotlib.rc_context():
+        for name, fn, needed in jobs:
+            if len(complete) < needed:
+                notes.append(
+                    f"no {name} plot: it needs at least {needed} complete trial(s), the study has {len(complete)}"
+                )
+                continue
             try:
-                with atomic.aside(path) as tmp:
-                    fig.savefig(tmp, dpi=100, format="png")
-            finally:
-                plt.close(fig)
-            plots[name] = path
-        except Exception as e:  # e.g. importances of a study whose parameters never varied
-            notes.append(f"no {name} plot: {type(e).__name__}: {e}")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ax = fn(study, target_name=metric)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.set_size_inches(8, 5)
+                fig.tight_layout()
+                path = out / f"{name}.png"
+                try:
+                    with atomic.aside(path) as tmp:
+                        fig.savefig(tmp, dpi=100, format="png")
+                finally:
+                    plt.close(fig)
+                plots[name] = path
+            except Exception as e:  # e.g. importances of a study whose parameters never varied
+                notes.append(f"no {name} plot: {type(e).__name__}: {e}")
     return notes
 
 
