@@ -119,7 +119,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* w, const float*
 }
 
 // The same block over an fp16 copy of the packed weight: half the bytes to stream. Only for the greedy
-// head screen (owngpt.decode_kernels.GreedyHead), which bounds the rounding and recomputes its candidates in fp32.
+// head screen (owngpt.greedy_head.GreedyHead), which bounds the rounding and recomputes its candidates in fp32.
 __attribute__((target("avx2,fma,f16c"))) void block_avx2_f16(const uint16_t* w, const float* x, int64_t in,
                                                                float* sums) {
   __m256 a[R];
