@@ -50,6 +50,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_lora.py::test_lora_resume_is_exact",  # a LoRA run's adapter read back on resume
         "tests/test_mutation_kills_train_loop.py",  # the run record, best and last, overwrite, resume, generation config
         "tests/test_mutation_kills_train.py",
+        # the speed logged (a clock stood in for), eval without dropout, seeds, temp dirs, patience at the end (12-01)
+        "tests/test_mutation_kills_train_edges.py",
         "tests/test_train_oracles.py",
         "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
         "tests/test_train.py::test_overfits_and_writes_the_run_dir",
