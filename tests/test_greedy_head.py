@@ -284,6 +284,7 @@ def test_the_screen_takes_k_up_to_half_its_candidate_limit_and_refuses_other_inp
     module, _w, _b = packed_head(800, 32, seed=10)
     head = greedy_head_for(module)
     x = torch.randn(1, 32)
+    assert head.max_candidates == 800 // 8  # MAX_CANDIDATE_SHARE, as documented: an eighth of the vocabulary
     top = head.max_candidates // 2  # 50 of 800
     assert bool(torch.isneginf(head(x, top)).any())  # screened
     assert bool(torch.isfinite(head(x, top + 1)).all())  # the whole fp32 head
@@ -300,3 +301,17 @@ def test_a_head_is_screened_only_when_it_outgrows_the_cache(monkeypatch):
         monkeypatch.setattr(decode_kernels, "cache_resident_bytes", lambda cache=cache: cache)
         module = _packed_linear_class()(torch.randn(64, 16), None, native=NATIVE)
         assert (greedy_head_for(module) is not None) == screened
+
+
+@needs_native
+def test_the_full_head_a_row_falls_back_to_is_the_one_row_kernel_even_where_batches_go_to_onednn(streamed, monkeypatch):
+    """On a CPU where owngpt's kernel takes one row only (BATCH_ROWS 1: batches go to oneDNN), a screened row that
+    falls back to the full head still gets the one-row native kernel's values, bitwise: those of the step without
+    the screen (greedy_head.py 123: the batch kernel there would give oneDNN's rounding instead)."""
+    monkeypatch.setattr(native_kernels, "BATCH_ROWS", {level: 1 for level in native_kernels.BATCH_ROWS})
+    module, _w, _b = packed_head(800, 256, seed=11)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(12))
+    one_row, batch = module.kernel(True)(x), module.kernel(False)(x)
+    assert not torch.equal(one_row, batch)  # oneDNN sums in another order: the check below can tell them apart
+    head = greedy_head_for(module)
+    assert torch.equal(head(x, head.max_candidates // 2 + 1), one_row)  # k too large for the screen: the full head

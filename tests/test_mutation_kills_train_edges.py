@@ -304,3 +304,49 @@ def test_fsdp_in_one_process_is_a_plain_run(tmp_path, tiny_lm_data, tiny_ckpt):
     sa = load_file(plain.last_checkpoint / "trainer" / "tensors.safetensors")
     sb = load_file(fsdp.last_checkpoint / "trainer" / "tensors.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_which_way_a_metric_improves():
+    """The task's own metric goes the task's way; any other is better higher unless it is a loss (val_loss, val_ppl,
+    or a name ending in "loss"). Stand-in tasks: a lower-is-better metric that is not named a loss, and the lm task's
+    (train.py 120, 122)."""
+    from owngpt.train import _metric_direction
+
+    own_lower = types.SimpleNamespace(metric="edit_distance", greater_is_better=False)
+    own_higher = types.SimpleNamespace(metric="accuracy", greater_is_better=True)
+    lm = types.SimpleNamespace(metric="val_loss", greater_is_better=False)
+    cases = [
+        (own_lower, "edit_distance", False),  # the task knows its metric: no name rule
+        (own_higher, "accuracy", True),
+        (own_higher, "val_loss", False),
+        (own_higher, "train_loss", False),
+        (lm, "val_loss", False),
+        (lm, "val_ppl", False),  # a loss by the list, not by its name
+        (lm, "val_accuracy", True),
+        (own_lower, "f1", True),
+    ]
+    for task, metric, higher in cases:
+        assert _metric_direction(task, metric) is higher, (task.metric, metric)
+
+
+def test_every_rank_meets_the_others_after_its_last_save_before_leaving_the_group(
+    tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch
+):
+    """Under torchrun a rank that tears the process group down while its peer still saves made gloo abort at exit:
+    after the run's last save, every rank waits at a barrier, then closes (train.py 143). One process sees the calls
+    (no-ops there) in order."""
+    events: list[str] = []
+    barrier, close, save = Dist.barrier, Dist.close, train_mod.save_checkpoint
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            events.append(name)
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(Dist, "barrier", spy("barrier", barrier))
+    monkeypatch.setattr(Dist, "close", spy("close", close))
+    monkeypatch.setattr(train_mod, "save_checkpoint", spy("save", save))
+    train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1))
+    assert events[-3:] == ["save", "barrier", "close"]

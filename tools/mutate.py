@@ -52,6 +52,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_mutation_kills_train.py",
         # the speed logged (a clock stood in for), eval without dropout, seeds, temp dirs, patience at the end (12-01)
         "tests/test_mutation_kills_train_edges.py",
+        # train()'s own rollback: a failed --overwrite gives the old run back
+        "tests/test_keep_user_work.py::test_an_overwrite_that_fails_before_a_checkpoint_gives_the_old_run_back",
         "tests/test_train_oracles.py",
         "tests/test_train.py::test_loop_equals_a_textbook_adamw_loop",
         "tests/test_train.py::test_overfits_and_writes_the_run_dir",
