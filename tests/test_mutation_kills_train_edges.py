@@ -350,3 +350,68 @@ def test_every_rank_meets_the_others_after_its_last_save_before_leaving_the_grou
     monkeypatch.setattr(train_mod, "save_checkpoint", spy("save", save))
     train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1))
     assert events[-3:] == ["save", "barrier", "close"]
+
+
+def test_a_checkpoint_names_its_model_source_without_the_users_folders(tmp_path):
+    """owngpt.json's "source": a local model near the run by its path relative to the run, one far away by its
+    folder's name only, a Hub model by its id, a preset as it describes itself; never an absolute path
+    (train.py 475-480). Oracle: the paths and descriptions written out here."""
+    from owngpt.models import ModelSource
+    from owngpt.train import _portable_source
+
+    run = tmp_path / "a" / "b" / "run"
+    near = ModelSource("local", str(tmp_path / "a" / "b" / "model"), tmp_path / "a" / "b" / "model")
+    far_dir = tmp_path / "x" / "y" / "z" / "w" / "weights"
+    far = ModelSource("local", str(far_dir), far_dir)
+    hub = ModelSource("hub", "gpt2", tmp_path / "cache" / "models--gpt2")
+    preset = ModelSource("preset", "tiny", None, {"n_layer": 4})
+
+    got = _portable_source(near, run)
+    assert got["source"] == {"kind": "local", "name": "../model", "path": "../model"}
+    assert got["source_description"] == "pretrained: local checkpoint ../model"
+    got = _portable_source(far, run)
+    assert got["source"] == {"kind": "local", "name": "weights", "path": None}
+    assert got["source_description"] == "pretrained: local checkpoint weights"
+    got = _portable_source(hub, run)
+    assert got["source"] == {"kind": "hub", "name": "gpt2", "path": None}
+    assert got["source_description"] == "pretrained: Hub model 'gpt2'"
+    got = _portable_source(preset, run)
+    assert got["source"] == {"kind": "preset", "name": "tiny", "path": None, "preset": {"n_layer": 4}}
+    assert got["source_description"] == preset.describe()
+
+
+@pytest.mark.parametrize("report, main, wanted", [(True, True, True), (False, True, False), (True, False, False)])
+def test_the_report_is_written_at_the_end_when_asked_and_by_rank_0_only(
+    tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch, report, main, wanted
+):
+    """report=true (the default) writes report.html and report.md once the run is done, on rank 0 (train.py 150,
+    151); report_after_run itself (tested in test_report.py) is stood in for."""
+    calls: list = []
+    monkeypatch.setattr(train_mod, "report_after_run", lambda run_dir: calls.append(run_dir))
+    if not main:  # rank 1 of a job, as far as train() can tell (a Dist built by hand, no process group)
+        monkeypatch.setattr(Dist, "setup", staticmethod(lambda device="auto": Dist(rank=1, world=1)))
+        monkeypatch.setattr(train_mod, "_train", lambda cfg, cbs, dist, guard: types.SimpleNamespace(run_dir=cfg.out))
+    cfg = quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1, report=report)
+    train(cfg)
+    assert calls == ([tmp_path / "run"] if wanted else [])
+
+
+def test_transformers_progress_bars_are_off_while_saving_and_on_again_after(
+    tmp_path, tiny_lm_data, tiny_ckpt, monkeypatch
+):
+    """No "Writing model shards" bar inside owngpt's own bar while a checkpoint is saved, and transformers' bars
+    (e.g. "Loading weights") back on once the run is done, for the rest of the user's program (train.py 491, 496)."""
+    from transformers.utils import logging as hf_logging
+
+    during: list[bool] = []
+    save = train_mod.save_checkpoint
+
+    def spy(*a, **k):
+        during.append(hf_logging.is_progress_bar_enabled())
+        return save(*a, **k)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", spy)
+    hf_logging.enable_progress_bar()
+    train(quick_cfg(tiny_lm_data, tmp_path / "run", tiny_ckpt, max_steps=1, eval_every=1))
+    assert during and not any(during)
+    assert hf_logging.is_progress_bar_enabled()
