@@ -1,15 +1,19 @@
 """owngpt.distributed's Dist on its own (#25): a process's place in a torchrun job and its collectives, in one process
 with torch.distributed's calls stood in for (the two-process torchrun tests in test_distributed.py take minutes;
-these check which collective runs, on which ranks, with what, in milliseconds). Oracles: the calls recorded by the
-stand-ins and the values they return, written in the test."""
+these check which collective runs, on which ranks, with what, in milliseconds), and what `parallelize` shards or wraps.
+Oracles: the calls recorded by the stand-ins and the values they return, written in the test."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as td
+import torch.distributed.fsdp as fsdp
+import torch.nn.parallel
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from owngpt.distributed import Dist
+from owngpt.distributed import Dist, parallelize
+from owngpt.errors import ConfigError
 
 
 @pytest.fixture
@@ -91,3 +95,41 @@ def test_setup_joins_a_torchrun_job_of_two_with_gloo_on_the_cpu_and_runs_alone_o
     else:
         assert joined == ["gloo"]
         assert (d.rank, d.world, d.local_rank, d.owns_group, d.device) == (1, 2, 1, True, torch.device("cpu"))
+
+
+def _gpt2(layers: int = 3) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=layers, n_head=2))
+
+
+def test_parallelize_shards_each_block_then_the_model_under_fsdp_and_wraps_in_ddp_otherwise(monkeypatch):
+    """Under torchrun with fsdp=true every transformer block is sharded on its own, then the whole model (its
+    embeddings and head), and the model itself comes back; without fsdp it is wrapped in DDP with no device ids on
+    the CPU; alone, it is the model itself. torch's fully_shard and DDP are stood in for by recorders (the
+    two-process runs in test_distributed.py train through the real ones)."""
+    sharded: list = []
+    wrapped: list = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module: sharded.append(module))
+
+    class RecordingDDP:
+        def __init__(self, module, device_ids):
+            wrapped.append((module, device_ids))
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    model = _gpt2()
+    two = Dist(rank=1, world=2)
+    assert parallelize(model, two, fsdp=True, lora=False) is model
+    assert [id(m) for m in sharded] == [*(id(b) for b in model.transformer.h), id(model)]
+    assert wrapped == []
+
+    sharded.clear()
+    ddp = parallelize(model, two, fsdp=False, lora=False)
+    assert isinstance(ddp, RecordingDDP) and wrapped == [(model, None)] and sharded == []
+
+    wrapped.clear()
+    assert parallelize(model, Dist(), fsdp=True, lora=False) is model
+    assert parallelize(model, Dist(), fsdp=False, lora=True) is model
+    assert sharded == [] and wrapped == []
+
+    with pytest.raises(ConfigError, match="fsdp with lora is not supported"):
+        parallelize(model, two, fsdp=True, lora=True)
+    assert sharded == []
