@@ -6,7 +6,10 @@ the test, the messages the documented cases give."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,23 @@ def test_any_byte_in_metrics_jsonl_is_progress_even_a_line_cut_short(tmp_path, m
         prepare_run_dir(out, _cfg(out), Dist())
     (out / "metrics.jsonl").write_text("")
     assert not run_started(out)
+
+
+def test_a_best_restored_from_last_is_private_to_its_owner_like_every_checkpoint(tmp_path):
+    # checkpoints are written with mode 0o700 (owngpt.checkpoint.save_checkpoint); a copy made on resume is one too
+    _ckpt(tmp_path / "best", 2, 0.9)
+    _ckpt(tmp_path / "last", 6, 0.4, trainer=True)
+    reconcile_best(tmp_path, _state(6, 6, 0.4), "val_loss", Dist())
+    assert stat.S_IMODE((tmp_path / "best").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_an_out_that_cannot_be_made_is_refused_with_the_systems_reason(tmp_path, where):
+    """The message gives the OS's reason in words (strerror), not the exception's repr with its errno."""
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "run" if where == "under_a_file" else tmp_path / "f"
+    reason = os.strerror(errno.ENOTDIR if where == "under_a_file" else errno.EEXIST)
+    with pytest.raises(ConfigError) as e:
+        check_writable(out)
+    assert str(e.value) == f"--out {out}: cannot write there ({reason}); choose a writable directory"
+    assert (tmp_path / "f").read_text() == "x"
