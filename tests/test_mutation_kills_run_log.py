@@ -54,6 +54,21 @@ def test_a_resume_keeps_the_lines_up_to_its_step_and_drops_the_replayed_ones(tmp
     assert log.history == want  # what loss.png draws
 
 
+@pytest.mark.parametrize("resume_step", [0, 3])
+def test_a_resume_drops_only_the_lines_of_replayed_steps_and_keeps_a_line_without_a_step(tmp_path, resume_step):
+    """Only the steps after the checkpoint are replayed, so only their lines go; a record that names no step (a note
+    added by hand) belongs to none of them and stays, whatever the step resumed from, even step 0."""
+    note = {"note": "lr raised by hand"}
+    lines = [note, {"step": 0, "val_loss": 3.0}, {"step": 1, "train_loss": 2.5}, {"step": 4, "train_loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    log = RunLog(tmp_path, True, resume_step)
+    log.close()
+    want = [r for r in lines if r.get("step") is None or r["step"] <= resume_step]
+    assert want[0] == note and len(want) == (2 if resume_step == 0 else 3)
+    got = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert got == want and log.history == want
+
+
 def test_a_fresh_start_begins_an_empty_record_and_a_resume_without_one_starts_it(tmp_path):
     # a run restarted in place (it had logged nothing worth keeping) does not read the old file at all
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 9, "train_loss": 1.0}) + "\n", encoding="utf-8")
