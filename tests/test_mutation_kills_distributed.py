@@ -1,15 +1,21 @@
 """owngpt.distributed's Dist on its own (#25): a process's place in a torchrun job and its collectives, in one process
 with torch.distributed's calls stood in for (the two-process torchrun tests in test_distributed.py take minutes;
-these check which collective runs, on which ranks, with what, in milliseconds). Oracles: the calls recorded by the
-stand-ins and the values they return, written in the test."""
+these check which collective runs, on which ranks, with what, in milliseconds), what `parallelize` shards or wraps,
+and what `full_state` asks of torch. Oracles: the calls recorded by the stand-ins and the values they return, written
+in the test."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as td
+import torch.distributed.checkpoint.state_dict as sd
+import torch.distributed.fsdp as fsdp
+import torch.nn.parallel
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from owngpt.distributed import Dist
+from owngpt.distributed import Dist, full_state, parallelize
+from owngpt.errors import ConfigError
 
 
 @pytest.fixture
@@ -91,3 +97,78 @@ def test_setup_joins_a_torchrun_job_of_two_with_gloo_on_the_cpu_and_runs_alone_o
     else:
         assert joined == ["gloo"]
         assert (d.rank, d.world, d.local_rank, d.owns_group, d.device) == (1, 2, 1, True, torch.device("cpu"))
+
+
+def _gpt2(layers: int = 3) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=layers, n_head=2))
+
+
+def test_parallelize_shards_each_block_then_the_model_under_fsdp_and_wraps_in_ddp_otherwise(monkeypatch):
+    """Under torchrun with fsdp=true every transformer block is sharded on its own, then the whole model (its
+    embeddings and head), and the model itself comes back; without fsdp it is wrapped in DDP with no device ids on
+    the CPU; alone, it is the model itself. torch's fully_shard and DDP are stood in for by recorders (the
+    two-process runs in test_distributed.py train through the real ones)."""
+    sharded: list = []
+    wrapped: list = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module: sharded.append(module))
+
+    class RecordingDDP:
+        def __init__(self, module, device_ids):
+            wrapped.append((module, device_ids))
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    model = _gpt2()
+    two = Dist(rank=1, world=2)
+    assert parallelize(model, two, fsdp=True, lora=False) is model
+    assert [id(m) for m in sharded] == [*(id(b) for b in model.transformer.h), id(model)]
+    assert wrapped == []
+
+    sharded.clear()
+    ddp = parallelize(model, two, fsdp=False, lora=False)
+    assert isinstance(ddp, RecordingDDP) and wrapped == [(model, None)] and sharded == []
+
+    wrapped.clear()
+    assert parallelize(model, Dist(), fsdp=True, lora=False) is model
+    assert parallelize(model, Dist(), fsdp=False, lora=True) is model
+    assert sharded == [] and wrapped == []
+
+    with pytest.raises(ConfigError, match="fsdp with lora is not supported"):
+        parallelize(model, two, fsdp=True, lora=True)
+    assert sharded == []
+
+
+def test_full_state_gathers_fsdps_shards_whole_on_the_cpu_and_names_the_optimizer_state(monkeypatch):
+    """Sharded (FSDP), the weights and the optimizer state are asked of torch whole (full_state_dict) and on the CPU
+    (cpu_offload: a GPU need not hold a second full copy; rank 0 alone receives it); unsharded, the model holds its
+    weights (None) and the optimizer state is torch's, keyed by parameter name. torch's two getters are stood in for
+    when sharded (a real FSDP needs a process group); the unsharded state is the real one."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    asked: list = []
+    real_optimizer_state = sd.get_optimizer_state_dict
+
+    def model_state(m, options):
+        asked.append(("weights", options.full_state_dict, options.cpu_offload))
+        return {"w": "gathered"}
+
+    def optimizer_state(m, o, options=None):
+        if options is None:
+            return real_optimizer_state(m, o)
+        asked.append(("optimizer", options.full_state_dict, options.cpu_offload))
+        return {"state": "gathered"}
+
+    monkeypatch.setattr(sd, "get_model_state_dict", model_state)
+    monkeypatch.setattr(sd, "get_optimizer_state_dict", optimizer_state)
+    assert full_state(model, opt, sharded=True, with_optimizer=True) == ({"w": "gathered"}, {"state": "gathered"})
+    assert asked == [("weights", True, True), ("optimizer", True, True)]
+    asked.clear()
+    assert full_state(model, opt, sharded=True, with_optimizer=False) == ({"w": "gathered"}, None)
+    assert asked == [("weights", True, True)]
+    asked.clear()
+    weights, osd = full_state(model, opt, sharded=False, with_optimizer=True)
+    assert weights is None and asked == []
+    assert sorted(osd["state"]) == ["bias", "weight"]
+    assert torch.equal(osd["state"]["weight"]["exp_avg"], opt.state[model.weight]["exp_avg"])
+    assert full_state(model, opt, sharded=False, with_optimizer=False) == (None, None)

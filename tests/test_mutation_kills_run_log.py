@@ -1,7 +1,7 @@
 """owngpt.run_log on its own (#25): what metrics.jsonl holds after a fresh start and after a resume, the TensorBoard
-scalars and when they reach the disk, loss.png, and the errors that name the file that could not be written.
-Oracles: the lines written in the test, the event files decoded with tensorboardX's protobuf (not owngpt's code),
-the PNG's pixels read with Pillow."""
+scalars and when they reach the disk, loss.png (its pixels, and the figure it was saved from), and the errors that
+name the file that could not be written. Oracles: the lines written in the test, the event files decoded with
+tensorboardX's protobuf (not owngpt's code), the PNG's pixels read with Pillow, the record written in the test."""
 
 from __future__ import annotations
 
@@ -52,6 +52,21 @@ def test_a_resume_keeps_the_lines_up_to_its_step_and_drops_the_replayed_ones(tmp
     want = [{"step": 2, "train_loss": 3.0}, {"step": 4, "val_loss": 2.5}, {"step": 5, "train_loss": 1.0}]
     assert _lines(tmp_path) == want
     assert log.history == want  # what loss.png draws
+
+
+@pytest.mark.parametrize("resume_step", [0, 3])
+def test_a_resume_drops_only_the_lines_of_replayed_steps_and_keeps_a_line_without_a_step(tmp_path, resume_step):
+    """Only the steps after the checkpoint are replayed, so only their lines go; a record that names no step (a note
+    added by hand) belongs to none of them and stays, whatever the step resumed from, even step 0."""
+    note = {"note": "lr raised by hand"}
+    lines = [note, {"step": 0, "val_loss": 3.0}, {"step": 1, "train_loss": 2.5}, {"step": 4, "train_loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    log = RunLog(tmp_path, True, resume_step)
+    log.close()
+    want = [r for r in lines if r.get("step") is None or r["step"] <= resume_step]
+    assert want[0] == note and len(want) == (2 if resume_step == 0 else 3)
+    got = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert got == want and log.history == want
 
 
 def test_a_fresh_start_begins_an_empty_record_and_a_resume_without_one_starts_it(tmp_path):
@@ -130,3 +145,36 @@ def test_a_file_that_cannot_be_written_is_named_with_the_way_to_continue(tmp_pat
     log.close()
     msg = str(e.value)
     assert msg.startswith(f"cannot write {tmp_path / what}: ") and msg.endswith("continue with --resume")
+
+
+def test_loss_png_is_loss_against_step_with_its_axes_named_a_grid_and_a_legend(tmp_path, monkeypatch):
+    """What loss.png shows, read from the matplotlib figure it was saved from (not the pixels): each curve's points
+    are the record's, the axes say "step" and "loss", the grid is drawn, the legend names both curves."""
+    from matplotlib.figure import Figure
+
+    saved: list = []
+    savefig = Figure.savefig
+
+    def recording(self, *args, **kwargs):
+        saved.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    log = RunLog(tmp_path, True, None)
+    for s in range(1, 6):
+        log.write({"step": s, "train_loss": 3.0 - s * 0.5, "lr": 0.1})
+    for s in (2, 4):
+        log.write({"step": s, "val_loss": 2.5 - s * 0.25})
+    log.plot()
+    log.close()
+    assert (tmp_path / "loss.png").stat().st_size > 0 and len(saved) == 1
+    (ax,) = saved[0].axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "loss")
+    grid = ax.xaxis.get_gridlines() + ax.yaxis.get_gridlines()
+    assert grid and all(line.get_visible() for line in grid)
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert curves == {
+        "train loss": ([1, 2, 3, 4, 5], [2.5, 2.0, 1.5, 1.0, 0.5]),
+        "val loss": ([2, 4], [2.0, 1.5]),
+    }
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "val loss"]
