@@ -3,8 +3,11 @@
 loop's seed 12: the speed the log reports (a clock stood in for), dropout off while evaluating, the default clip
 bound, the python and numpy generators a run seeds and each rank's torch seed, the model moved to the run's device,
 a save cut by a kill left as a temp dir, patience met at the last step, the early-stop line, and the TensorBoard
-writer closed at the end. Oracles: a clock advanced by the test, losses computed here from the raw token file in eval
-mode, generators seeded by hand, the calls recorded by stand-ins, evaluations scripted by the test."""
+writer closed at the end; then train.py outside the loop (never sampled before: its first ten mutants all survived):
+which way a metric improves, the barrier before leaving the process group, the model source owngpt.json records, the
+report at the end, transformers' progress bars. Oracles: a clock advanced by the test, losses computed here from the
+raw token file in eval mode, generators seeded by hand, the calls recorded by stand-ins, evaluations scripted by the
+test, paths and descriptions written out here."""
 
 from __future__ import annotations
 
