@@ -1,7 +1,7 @@
 """What the training loop does that no earlier test looked at, found by reading all 185 mutants of `_train` and
 `_improves` against the tests of train's selection and a line-coverage run of it (#25, 12-01 night), before the
-loop's seed 12: the speed the log reports (a clock stood in for), dropout off while evaluating, the default clip
-bound, the python and numpy generators a run seeds and each rank's torch seed, the model moved to the run's device,
+loop's seed 12: the speed and the loss the log reports (a clock stood in for), dropout off while evaluating, the
+python and numpy generators a run seeds and each rank's torch seed, the model moved to the run's device,
 a save cut by a kill left as a temp dir, patience met at the last step, the early-stop line, and the TensorBoard
 writer closed at the end; then train.py outside the loop (never sampled before: its first ten mutants all survived):
 which way a metric improves, the barrier before leaving the process group, the model source owngpt.json records, the
@@ -291,11 +291,12 @@ def test_a_lora_resume_from_a_damaged_adapter_is_refused_naming_the_file(tmp_pat
     adapter.write_bytes(adapter.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="adapter_model.safetensors is damaged"):
         train(quick_cfg(tiny_lm_data, run, tiny_ckpt, resume=True, **dict(kw, max_steps=3)))
+    assert read_meta(run / "checkpoints" / "last")["step"] == 2  # nothing trained or saved over it
 
 
 def test_fsdp_in_one_process_is_a_plain_run(tmp_path, tiny_lm_data, tiny_ckpt):
     """fsdp=true shards over the ranks of a torchrun job; alone there is nothing to shard (train.py 250: `sharded`
-    only with more than one process): the same weights, bitwise, and a checkpoint that resumes the same way."""
+    only with more than one process): the same weights, bitwise, and the same optimizer state saved for a resume."""
     from safetensors.torch import load_file
     from train_helpers import weights
 
